@@ -1,0 +1,1 @@
+"""minipt: prompt tuning written out in plain PyTorch."""

@@ -1,0 +1,50 @@
+"""minipt checkpoint directories: `config.json` + `model.safetensors` + tokenizer files.
+
+`load_base(dir)` rebuilds the model from its config and loads the weights without
+unpickling anything (safetensors only).
+"""
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .config import GPTConfig, T5Config, load_config
+
+
+def build_model(config):
+    """An uninitialised-weights model for a config (call under torch.device('meta') to allocate nothing)."""
+    if isinstance(config, GPTConfig):
+        from .gpt import GPT
+        return GPT(config)
+    if isinstance(config, T5Config):
+        from .t5 import T5
+        return T5(config)
+    raise TypeError(f"unknown config type {type(config).__name__}")
+
+
+def load_model(directory, dtype=None, device="cpu"):
+    """Model from a minipt checkpoint directory, in eval mode. dtype casts floating weights."""
+    directory = Path(directory)
+    config = load_config(directory)
+    path = directory / "model.safetensors"
+    try:
+        state = load_file(path, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    with torch.device("meta"):
+        model = build_model(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # assign=True replaced the shared Parameter: share it again
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: {'missing' if missing else 'unexpected'} tensor {(missing or unexpected)[0]}")
+    return model.eval()
+
+
+def load_base(directory, dtype=None, device="cpu"):
+    """(model, tokenizer) from a minipt checkpoint directory."""
+    from .tokenizer import load_tokenizer
+    return load_model(directory, dtype, device), load_tokenizer(directory)

@@ -1,0 +1,360 @@
+"""Checkpoint converters: a Hugging Face model directory (gpt2, llama, qwen2, t5) or a
+llama-architecture GGUF file -> a minipt checkpoint directory.
+
+    python -m minipt.convert SRC OUT
+
+OUT holds `config.json` (a minipt model config), `model.safetensors` and the tokenizer
+files. Weight names are translated by declarative key maps: minipt key -> source key, with
+`{i}` standing for the layer index. Every source key must be mapped or explicitly dropped,
+every minipt key must be found with the expected shape, or the conversion stops with a
+one-line error naming the key, and nothing is left at OUT.
+"""
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import GPTConfig, T5Config, save_config
+
+
+class ConversionError(Exception):
+    """A checkpoint that minipt does not understand; the message names the cause."""
+
+
+@dataclass(frozen=True)
+class Src:
+    """Where a minipt tensor comes from: a source key, optionally transposed (GPT-2 stores
+    its linear layers as Conv1D, (in, out)) and/or one of `parts` equal chunks along dim 0
+    (GPT-2 fuses q, k, v into one c_attn)."""
+    key: str
+    transpose: bool = False
+    part: int = 0
+    parts: int = 1
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        if self.transpose:
+            t = t.t()
+        if self.parts > 1:
+            t = t.chunk(self.parts, dim=0)[self.part]
+        return t.contiguous()
+
+
+# ---- key maps (minipt key: source key) --------------------------------------------------
+
+GPT2_KEYS = {
+    "embed.weight": "wte.weight",
+    "pos_embed.weight": "wpe.weight",
+    "layers.{i}.attn_norm.weight": "h.{i}.ln_1.weight",
+    "layers.{i}.attn_norm.bias": "h.{i}.ln_1.bias",
+    **{f"layers.{{i}}.attn.{name}_proj.weight": Src("h.{i}.attn.c_attn.weight", True, n, 3) for n, name in enumerate("qkv")},
+    **{f"layers.{{i}}.attn.{name}_proj.bias": Src("h.{i}.attn.c_attn.bias", False, n, 3) for n, name in enumerate("qkv")},
+    "layers.{i}.attn.o_proj.weight": Src("h.{i}.attn.c_proj.weight", transpose=True),
+    "layers.{i}.attn.o_proj.bias": "h.{i}.attn.c_proj.bias",
+    "layers.{i}.mlp_norm.weight": "h.{i}.ln_2.weight",
+    "layers.{i}.mlp_norm.bias": "h.{i}.ln_2.bias",
+    "layers.{i}.mlp.up_proj.weight": Src("h.{i}.mlp.c_fc.weight", transpose=True),
+    "layers.{i}.mlp.up_proj.bias": "h.{i}.mlp.c_fc.bias",
+    "layers.{i}.mlp.down_proj.weight": Src("h.{i}.mlp.c_proj.weight", transpose=True),
+    "layers.{i}.mlp.down_proj.bias": "h.{i}.mlp.c_proj.bias",
+    "norm.weight": "ln_f.weight",
+    "norm.bias": "ln_f.bias",
+}
+GPT2_DROPPED = ["h.{i}.attn.bias", "h.{i}.attn.masked_bias", "lm_head.weight"]  # causal-mask buffers; tied head
+
+LLAMA_KEYS = {
+    "embed.weight": "model.embed_tokens.weight",
+    "layers.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    **{f"layers.{{i}}.attn.{p}_proj.{w}": f"model.layers.{{i}}.self_attn.{p}_proj.{w}"
+       for p in "qkvo" for w in ("weight", "bias")},
+    "layers.{i}.mlp_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    **{f"layers.{{i}}.mlp.{p}_proj.weight": f"model.layers.{{i}}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+LLAMA_DROPPED = ["model.layers.{i}.self_attn.rotary_emb.inv_freq"]  # recomputed, not learned
+
+GGUF_KEYS = {
+    "embed.weight": "token_embd.weight",
+    "layers.{i}.attn_norm.weight": "blk.{i}.attn_norm.weight",
+    "layers.{i}.attn.q_proj.weight": "blk.{i}.attn_q.weight",
+    "layers.{i}.attn.k_proj.weight": "blk.{i}.attn_k.weight",
+    "layers.{i}.attn.v_proj.weight": "blk.{i}.attn_v.weight",
+    "layers.{i}.attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "layers.{i}.mlp_norm.weight": "blk.{i}.ffn_norm.weight",
+    "layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+    "layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+    "norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+GGUF_DROPPED = []
+
+
+def _expand(template: str, n: int) -> list[str]:
+    return [template.format(i=i) for i in range(n)] if "{i}" in template else [template]
+
+
+def _dropped_pattern(templates) -> re.Pattern:
+    alts = [re.escape(t).replace(re.escape("{i}"), r"\d+") for t in templates] or ["(?!)"]
+    return re.compile("^(?:" + "|".join(alts) + ")$")
+
+
+def apply_key_map(src: dict, key_map: dict, dropped: list, expected: dict, n_layer: int) -> dict:
+    """Translate a source state dict into minipt names.
+
+    expected: minipt key -> shape, from the model built on the meta device; minipt keys
+    that the model does not have (an absent bias, a tied head) are simply not looked up.
+    """
+    out, used = {}, set()
+    for dst_t, rule in key_map.items():
+        rule = Src(rule) if isinstance(rule, str) else rule
+        for i in range(n_layer) if "{i}" in dst_t else [None]:
+            dst = dst_t.format(i=i) if i is not None else dst_t
+            if dst not in expected:
+                continue
+            key = rule.key.format(i=i) if i is not None else rule.key
+            if key not in src:
+                raise ConversionError(f"{key}: missing from the checkpoint (needed for {dst})")
+            t = rule.take(src[key])
+            if tuple(t.shape) != tuple(expected[dst]):
+                raise ConversionError(f"{key}: shape {tuple(src[key].shape)}, expected {tuple(expected[dst])} for {dst}")
+            out[dst], used = t, used | {key}
+    drop = _dropped_pattern(dropped)
+    unknown = sorted(k for k in src if k not in used and not drop.match(k))
+    if unknown:
+        raise ConversionError(f"{unknown[0]}: unknown key in the checkpoint ({len(unknown)} unmapped)")
+    return out
+
+
+def expected_shapes(config) -> dict:
+    """minipt key -> shape for a config, without allocating any weights."""
+    from .checkpoint import build_model
+    with torch.device("meta"):
+        model = build_model(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if getattr(config, "tie_embeddings", False):
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+# ---- Hugging Face directories -------------------------------------------------------------
+
+def _hf_get(hf: dict, key: str, default=None, required=True):
+    if key in hf:
+        return hf[key]
+    if required and default is None:
+        raise ConversionError(f"config.json: missing key {key!r}")
+    return default
+
+
+def gpt_config_from_hf(hf: dict) -> GPTConfig:
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ConversionError(f"config.json: activation_function {act!r} not supported (gelu_new)")
+        n_embd = _hf_get(hf, "n_embd")
+        return GPTConfig(vocab_size=_hf_get(hf, "vocab_size"), n_layer=_hf_get(hf, "n_layer"),
+                         n_head=_hf_get(hf, "n_head"), n_kv_head=_hf_get(hf, "n_head"), n_embd=n_embd,
+                         head_dim=n_embd // _hf_get(hf, "n_head"),
+                         intermediate_size=hf.get("n_inner") or 4 * n_embd,
+                         max_seq_len=_hf_get(hf, "n_positions"), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                         source="gpt2")
+    # llama / qwen2
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"config.json: hidden_act {hf['hidden_act']!r} not supported (silu)")
+    rope = hf.get("rope_scaling") or {}
+    params = hf.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type")) or params.get("rope_type", "default")
+    if rope_type != "default":
+        raise ConversionError(f"config.json: rope scaling {rope_type!r} not supported")
+    n_head = _hf_get(hf, "num_attention_heads")
+    return GPTConfig(vocab_size=_hf_get(hf, "vocab_size"), n_layer=_hf_get(hf, "num_hidden_layers"),
+                     n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+                     n_embd=_hf_get(hf, "hidden_size"),
+                     head_dim=hf.get("head_dim") or _hf_get(hf, "hidden_size") // n_head,
+                     intermediate_size=_hf_get(hf, "intermediate_size"),
+                     max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
+                     norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", pos="rope",
+                     rope_base=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                     qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias", False)),
+                     proj_bias=False, tie_embeddings=bool(hf.get("tie_word_embeddings", kind == "qwen2")),
+                     source=kind)
+
+
+def read_hf_weights(src: Path) -> dict:
+    """All tensors of an HF directory: model.safetensors, sharded safetensors with their
+    index, or a legacy pytorch_model.bin (loaded without unpickling arbitrary objects)."""
+    single, index, legacy = src / "model.safetensors", src / "model.safetensors.index.json", src / "pytorch_model.bin"
+    try:
+        if single.exists():
+            return load_file(single)
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load_file(src / shard).items()}
+        if legacy.exists():
+            return torch.load(legacy, map_location="cpu", weights_only=True, mmap=True)
+    except (SafetensorError, OSError, RuntimeError, json.JSONDecodeError, KeyError) as e:
+        raise ConversionError(f"{src}: unreadable weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    raise ConversionError(f"{src}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _strip_prefix(sd: dict, prefix: str) -> dict:
+    """GPT2LMHeadModel saves its body under 'transformer.', GPT2Model without it."""
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def convert_hf(src: Path, out: Path) -> None:
+    try:
+        hf = json.loads((src / "config.json").read_text())
+    except FileNotFoundError:
+        raise ConversionError(f"{src}: no config.json (expected a Hugging Face model directory or a .gguf file)") from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{src / 'config.json'}:{e.lineno}: invalid JSON ({e.msg})") from None
+    kind = hf.get("model_type")
+    if kind in ("gpt2", "llama", "qwen2"):
+        config = gpt_config_from_hf(hf)
+        key_map, dropped = (GPT2_KEYS, GPT2_DROPPED) if kind == "gpt2" else (LLAMA_KEYS, LLAMA_DROPPED)
+        sd = read_hf_weights(src)
+        if kind == "gpt2":
+            sd = _strip_prefix(sd, "transformer.")
+        if config.tie_embeddings:
+            dropped = dropped + ["lm_head.weight"]
+        n = config.n_layer
+    elif kind == "t5":
+        from .convert_t5_draft import T5_DROPPED, T5_KEY_MAP, t5_config_from_hf
+        config, key_map, dropped = t5_config_from_hf(hf), T5_KEY_MAP, T5_DROPPED
+        sd = read_hf_weights(src)
+        n = max(config.n_layer, config.n_decoder_layer)
+    else:
+        raise ConversionError(f"{src / 'config.json'}: model_type {kind!r} not supported (gpt2, llama, qwen2, t5)")
+    weights = apply_key_map(sd, key_map, dropped, expected_shapes(config), n)
+    _write_checkpoint(out, config, weights, lambda d: _hf_tokenizer(src).save(d))
+
+
+def _hf_tokenizer(src: Path):
+    from .tokenizer import BPETokenizer, SentencePieceTokenizer
+    if (src / "spiece.model").exists():
+        return SentencePieceTokenizer(src / "spiece.model")
+    if (src / "tokenizer.json").exists():
+        return BPETokenizer.from_hf_json(src / "tokenizer.json")
+    if (src / "vocab.json").exists() and (src / "merges.txt").exists():
+        return BPETokenizer.from_gpt2_files(src / "vocab.json", src / "merges.txt")
+    raise ConversionError(f"{src}: no tokenizer (spiece.model, tokenizer.json or vocab.json + merges.txt)")
+
+
+# ---- GGUF files ---------------------------------------------------------------------------
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp stores q/k rows with each head's two rotary halves interleaved; regroup
+    them into the half-split layout that `layers.apply_rope` uses."""
+    out_dim, in_dim = w.shape
+    return w.reshape(n_head, out_dim // n_head // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def convert_gguf(src: Path, out: Path) -> None:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    try:
+        reader = GGUFReader(src)
+    except Exception as e:  # the gguf package raises ValueError, struct errors, numpy errors...
+        raise ConversionError(f"{src}: not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+    def field(name, default=None):
+        f = reader.fields.get(name)
+        if f is None:
+            if default is None:
+                raise ConversionError(f"{src}: missing GGUF metadata {name!r}")
+            return default
+        return f.contents()
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise ConversionError(f"{src}: GGUF architecture {arch!r} not supported (llama)")
+    supported = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
+    n_head, n_embd = field("llama.attention.head_count"), field("llama.embedding_length")
+    n_kv_head = field("llama.attention.head_count_kv", n_head)
+    sd = {}
+    for t in reader.tensors:
+        if t.tensor_type.name not in supported:
+            raise ConversionError(f"{t.name}: GGUF tensor type {t.tensor_type.name} not supported ({', '.join(sorted(supported))})")
+        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+        if t.name.endswith("attn_q.weight"):
+            w = _unpermute(w, n_head)
+        elif t.name.endswith("attn_k.weight"):
+            w = _unpermute(w, n_kv_head)
+        sd[t.name] = w
+    config = GPTConfig(
+        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields
+        else field("llama.vocab_size"),
+        n_layer=field("llama.block_count"), n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
+        head_dim=field("llama.rope.dimension_count", n_embd // n_head),
+        intermediate_size=field("llama.feed_forward_length"), max_seq_len=field("llama.context_length", 2048),
+        norm="rmsnorm", norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")), mlp="swiglu", pos="rope",
+        rope_base=float(field("llama.rope.freq_base", 10000.0)), qkv_bias=False, proj_bias=False,
+        tie_embeddings="output.weight" not in sd, source="llama")
+    weights = apply_key_map(sd, GGUF_KEYS, GGUF_DROPPED, expected_shapes(config), config.n_layer)
+
+    def save_tokenizer(d):
+        from .tokenizer import BPETokenizer
+        BPETokenizer.from_gguf(src).save(d)
+    _write_checkpoint(out, config, weights, save_tokenizer)
+
+
+# ---- output ---------------------------------------------------------------------------------
+
+def _write_checkpoint(out: Path, config, weights: dict, save_tokenizer) -> None:
+    """Write into a temporary sibling directory, then rename: OUT appears complete or not at all."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_config(config, tmp)
+        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
+        save_tokenizer(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def convert(src, out, force: bool = False) -> Path:
+    src, out = Path(src), Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConversionError(f"{out}: already exists (pass --force to replace it)")
+    if not src.exists():
+        raise ConversionError(f"{src}: no such file or directory")
+    if src.is_file():
+        if src.suffix != ".gguf":
+            raise ConversionError(f"{src}: expected a .gguf file or a Hugging Face model directory")
+        convert_gguf(src, out)
+    else:
+        convert_hf(src, out)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m minipt.convert", description=__doc__.split("\n\n")[0])
+    ap.add_argument("src", help="Hugging Face model directory or .gguf file")
+    ap.add_argument("out", help="minipt checkpoint directory to create")
+    ap.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    args = ap.parse_args(argv)
+    try:
+        convert(args.src, args.out, args.force)
+    except ConversionError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Text generation for both model families: greedy, temperature, top-k and top-p
+sampling, stopping at EOS, batches of prompts of different lengths.
+
+Decoder batches are left-padded so every row's next token sits in the last column; the
+model's static KV cache is filled once by the prompt (prefill) and then one token per step.
+"""
+import torch
+
+from .config import GPTConfig
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Next token ids (B,) from last-position logits (B, V). temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # drop tokens once the mass before them exceeds top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def pad_batch(rows: list[list[int]], pad_id: int, left: bool = True):
+    """(ids, attention_mask), both (B, T); left padding right-aligns every row."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(T - len(r), T) if left else slice(0, len(r))
+        ids[i, cols] = torch.tensor(r, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
+             top_p=None, eos_id=None, pad_id=0, seed=None) -> list[list[int]]:
+    """New tokens for each prompt (EOS excluded). `prompts` are lists of token ids."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    pick = lambda logits: sample_next(logits[:, -1], temperature, top_k, top_p, gen)
+    device = next(model.parameters()).device
+    if isinstance(model.config, GPTConfig):
+        steps = _decoder_steps(model, prompts, max_new_tokens, pad_id, device, pick)
+    else:
+        steps = _encoder_decoder_steps(model, prompts, max_new_tokens, device, pick)
+    out = [[] for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    try:
+        for tokens in steps:
+            for i, t in enumerate(tokens.tolist()):
+                if not done[i]:
+                    if t == eos_id:
+                        done[i] = True
+                    else:
+                        out[i].append(t)
+            if done.all():
+                break
+    finally:
+        steps.close()
+        model.clear_cache()
+    return out
+
+
+def _decoder_steps(model, prompts, max_new_tokens, pad_id, device, pick):
+    """Yield the next token of every row, max_new_tokens times."""
+    ids, mask = pad_batch(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    B, T = ids.shape
+    if T + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"generate: {T} prompt + {max_new_tokens} new tokens exceed the context of {model.config.max_seq_len}")
+    padded = bool((mask == 0).any())
+    model.setup_cache(B, T + max_new_tokens)
+    logits, _ = model(ids, attention_mask=mask if padded else None, cache_pos=0, last_only=True)
+    for pos in range(T, T + max_new_tokens):
+        nxt = pick(logits)
+        yield nxt
+        if pos + 1 == T + max_new_tokens:
+            break
+        if padded:
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        logits, _ = model(nxt[:, None], attention_mask=mask if padded else None, cache_pos=pos, last_only=True)
+
+
+def _encoder_decoder_steps(model, prompts, max_new_tokens, device, pick):
+    cfg = model.config
+    ids, mask = pad_batch(prompts, cfg.pad_id, left=False)  # the encoder sees the whole input at once
+    ids, mask = ids.to(device), mask.to(device)
+    enc = model.encode(ids, attention_mask=mask)
+    B = ids.size(0)
+    model.setup_cache(B, max_new_tokens)
+    tok = torch.full((B, 1), cfg.decoder_start_id, dtype=torch.long, device=device)
+    for pos in range(max_new_tokens):
+        logits = model.decode(tok, enc, encoder_mask=mask, cache_pos=pos)
+        tok = pick(logits)[:, None]
+        yield tok[:, 0]

@@ -1,0 +1,132 @@
+"""Decoder-only transformer: GPT-2 and the Llama family (SmolLM2, TinyLlama, Qwen2).
+
+One model, read top to bottom; the config picks the parts that differ between the two
+families (norm, MLP, positions, biases) once, at construction. The model owns its KV
+cache, and its forward takes either token ids or embeddings plus optional per-layer
+prefixes: the two hooks through which all prompt methods attach (see `layers.py`).
+
+References: Radford et al. 2019 (GPT-2); Touvron et al. 2023 (Llama); Su et al. 2021 (RoPE);
+Ainslie et al. 2023 (grouped-query attention).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import GPTConfig
+from .layers import GeluMLP, KVCache, LayerPrefix, RMSNorm, SelfAttention, SwiGLU, rope_cos_sin
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        Norm = (lambda d: RMSNorm(d, cfg.norm_eps)) if cfg.norm == "rmsnorm" else (lambda d: nn.LayerNorm(d, eps=cfg.norm_eps))
+        self.attn_norm = Norm(cfg.n_embd)
+        self.attn = SelfAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.qkv_bias, cfg.proj_bias)
+        self.mlp_norm = Norm(cfg.n_embd)
+        if cfg.mlp == "swiglu":
+            self.mlp = SwiGLU(cfg.n_embd, cfg.intermediate_size, cfg.proj_bias)
+        else:
+            self.mlp = GeluMLP(cfg.n_embd, cfg.intermediate_size, cfg.proj_bias)
+
+    def forward(self, x, mask, rope, cache_pos, prefix):
+        x = x + self.attn(self.attn_norm(x), mask, rope, cache_pos, prefix)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = cfg = config
+        if cfg.norm not in ("layernorm", "rmsnorm") or cfg.mlp not in ("gelu", "swiglu") or cfg.pos not in ("learned", "rope"):
+            raise ValueError(f"unsupported GPTConfig: norm={cfg.norm!r} mlp={cfg.mlp!r} pos={cfg.pos!r}")
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.n_embd) if cfg.pos == "learned" else None
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.grad_checkpointing = False
+
+    def tie_weights(self):
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    # ---- KV cache ----------------------------------------------------------------------
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
+        """Allocate a static KV cache for incremental decoding of up to max_len positions."""
+        p = self.embed.weight
+        for layer in self.layers:
+            layer.attn.cache = KVCache(batch_size, self.config.n_kv_head, max_len, self.config.head_dim,
+                                       dtype or p.dtype, device or p.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attn.cache = None
+
+    # ---- forward -----------------------------------------------------------------------
+
+    def forward(self, idx=None, targets=None, *, inputs_embeds=None, attention_mask=None,
+                position_ids=None, prefixes=None, cache_pos=None, last_only=False):
+        """
+        idx: (B, T) token ids, or inputs_embeds: (B, T, C) instead (soft prompts go here).
+        targets: (B, T) next-token labels aligned with the inputs, -100 where ignored.
+        attention_mask: (B, S) 1 for real tokens, 0 for (left) padding, covering every
+            position so far: S = T without a cache, cache_pos + T with one.
+        position_ids: (B, T); by default counted over the real tokens of attention_mask,
+            so left padding does not shift the positions of the text.
+        prefixes: per-layer list of LayerPrefix (or None) from a prompt method.
+        cache_pos: when set, keys/values are written to the cache at cache_pos.. and
+            attention covers everything cached so far (call setup_cache first).
+        last_only: compute logits for the last position only (generation).
+        Returns (logits, loss); loss is None without targets.
+        """
+        x = self.embed(idx) if inputs_embeds is None else inputs_embeds     # (B, T, C)
+        B, T, _ = x.shape
+        start = cache_pos or 0
+        if position_ids is None:
+            position_ids = self._positions(attention_mask, start, T, B, x.device)
+        mask = self._mask(attention_mask, start, T, B, x.device)
+        rope = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_ids)
+        else:
+            rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_base, x.dtype)
+        prefixes = prefixes or [None] * len(self.layers)
+        for layer, prefix in zip(self.layers, prefixes):
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(layer, x, mask, rope, cache_pos, prefix, use_reentrant=False)
+            else:
+                x = layer(x, mask, rope, cache_pos, prefix)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)                                             # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    @staticmethod
+    def _positions(attention_mask, start, T, B, device):
+        if attention_mask is None:
+            return torch.arange(start, start + T, device=device).expand(B, T)
+        pos = attention_mask.long().cumsum(-1) - 1                          # (B, S): index among real tokens
+        return pos[:, -T:].clamp(min=0)
+
+    @staticmethod
+    def _mask(attention_mask, start, T, B, device):
+        """Bool keep-mask (B, 1, T, S): causal, minus padded keys. Each query may always see
+        itself, so padding rows stay finite instead of softmaxing over nothing."""
+        S = start + T
+        q_pos = torch.arange(start, S, device=device)[:, None]
+        k_pos = torch.arange(S, device=device)[None, :]
+        causal = k_pos <= q_pos                                              # (T, S)
+        if attention_mask is None:
+            return None if T == 1 else causal[None, None]                   # one new token sees all
+        keep = causal[None] & attention_mask.bool()[:, None, :]             # (B, T, S)
+        keep = keep | (k_pos == q_pos)[None]
+        return keep[:, None]

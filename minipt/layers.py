@@ -1,0 +1,168 @@
+"""Building blocks shared by both model families: norms, MLPs, rotary embeddings, the
+static KV cache, and the attention layer with its prompt hook.
+
+The prompt hook (`LayerPrefix`) is the second of the two places where every prompt method
+plugs in (the first is the model's `inputs_embeds`): extra keys and values prepended in
+an attention layer (prefix tuning, Li & Liang 2021; P-tuning v2, Liu et al. 2022), or
+attended through a separate softmax scaled by a tanh gate (LLaMA-Adapter, Zhang et al. 2023).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, with no mean subtraction and no bias (Llama, T5).
+    Computed in fp32 whatever the weight dtype, as the reference implementations do."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class GeluMLP(nn.Module):
+    """GPT-2's feed-forward: up, GELU (tanh approximation), down."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool):
+        super().__init__()
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class SwiGLU(nn.Module):
+    """Llama's gated feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_cos_sin(positions, head_dim: int, base: float, dtype):
+    """cos/sin tables for rotary embeddings at integer positions (B, T) -> (B, 1, T, hs).
+    Frequencies in fp32 so long positions keep their precision."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[..., None] * inv_freq                 # (B, T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)                      # (B, T, hs)
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (i, i + hs/2) of each head by the position's angle (the "half" layout
+    of the Hugging Face checkpoints; GGUF's interleaved layout is undone at conversion)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+@dataclass
+class LayerPrefix:
+    """Extra keys/values for one attention layer, supplied by a prompt method.
+
+    k, v: (B, n_kv_head, P, hs). Without a gate they are prepended to the layer's own
+    keys, so every query attends to them in the same softmax (prefix tuning). With a gate
+    (n_head,) they get their own softmax and are added as tanh(gate) * attention
+    (LLaMA-Adapter): a zero gate leaves the layer's output exactly unchanged.
+    mask: optional (B, P) bool, False where a row has no prefix at that slot, so rows with
+    prefixes of different lengths can share a batch.
+    """
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: "torch.Tensor | None" = None
+    gate: "torch.Tensor | None" = None
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for incremental decoding. Writing in place avoids
+    the re-allocation a growing torch.cat cache pays at every generated token."""
+
+    def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k, v):
+        """Store k, v (B, nkv, T, hs) at positions pos..pos+T; return all keys/values so far."""
+        end = pos + k.size(2)
+        if end > self.k.size(2):
+            raise ValueError(f"KV cache overflow: {end} positions, cache holds {self.k.size(2)}")
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def attend(q, k, v, mask, prefix: "LayerPrefix | None", scale=None):
+    """Scaled dot-product attention of q (B, nh, T, hs) over k, v (B, nkv, S, hs),
+    plus the layer's prefix. `mask` is a bool (B, 1, T, S) keep-mask or an additive
+    float bias; grouped-query heads are expanded inside SDPA."""
+    gqa = q.size(1) != k.size(1)
+    if prefix is not None and prefix.gate is None:
+        k = torch.cat([prefix.k.to(k.dtype), k], dim=2)
+        v = torch.cat([prefix.v.to(v.dtype), v], dim=2)
+        mask = _extend_mask(mask, prefix, q)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if prefix is not None and prefix.gate is not None:
+        pmask = None if prefix.mask is None else prefix.mask[:, None, None, :]
+        ya = F.scaled_dot_product_attention(q, prefix.k.to(q.dtype), prefix.v.to(q.dtype),
+                                            attn_mask=pmask, scale=scale, enable_gqa=gqa)
+        y = y + torch.tanh(prefix.gate).to(y.dtype)[None, :, None, None] * ya
+    return y
+
+
+def _extend_mask(mask, prefix: LayerPrefix, q):
+    """Put the prefix's P columns in front of a (B|1, H|1, T, S) mask (bool keep-mask or
+    additive float bias); no mask at all means "attend to everything"."""
+    B, _, T, _ = q.shape
+    P = prefix.k.size(2)
+    if mask is None and prefix.mask is None:
+        return None
+    keep = prefix.mask if prefix.mask is not None else torch.ones(B, P, dtype=torch.bool, device=q.device)
+    if mask is None:
+        return keep[:, None, None, :]
+    H = mask.size(1)
+    pm = keep[:, None, None, :].expand(B, H, T, P)
+    if mask.dtype != torch.bool:
+        pm = torch.zeros(pm.shape, dtype=mask.dtype, device=q.device).masked_fill(~pm, float("-inf"))
+    return torch.cat([pm, mask.expand(B, H, T, mask.size(-1))], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention for the decoder, with optional RoPE, grouped-query heads,
+    a KV cache and a prompt prefix."""
+
+    def __init__(self, n_embd, n_head, n_kv_head, head_dim, qkv_bias, out_bias):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
+        self.q_proj = nn.Linear(n_embd, n_head * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(n_embd, n_kv_head * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(n_embd, n_kv_head * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_head * head_dim, n_embd, bias=out_bias)
+        self.cache: "KVCache | None" = None
+
+    def forward(self, x, mask, rope=None, cache_pos=None, prefix=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache_pos is not None:
+            k, v = self.cache.update(cache_pos, k, v)                                 # (B, nkv, S, hs)
+        y = attend(q, k, v, mask, prefix)                                             # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,522 @@
+"""Tokenizers: byte-level BPE written out here, and sentencepiece for T5.
+
+`BPETokenizer` is the GPT-2 scheme (Radford et al. 2019, *Language Models are
+Unsupervised Multitask Learners*, section 2.2): text is split into words by a regex,
+each word becomes UTF-8 bytes spelled as printable characters, and learned merges
+glue adjacent symbols together, lowest merge rank first. It reads GPT-2's
+`encoder.json` + `vocab.bpe`, tiktoken rank files, HF `tokenizer.json` and the
+`tokenizer.ggml.*` metadata of a GGUF file (SmolLM2), and writes an HF-compatible
+`tokenizer.json`, so a minipt checkpoint directory also loads in `transformers`.
+
+`SentencePieceTokenizer` wraps the `sentencepiece` library for T5 and adds T5's
+100 sentinel tokens `<extra_id_N>` and its end-of-sequence token.
+
+`load_tokenizer(path)` picks the right one for a checkpoint directory.
+"""
+import base64
+import functools
+import json
+import math
+import re
+import shutil
+import unicodedata
+from pathlib import Path
+
+# --------------------------------------------------------------------------- bytes <-> characters
+
+
+@functools.cache
+def _byte_to_char() -> dict[int, str]:
+    """GPT-2's reversible table that gives each of the 256 bytes a visible character.
+
+    Merges are stored as text, so every byte needs a printable stand-in: bytes that are
+    already visible Latin-1 characters stand for themselves, the other 68 (controls, space,
+    ...) are moved up to chr(256), chr(257), ... in byte order. That is why a space shows
+    up as 'Ġ' (chr(288)) inside GPT-2 tokens.
+    """
+    visible = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    table, moved = {}, 0
+    for b in range(256):
+        if b in visible:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + moved)
+            moved += 1
+    return table
+
+
+@functools.cache
+def _char_to_byte() -> dict[str, int]:
+    return {c: b for b, c in _byte_to_char().items()}
+
+
+def _spell(data: bytes) -> str:
+    """Raw bytes -> the byte-level spelling used in vocabularies and merges."""
+    table = _byte_to_char()
+    return "".join(table[b] for b in data)
+
+
+def _unspell(token: str) -> bytes:
+    table = _char_to_byte()
+    return bytes(table[c] for c in token)
+
+
+# --------------------------------------------------------------------------- pre-tokenizer regex
+
+# Unicode White_Space: what \s means in the regex engines behind GPT-2, tiktoken and HF
+# tokenizers. Python's own \s is wider (it also matches \x1c-\x1f), so it is spelled out.
+_SPACE = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+# Letters and numbers all live in planes 0-3; planes 4-16 hold only tags, variation
+# selectors and private use. Scanning just those planes keeps the one-off build cheap.
+_SCAN_END = 0x40000
+
+
+@functools.cache
+def _letter_and_number_classes() -> tuple[str, str]:
+    """Regex character classes for \\p{L} and \\p{N}, which Python's `re` lacks.
+
+    Built once, on first use, from `unicodedata` (general categories L* and N*) as
+    lists of code point ranges.
+    """
+    ranges = {"L": [], "N": []}
+    for cp in range(_SCAN_END):
+        kind = unicodedata.category(chr(cp))[0]
+        if kind in ranges:
+            spans = ranges[kind]
+            if spans and spans[-1][1] == cp - 1:
+                spans[-1][1] = cp
+            else:
+                spans.append([cp, cp])
+
+    def as_class(spans):
+        return "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in spans)
+
+    return as_class(ranges["L"]), as_class(ranges["N"])
+
+
+@functools.cache
+def _word_regex() -> re.Pattern:
+    r"""GPT-2's split: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+
+    A word keeps at most one leading space; `\s+(?!\S)` leaves the last space of a run
+    for the next word, so "a  b" splits as "a", " ", " b".
+    """
+    L, N = _letter_and_number_classes()
+    return re.compile(
+        r"'s|'t|'re|'ve|'m|'ll|'d"
+        rf"| ?[{L}]+| ?[{N}]+| ?[^{_SPACE}{L}{N}]+"
+        rf"|[{_SPACE}]+(?![^{_SPACE}])|[{_SPACE}]+"
+    )
+
+
+@functools.cache
+def _number_regex() -> re.Pattern:
+    """One \\p{N} character, for the 'split every digit first' pre-tokenizers."""
+    _, N = _letter_and_number_classes()
+    return re.compile(f"([{N}])")
+
+
+# --------------------------------------------------------------------------- the merge loop
+
+
+def _bpe_merge(parts: list, rank) -> list:
+    """Merge adjacent parts, lowest `rank(a, b)` first (leftmost on ties), until no pair
+    has a finite rank. Works on str symbols and on bytes alike."""
+    while len(parts) > 1:
+        ranks = [rank(a, b) for a, b in zip(parts, parts[1:])]
+        best = min(range(len(ranks)), key=ranks.__getitem__)
+        if ranks[best] == math.inf:
+            break
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+def _merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """Recover an ordered merge list from tiktoken's `token bytes -> rank` table.
+
+    tiktoken has no merge list: a pair may merge when the joined bytes are a token, and
+    lower-ranked tokens merge first. The token of rank r must be the join of the two
+    parts that this same merging reaches on its own bytes using only tokens ranked below r.
+    """
+    merges = []
+    for token, r in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue
+
+        def rank_below_r(a, b):
+            joined = ranks.get(a + b, math.inf)
+            return joined if joined < r else math.inf
+
+        parts = _bpe_merge([bytes([b]) for b in token], rank_below_r)
+        if len(parts) != 2:
+            raise ValueError(f"token {token!r} of rank {r} is not a merge of two lower-ranked tokens")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _split_on(pattern: re.Pattern | None, text: str) -> list[tuple[str, bool]]:
+    """Split text on special tokens: [(piece, is_special), ...] without empty pieces."""
+    if pattern is None:
+        return [(text, False)] if text else []
+    # `pattern` has one capture group, so re.split alternates text, special, text, ...
+    return [(piece, i % 2 == 1) for i, piece in enumerate(pattern.split(text)) if piece]
+
+
+def _special_regex(tokens) -> re.Pattern | None:
+    # Longest first, so "<|im_start|>" wins over any special that is a prefix of it.
+    tokens = sorted(tokens, key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, tokens)) + ")") if tokens else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+# --------------------------------------------------------------------------- byte-level BPE
+
+_CHATML_SYSTEM = re.compile(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", re.S)
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2, SmolLM2).
+
+    vocab:          token in byte-level spelling -> id
+    merges:         pairs of byte-level tokens, highest priority first
+    special_tokens: literal text -> id, matched whole in the input before BPE
+    split_digits:   isolate every \\p{N} character before the word regex (SmolLM2)
+    chat_template:  the model's Jinja chat template text, kept verbatim for HF
+    """
+
+    def __init__(self, vocab, merges, special_tokens=None, *, split_digits=False,
+                 bos_id=None, eos_id=None, pad_id=None, chat_template=None):
+        self.vocab = dict(vocab)
+        self.merges = [tuple(m) for m in merges]
+        self.merge_ranks = {pair: i for i, pair in enumerate(self.merges)}
+        self.special_tokens = dict(special_tokens or {})
+        self.split_digits = split_digits
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.chat_template = chat_template
+
+        self._id_to_bytes = {i: _unspell(t) for t, i in self.vocab.items() if t not in self.special_tokens}
+        self._id_to_bytes.update({i: t.encode("utf-8") for t, i in self.special_tokens.items()})
+        self.vocab_size = max(self._id_to_bytes) + 1
+        self._special_re = _special_regex(self.special_tokens)
+        self._cache: dict[str, list[int]] = {}
+
+    # ---- constructors
+
+    @classmethod
+    def from_gpt2_files(cls, encoder_json, vocab_bpe):
+        """OpenAI's GPT-2 release: `encoder.json` (token -> id) and `vocab.bpe` (merges)."""
+        vocab = _read_json(encoder_json)
+        lines = Path(vocab_bpe).read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split(" ")) for line in lines[1:] if line]  # line 0 is "#version: 0.2"
+        if any(len(m) != 2 for m in merges):
+            raise ValueError(f"{vocab_bpe}: expected one 'left right' merge per line")
+        eot = vocab["<|endoftext|>"]
+        return cls(vocab, merges, {"<|endoftext|>": eot}, bos_id=eot, eos_id=eot)
+
+    @classmethod
+    def from_tiktoken(cls, path, special_tokens=None):
+        """A tiktoken rank file: one 'base64(token bytes) rank' per line (GPT-2's r50k by default)."""
+        ranks = {}
+        for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+            if not line:
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise ValueError(f"{path}:{n}: expected 'base64-token rank'") from None
+        vocab = {_spell(t): r for t, r in ranks.items()}
+        merges = [(_spell(a), _spell(b)) for a, b in _merges_from_ranks(ranks)]
+        if special_tokens is None:  # GPT-2: the one special follows the 50,256 ranked tokens
+            special_tokens = {"<|endoftext|>": len(ranks)}
+        eot = special_tokens.get("<|endoftext|>")
+        return cls(vocab, merges, special_tokens, bos_id=eot, eos_id=eot)
+
+    @classmethod
+    def from_hf_json(cls, path):
+        """An HF `tokenizer.json` with a byte-level BPE model.
+
+        All `added_tokens` become special tokens. A `tokenizer_config.json` next to it,
+        when present, gives the bos/eos/pad tokens and the chat template.
+        """
+        path = Path(path)
+        data = _read_json(path)
+        model = data.get("model") or {}
+        if model.get("type", "BPE") != "BPE" or "merges" not in model:
+            raise ValueError(f"{path}: model type {model.get('type')!r} is not a BPE model")
+        if data.get("normalizer") is not None:
+            raise ValueError(f"{path}: normalizers are not supported by BPETokenizer")
+        split_digits = cls._parse_pre_tokenizer(data.get("pre_tokenizer"), path)
+        # tokenizers < 0.20 writes merges as "a b", later versions as ["a", "b"]
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        specials = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+
+        config_path = path.with_name("tokenizer_config.json")
+        config = _read_json(config_path) if config_path.exists() else {}
+
+        def token_id(key):
+            token = config.get(key)
+            if isinstance(token, dict):  # older configs store an AddedToken dict
+                token = token.get("content")
+            return specials.get(token, model["vocab"].get(token)) if token is not None else None
+
+        return cls(model["vocab"], merges, specials, split_digits=split_digits,
+                   bos_id=token_id("bos_token"), eos_id=token_id("eos_token"), pad_id=token_id("pad_token"),
+                   chat_template=config.get("chat_template"))
+
+    @staticmethod
+    def _parse_pre_tokenizer(config, path) -> bool:
+        """Accept ByteLevel (GPT-2) or Digits(individual) + ByteLevel (SmolLM2); return split_digits."""
+        steps = config.get("pretokenizers", []) if config and config.get("type") == "Sequence" else [config]
+        kinds = []
+        for step in steps:
+            step = step or {}
+            if step.get("type") == "ByteLevel" and not step.get("add_prefix_space") and step.get("use_regex", True):
+                kinds.append("bytelevel")
+            elif step.get("type") == "Digits" and step.get("individual_digits"):
+                kinds.append("digits")
+            else:
+                kinds.append(None)
+        if kinds == ["bytelevel"]:
+            return False
+        if kinds == ["digits", "bytelevel"]:
+            return True
+        raise ValueError(f"{path}: unsupported pre_tokenizer {json.dumps(config)[:200]}")
+
+    @classmethod
+    def from_gguf(cls, path):
+        """The tokenizer stored in a GGUF file's `tokenizer.ggml.*` metadata (llama.cpp's names)."""
+        import gguf  # only this constructor needs it
+
+        try:
+            reader = gguf.GGUFReader(path)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # the reader raises several types on a damaged file
+            raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+
+        def field(name, default=None):
+            f = reader.fields.get(name)
+            return default if f is None else f.contents()
+
+        model, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre", "gpt2")
+        if model != "gpt2":
+            raise ValueError(f"{path}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is supported")
+        # llama.cpp's 'smollm' pre-tokenizer splits off every \p{N} character, then uses GPT-2's regex
+        if pre not in ("gpt2", "smollm"):
+            raise ValueError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported (known: 'gpt2', 'smollm')")
+        tokens = field("tokenizer.ggml.tokens")
+        types = field("tokenizer.ggml.token_type", [])
+        CONTROL = 3  # llama.cpp's token type for <|endoftext|>, <|im_start|>, ...
+        specials = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == CONTROL}
+        alphabet = set(_byte_to_char().values())
+        # a few converters store plain tokens as raw text; respell those in the byte alphabet
+        vocab = {t if t in specials or set(t) <= alphabet else _spell(t.encode("utf-8")): i for i, t in enumerate(tokens)}
+        merges = [tuple(m.split(" ")) for m in field("tokenizer.ggml.merges", [])]
+        return cls(vocab, merges, specials, split_digits=(pre == "smollm"),
+                   bos_id=field("tokenizer.ggml.bos_token_id"), eos_id=field("tokenizer.ggml.eos_token_id"),
+                   pad_id=field("tokenizer.ggml.padding_token_id"), chat_template=field("tokenizer.chat_template"))
+
+    # ---- encode / decode
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Text -> ids. With allow_special, special-token text becomes its id; otherwise it is
+        encoded like any other text. Adds no BOS/EOS (neither GPT-2 nor SmolLM2 does)."""
+        ids = []
+        for piece, is_special in _split_on(self._special_re if allow_special else None, text):
+            if is_special:
+                ids.append(self.special_tokens[piece])
+                continue
+            for word in self._pre_tokenize(piece):
+                ids.extend(self._encode_word(word))
+        return ids
+
+    def _pre_tokenize(self, text: str) -> list[str]:
+        chunks = _number_regex().split(text) if self.split_digits else [text]
+        return [word for chunk in chunks if chunk for word in _word_regex().findall(chunk)]
+
+    def _encode_word(self, word: str) -> list[int]:
+        ids = self._cache.get(word)
+        if ids is None:
+            symbols = _bpe_merge(list(_spell(word.encode("utf-8"))),
+                                 lambda a, b: self.merge_ranks.get((a, b), math.inf))
+            ids = [self.vocab[s] for s in symbols]
+            if len(self._cache) > 100_000:  # words repeat a lot; keep memory bounded anyway
+                self._cache.clear()
+            self._cache[word] = ids
+        return ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        """Ids -> text. Bytes that do not form valid UTF-8 (a cut-off character) become U+FFFD."""
+        special_ids = set(self.special_tokens.values()) if skip_special else ()
+        data = b"".join(self._id_to_bytes[int(i)] for i in ids if int(i) not in special_ids)
+        return data.decode("utf-8", errors="replace")
+
+    # ---- chat
+
+    @property
+    def chat_format(self) -> str | None:
+        """'chatml' when the model's template uses <|im_start|>/<|im_end|> turns."""
+        return "chatml" if self.chat_template and "<|im_start|>" in self.chat_template else None
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        """Render [{'role', 'content'}, ...] as ChatML, as SmolLM2-Instruct's template does:
+
+            <|im_start|>{role}\\n{content}<|im_end|>\\n   per message,
+            <|im_start|>assistant\\n                       when add_generation_prompt,
+
+        with the template's default system message first when the chat has none.
+        """
+        if self.chat_format != "chatml":
+            raise ValueError("this tokenizer has no ChatML chat template")
+        default_system = _CHATML_SYSTEM.search(self.chat_template)
+        turns = []
+        if messages and messages[0]["role"] != "system" and default_system:
+            turns.append(f"<|im_start|>system\n{default_system.group(1)}<|im_end|>\n")
+        turns += [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
+        if add_generation_prompt:
+            turns.append("<|im_start|>assistant\n")
+        return "".join(turns)
+
+    # ---- save
+
+    def save(self, directory) -> None:
+        """Write `tokenizer.json` + `tokenizer_config.json` in the layout HF tokenizers reads."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+        pre_tokenizer = byte_level
+        if self.split_digits:
+            pre_tokenizer = {"type": "Sequence",
+                             "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+        added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": True}
+                 for t, i in sorted(self.special_tokens.items(), key=lambda item: item[1])]
+        tokenizer = {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": added,
+            "normalizer": None,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": False, "vocab": self.vocab, "merges": [" ".join(m) for m in self.merges]},
+        }
+        token_text = {i: t for t, i in {**self.vocab, **self.special_tokens}.items()}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": token_text.get(self.bos_id),
+            "eos_token": token_text.get(self.eos_id),
+            "pad_token": token_text.get(self.pad_id),
+            "chat_format": self.chat_format,
+            "chat_template": self.chat_template,
+        }
+        (directory / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2),
+                                                         encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- sentencepiece (T5)
+
+
+class SentencePieceTokenizer:
+    """T5's tokenizer: a sentencepiece unigram model plus `extra_ids` sentinel tokens.
+
+    As in T5, sentinel `<extra_id_N>` has id piece_count + extra_ids - 1 - N, so with the
+    32,000-piece model <extra_id_0> = 32099 ... <extra_id_99> = 32000. Sentinels and the
+    control pieces (<pad>, </s>, <unk>) are recognised in text; every other piece of text is
+    encoded by sentencepiece on its own, and EOS is appended.
+    """
+
+    def __init__(self, model_file, extra_ids: int = 100):
+        import sentencepiece
+
+        self.model_file = Path(model_file)
+        if not self.model_file.is_file():
+            raise FileNotFoundError(f"{self.model_file}: no such file")
+        self.sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(self.model_file))
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{self.model_file}: not a sentencepiece model ({e})") from None
+        pieces = self.sp.get_piece_size()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else None
+        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None  # T5 has none
+        self.unk_id = self.sp.unk_id()
+        self.vocab_size = pieces + extra_ids
+        self.special_tokens = {self.sp.id_to_piece(i): i for i in (self.pad_id, self.eos_id, self.unk_id)
+                               if i is not None}
+        self.special_tokens.update({f"<extra_id_{n}>": pieces + extra_ids - 1 - n for n in range(extra_ids)})
+        self._text_of = {i: t for t, i in self.special_tokens.items()}
+        self._special_re = _special_regex(self.special_tokens)
+
+    def encode(self, text: str, allow_special: bool = True, add_eos: bool = True) -> list[int]:
+        ids = []
+        for piece, is_special in _split_on(self._special_re if allow_special else None, text):
+            ids += [self.special_tokens[piece]] if is_special else self.sp.encode(piece)
+        if add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        """Ids -> text, dropping pad and EOS unless skip_special is False. Sentinels stay."""
+        skipped = {self.pad_id, self.eos_id} if skip_special else set()
+        out, run = [], []
+
+        def flush():
+            if run:
+                text = self.sp.decode(run)
+                # sentencepiece drops the word-start '▁' of the first piece; after a sentinel keep it as a space
+                if out and self.sp.id_to_piece(run[0]).startswith("▁"):
+                    text = " " + text
+                out.append(text)
+                run.clear()
+
+        for i in map(int, ids):
+            if i in skipped:
+                continue
+            if i in self._text_of and i != self.unk_id:
+                flush()
+                out.append(self._text_of[i])
+            else:
+                run.append(i)
+        flush()
+        return "".join(out)
+
+    def save(self, directory) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / "spiece.model"
+        if target.resolve() != self.model_file.resolve():
+            shutil.copyfile(self.model_file, target)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(path):
+    """The tokenizer of a checkpoint directory: `spiece.model` -> SentencePieceTokenizer,
+    else `tokenizer.json` -> BPETokenizer. A single tokenizer file or a .gguf file works too."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return BPETokenizer.from_gguf(path)
+        if path.suffix == ".json":
+            return BPETokenizer.from_hf_json(path)
+        return SentencePieceTokenizer(path)
+    if (path / "spiece.model").is_file():
+        return SentencePieceTokenizer(path / "spiece.model")
+    if (path / "tokenizer.json").is_file():
+        return BPETokenizer.from_hf_json(path / "tokenizer.json")
+    raise FileNotFoundError(f"{path}: no tokenizer.json or spiece.model")

