@@ -11,6 +11,7 @@ one-line error naming the key, and nothing is left at OUT.
 """
 import argparse
 import json
+import pickle
 import re
 import shutil
 import sys
@@ -203,7 +204,7 @@ def read_hf_weights(src: Path) -> dict:
             return {k: v for shard in shards for k, v in load_file(src / shard).items()}
         if legacy.exists():
             return torch.load(legacy, map_location="cpu", weights_only=True, mmap=True)
-    except (SafetensorError, OSError, RuntimeError, json.JSONDecodeError, KeyError) as e:
+    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError, json.JSONDecodeError, KeyError) as e:
         raise ConversionError(f"{src}: unreadable weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     raise ConversionError(f"{src}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 

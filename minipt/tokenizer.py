@@ -509,6 +509,8 @@ def load_tokenizer(path):
     """The tokenizer of a checkpoint directory: `spiece.model` -> SentencePieceTokenizer,
     else `tokenizer.json` -> BPETokenizer. A single tokenizer file or a .gguf file works too."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_file():
         if path.suffix == ".gguf":
             return BPETokenizer.from_gguf(path)

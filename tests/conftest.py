@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints (the oracle side of the parity
+tests) and the real SmolLM2-135M-Instruct, fetched and converted by the project's script."""
+import shutil
+
+import pytest
+import torch
+
+from weights.fetch import fetch
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def tiny_hf_model(kind: str):
+    """A small random transformers model of the given family, in eval mode, fp32."""
+    import transformers as tf
+    torch.manual_seed(0)
+    common = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+    if kind == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=120, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                            bos_token_id=0, eos_token_id=0)
+        model = tf.GPT2LMHeadModel(cfg)
+    elif kind == "llama":  # grouped-query attention, untied head, non-default RoPE base
+        cfg = tf.LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=50000.0,
+                             max_position_embeddings=128)
+        model = tf.LlamaForCausalLM(cfg)
+    elif kind == "qwen2":  # q/k/v biases, tied head
+        cfg = tf.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128)
+        model = tf.Qwen2ForCausalLM(cfg)
+        with torch.no_grad():  # random init leaves biases at zero; make them matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+def save_tiny_hf(model, directory):
+    """save_pretrained plus real tokenizer files, as a downloaded HF directory would have."""
+    model.save_pretrained(directory)
+    if model.config.model_type == "gpt2":
+        shutil.copy(fetch("gpt2-encoder"), directory / "vocab.json")
+        shutil.copy(fetch("gpt2-vocab-bpe"), directory / "merges.txt")
+    elif model.config.model_type == "t5":
+        shutil.copy(fetch("t5-spiece"), directory / "spiece.model")
+    else:
+        from minipt.tokenizer import BPETokenizer
+        BPETokenizer.from_gguf(fetch("smollm2-gguf")).save(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The converted default base model (weights/smollm2-135m-instruct)."""
+    from weights.smollm2 import main
+    return main()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """transformers' own reading of the same GGUF file: the oracle for the real model."""
+    from transformers import AutoModelForCausalLM
+    path = fetch("smollm2-gguf")
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
