@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from .config import GPTConfig, T5Config, save_config
 
 
-class ConversionError(Exception):
+class ConversionError(ValueError):
     """A checkpoint that minipt does not understand; the message names the cause."""
 
 
@@ -100,6 +100,54 @@ GGUF_KEYS = {
 GGUF_DROPPED = []
 
 
+def _attention(ours: str, theirs: str) -> dict:
+    return {f"{ours}.{p}_proj.weight": f"{theirs}.{p}.weight" for p in "qkvo"}
+
+
+def _feed_forward(ours: str, theirs: str) -> dict:
+    return {
+        f"{ours}.in_proj.weight": f"{theirs}.wi.weight",      # v1.0, ReLU
+        f"{ours}.out_proj.weight": f"{theirs}.wo.weight",
+        f"{ours}.gate_proj.weight": f"{theirs}.wi_0.weight",  # v1.1, gated GELU
+        f"{ours}.up_proj.weight": f"{theirs}.wi_1.weight",
+        f"{ours}.down_proj.weight": f"{theirs}.wo.weight",
+    }
+
+
+# minipt key -> HF key; {i} is the layer index within its stack. Entries for parts a given
+# config does not have (the other feed-forward, lm_head when tied) are simply not used.
+T5_KEY_MAP: dict[str, str] = {
+    "embed.weight": "shared.weight",
+    "lm_head.weight": "lm_head.weight",
+    # HF keeps each stack's relative position table in its block 0 only
+    "encoder.rel_bias.weight": "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+    "decoder.rel_bias.weight": "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+    "encoder.norm.weight": "encoder.final_layer_norm.weight",
+    "decoder.norm.weight": "decoder.final_layer_norm.weight",
+
+    "encoder.layers.{i}.attn_norm.weight": "encoder.block.{i}.layer.0.layer_norm.weight",
+    **_attention("encoder.layers.{i}.attn", "encoder.block.{i}.layer.0.SelfAttention"),
+    "encoder.layers.{i}.ff_norm.weight": "encoder.block.{i}.layer.1.layer_norm.weight",
+    **_feed_forward("encoder.layers.{i}.ff", "encoder.block.{i}.layer.1.DenseReluDense"),
+
+    "decoder.layers.{i}.attn_norm.weight": "decoder.block.{i}.layer.0.layer_norm.weight",
+    **_attention("decoder.layers.{i}.attn", "decoder.block.{i}.layer.0.SelfAttention"),
+    "decoder.layers.{i}.cross_norm.weight": "decoder.block.{i}.layer.1.layer_norm.weight",
+    **_attention("decoder.layers.{i}.cross_attn", "decoder.block.{i}.layer.1.EncDecAttention"),
+    "decoder.layers.{i}.ff_norm.weight": "decoder.block.{i}.layer.2.layer_norm.weight",
+    **_feed_forward("decoder.layers.{i}.ff", "decoder.block.{i}.layer.2.DenseReluDense"),
+}
+
+# HF keys known to carry nothing minipt needs.
+T5_DROPPED: list[str] = [
+    "encoder.embed_tokens.weight",  # copies of shared.weight
+    "decoder.embed_tokens.weight",
+    "lm_head.weight",               # when tied (v1.0): the same matrix as shared.weight
+    # an unused table that older T5 checkpoints carry in the first cross-attention
+    "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",
+]
+
+
 def _expand(template: str, n: int) -> list[str]:
     return [template.format(i=i) for i in range(n)] if "{i}" in template else [template]
 
@@ -129,6 +177,9 @@ def apply_key_map(src: dict, key_map: dict, dropped: list, expected: dict, n_lay
             if tuple(t.shape) != tuple(expected[dst]):
                 raise ConversionError(f"{key}: shape {tuple(src[key].shape)}, expected {tuple(expected[dst])} for {dst}")
             out[dst], used = t, used | {key}
+    unmapped = sorted(expected.keys() - out.keys())
+    if unmapped:  # a model parameter the key map has not caught up with
+        raise ConversionError(f"{unmapped[0]}: minipt parameter with no entry in the key map")
     drop = _dropped_pattern(dropped)
     unknown = sorted(k for k in src if k not in used and not drop.match(k))
     if unknown:
@@ -192,6 +243,37 @@ def gpt_config_from_hf(hf: dict) -> GPTConfig:
                      source=kind)
 
 
+def t5_config_from_hf(hf: dict) -> T5Config:
+    """Translate an HF T5 config.json (already parsed) into a T5Config."""
+    def need(key):
+        if key not in hf:
+            raise ConversionError(f"config.json: {key}: missing")
+        return hf[key]
+
+    if hf.get("model_type", "t5") != "t5":
+        raise ConversionError(f"config.json: model_type: expected 't5', got {hf['model_type']!r}")
+    ff = hf.get("feed_forward_proj", "relu")
+    if ff not in ("relu", "gated-gelu"):
+        raise ConversionError(f"config.json: feed_forward_proj: {ff!r} is not supported "
+                         "(expected 'relu' for T5 v1.0 or 'gated-gelu' for v1.1 / Flan-T5)")
+    # transformers >= 5 writes tie_word_embeddings: true for every T5 and keeps the
+    # v1.0 (tied head, rescaled output) vs v1.1 switch in scale_decoder_outputs
+    tied = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
+    eos = hf.get("eos_token_id", 1)
+    if not isinstance(eos, int):
+        raise ConversionError(f"config.json: eos_token_id: expected one integer, got {eos!r}")
+    pad = hf.get("pad_token_id", 0)
+    n_layer = need("num_layers")
+    return T5Config(
+        vocab_size=need("vocab_size"), d_model=need("d_model"), d_kv=need("d_kv"), d_ff=need("d_ff"),
+        n_layer=n_layer, n_decoder_layer=hf.get("num_decoder_layers") or n_layer, n_head=need("num_heads"),
+        rel_buckets=hf.get("relative_attention_num_buckets", 32),
+        rel_max_distance=hf.get("relative_attention_max_distance", 128),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-6), ff=ff, tie_embeddings=bool(tied),
+        pad_id=pad, eos_id=eos, decoder_start_id=hf.get("decoder_start_token_id", pad),
+    )
+
+
 def read_hf_weights(src: Path) -> dict:
     """All tensors of an HF directory: model.safetensors, sharded safetensors with their
     index, or a legacy pytorch_model.bin (loaded without unpickling arbitrary objects)."""
@@ -232,7 +314,6 @@ def convert_hf(src: Path, out: Path) -> None:
             dropped = dropped + ["lm_head.weight"]
         n = config.n_layer
     elif kind == "t5":
-        from .convert_t5_draft import T5_DROPPED, T5_KEY_MAP, t5_config_from_hf
         config, key_map, dropped = t5_config_from_hf(hf), T5_KEY_MAP, T5_DROPPED
         sd = read_hf_weights(src)
         n = max(config.n_layer, config.n_decoder_layer)

@@ -113,9 +113,9 @@ def attend(q, k, v, mask, prefix: "LayerPrefix | None", scale=None):
     float bias; grouped-query heads are expanded inside SDPA."""
     gqa = q.size(1) != k.size(1)
     if prefix is not None and prefix.gate is None:
+        mask = _extend_mask(mask, prefix, q, k.size(2))
         k = torch.cat([prefix.k.to(k.dtype), k], dim=2)
         v = torch.cat([prefix.v.to(v.dtype), v], dim=2)
-        mask = _extend_mask(mask, prefix, q)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     if prefix is not None and prefix.gate is not None:
         pmask = None if prefix.mask is None else prefix.mask[:, None, None, :]
@@ -125,7 +125,7 @@ def attend(q, k, v, mask, prefix: "LayerPrefix | None", scale=None):
     return y
 
 
-def _extend_mask(mask, prefix: LayerPrefix, q):
+def _extend_mask(mask, prefix: LayerPrefix, q, S: int):
     """Put the prefix's P columns in front of a (B|1, H|1, T, S) mask (bool keep-mask or
     additive float bias); no mask at all means "attend to everything"."""
     B, _, T, _ = q.shape
@@ -134,7 +134,7 @@ def _extend_mask(mask, prefix: LayerPrefix, q):
         return None
     keep = prefix.mask if prefix.mask is not None else torch.ones(B, P, dtype=torch.bool, device=q.device)
     if mask is None:
-        return keep[:, None, None, :]
+        mask = torch.ones(B, 1, T, S, dtype=torch.bool, device=q.device)
     H = mask.size(1)
     pm = keep[:, None, None, :].expand(B, H, T, P)
     if mask.dtype != torch.bool:

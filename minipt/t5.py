@@ -187,6 +187,9 @@ class T5(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False
 
+    def tie_weights(self):
+        """Nothing to re-tie: a tied head is the embedding itself (same interface as GPT)."""
+
     # ---- KV cache ----------------------------------------------------------------------
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):

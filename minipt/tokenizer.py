@@ -77,7 +77,8 @@ def _letter_and_number_classes() -> tuple[str, str]:
     """Regex character classes for \\p{L} and \\p{N}, which Python's `re` lacks.
 
     Built once, on first use, from `unicodedata` (general categories L* and N*) as
-    lists of code point ranges.
+    lists of code point ranges. Python's Unicode tables can be older than those of the
+    Rust regex engine behind HF tokenizers; the two only disagree on recently added letters.
     """
     ranges = {"L": [], "N": []}
     for cp in range(_SCAN_END):
@@ -172,8 +173,6 @@ def _special_regex(tokens) -> re.Pattern | None:
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
@@ -245,8 +244,9 @@ class BPETokenizer:
     def from_hf_json(cls, path):
         """An HF `tokenizer.json` with a byte-level BPE model.
 
-        All `added_tokens` become special tokens. A `tokenizer_config.json` next to it,
-        when present, gives the bos/eos/pad tokens and the chat template.
+        All `added_tokens` become special tokens. `tokenizer_config.json` (or
+        `special_tokens_map.json`, `chat_template.jinja`) next to it, when present, gives
+        the bos/eos/pad tokens and the chat template.
         """
         path = Path(path)
         data = _read_json(path)
@@ -260,8 +260,15 @@ class BPETokenizer:
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         specials = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
 
-        config_path = path.with_name("tokenizer_config.json")
-        config = _read_json(config_path) if config_path.exists() else {}
+        config = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later one wins
+            if path.with_name(name).exists():
+                config.update(_read_json(path.with_name(name)))
+        if "chat_template" not in config and path.with_name("chat_template.jinja").exists():
+            config["chat_template"] = path.with_name("chat_template.jinja").read_text(encoding="utf-8")
+        if "<|endoftext|>" in specials and "eos_token" not in config:
+            # GPT-2's hub files name no bos/eos: HF's GPT-2 tokenizer defaults both to <|endoftext|>
+            config.update(bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
         def token_id(key):
             token = config.get(key)
@@ -341,6 +348,8 @@ class BPETokenizer:
         return ids
 
     def _pre_tokenize(self, text: str) -> list[str]:
+        # SmolLM2 cuts every number character out first, so the word regex never sees a
+        # digit next to a space ("a  1" -> "a", "  ", "1") and numbers are read digit by digit.
         chunks = _number_regex().split(text) if self.split_digits else [text]
         return [word for chunk in chunks if chunk for word in _word_regex().findall(chunk)]
 
@@ -486,7 +495,7 @@ class SentencePieceTokenizer:
         for i in map(int, ids):
             if i in skipped:
                 continue
-            if i in self._text_of and i != self.unk_id:
+            if i in self._text_of and i != self.unk_id:  # <unk> decodes as sentencepiece shows it, ' ⁇ '
                 flush()
                 out.append(self._text_of[i])
             else:

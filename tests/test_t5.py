@@ -1,5 +1,5 @@
 """T5 parity with transformers on tiny random checkpoints (v1.0: ReLU, tied head; v1.1:
-gated GELU, separate head), cached decoding, the prompt hooks, and the draft converter's
+gated GELU, separate head), cached decoding, the prompt hooks, and the converter's
 strictness."""
 import json
 
@@ -10,9 +10,13 @@ import transformers
 from safetensors.torch import load_file
 
 from minipt.config import T5Config
-from minipt.convert_t5_draft import t5_config_from_hf, t5_state_dict_from_hf
+from minipt.checkpoint import load_model
+from minipt.convert import (T5_DROPPED, T5_KEY_MAP, ConversionError, apply_key_map, convert, expected_shapes,
+                            t5_config_from_hf)
 from minipt.layers import LayerPrefix
 from minipt.t5 import T5
+
+from conftest import save_tiny_hf
 
 V, D, NH, HS = 100, 32, 4, 8
 TOL = 1e-4
@@ -43,14 +47,17 @@ def pair(request, tmp_path_factory):
     """(hf model, minipt model, hf state dict, hf config.json) via a save_pretrained directory."""
     hf = hf_t5(request.param)
     d = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(d)
-    hf_sd = load_file(d / "model.safetensors")
-    hf_json = json.loads((d / "config.json").read_text())
-    cfg = t5_config_from_hf(hf_json)
-    assert cfg.tie_embeddings == (request.param == "v1.0")
-    model = T5(cfg)
-    model.load_state_dict(t5_state_dict_from_hf(hf_sd, cfg), strict=True)
-    return hf, model.eval(), hf_sd, hf_json
+    save_tiny_hf(hf, d / "hf")
+    hf_sd = load_file(d / "hf" / "model.safetensors")
+    hf_json = json.loads((d / "hf" / "config.json").read_text())
+    convert(d / "hf", d / "minipt")
+    model = load_model(d / "minipt")
+    assert model.config.tie_embeddings == (request.param == "v1.0")
+    return hf, model, hf_sd, hf_json
+
+
+def t5_state_dict_from_hf(hf_sd, cfg):
+    return apply_key_map(hf_sd, T5_KEY_MAP, T5_DROPPED, expected_shapes(cfg), max(cfg.n_layer, cfg.n_decoder_layer))
 
 
 def batch():
@@ -240,27 +247,27 @@ def test_converter_rejects_missing_unknown_and_misshaped(pair):
 
     key = "decoder.block.1.layer.1.EncDecAttention.k.weight"
     sd = {k: v for k, v in hf_sd.items() if k != key}
-    with pytest.raises(KeyError, match=key):
+    with pytest.raises(ConversionError, match=key):
         t5_state_dict_from_hf(sd, cfg)
 
     sd = {**hf_sd, "encoder.block.2.layer.0.SelfAttention.q.weight": torch.zeros(NH * HS, D)}
-    with pytest.raises(KeyError, match="encoder.block.2.layer.0.SelfAttention.q.weight"):
+    with pytest.raises(ConversionError, match="encoder.block.2.layer.0.SelfAttention.q.weight"):
         t5_state_dict_from_hf(sd, cfg)
 
     # the other variant's feed-forward is unknown, not silently dropped
     other = "wi_0" if cfg.ff == "relu" else "wi"
     sd = {**hf_sd, f"encoder.block.0.layer.1.DenseReluDense.{other}.weight": torch.zeros(64, D)}
-    with pytest.raises(KeyError, match=f"DenseReluDense.{other}.weight"):
+    with pytest.raises(ConversionError, match=f"DenseReluDense.{other}.weight"):
         t5_state_dict_from_hf(sd, cfg)
 
     key = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
     sd = {**hf_sd, key: torch.zeros(9, NH)}
-    with pytest.raises(ValueError, match=rf"{key}.*\(8, 4\).*\(9, 4\)"):
+    with pytest.raises(ConversionError, match=rf"{key}.*\(9, 4\).*\(8, 4\)"):
         t5_state_dict_from_hf(sd, cfg)
 
     if not cfg.tie_embeddings:
         sd = {k: v for k, v in hf_sd.items() if k != "lm_head.weight"}
-        with pytest.raises(KeyError, match="lm_head.weight"):
+        with pytest.raises(ConversionError, match="lm_head.weight"):
             t5_state_dict_from_hf(sd, cfg)
 
 

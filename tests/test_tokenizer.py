@@ -99,6 +99,11 @@ def gpt2():
 
 
 @pytest.fixture(scope="module")
+def gpt2_tiktoken():
+    return BPETokenizer.from_tiktoken(fetch("gpt2-tiktoken"))
+
+
+@pytest.fixture(scope="module")
 def smollm():
     return BPETokenizer.from_gguf(fetch("smollm2-gguf"))
 
@@ -130,8 +135,10 @@ def show(bad, limit=5):
 def test_corpus_is_varied(corpus):
     text = "".join(corpus)
     assert len(set(corpus)) > 0.9 * len(corpus)
-    for probe in ["\t", "\n", "  ", "'s", "'S", "\u200d", "\u0301", "<|endoftext|>", "<extra_id_0>", "日", "٣"]:
+    for probe in ["\t", "\n", "  ", "\x1c", "\x85", "\u200b", "'s", "'S", "\u200d", "\u0301", "<|endoftext|>",
+                  "<extra_id_0>", "日", "٣"]:
         assert probe in text, probe
+    assert re.search(r"\s\s\d", text)  # where SmolLM2's digit split matters
 
 
 def test_gpt2_matches_hf(gpt2, corpus):
@@ -143,8 +150,8 @@ def test_gpt2_matches_hf(gpt2, corpus):
     assert not bad, show(bad)
 
 
-def test_tiktoken_ranks_give_gpt2(gpt2, corpus):
-    tik = BPETokenizer.from_tiktoken(fetch("gpt2-tiktoken"))
+def test_tiktoken_ranks_give_gpt2(gpt2, gpt2_tiktoken, corpus):
+    tik = gpt2_tiktoken
     assert tik.merges == gpt2.merges  # the merge list rebuilt from ranks is exactly vocab.bpe
     assert tik.vocab == {t: i for t, i in gpt2.vocab.items() if t != "<|endoftext|>"}
     assert tik.special_tokens == gpt2.special_tokens == {"<|endoftext|>": 50256}
@@ -177,17 +184,18 @@ def test_smollm2_matches_hf(smollm, hf_smollm, corpus):
     assert smollm.vocab_size == len(hf_smollm) == 49152
 
 
-def test_smollm2_digits_are_split_first(smollm, hf_smollm):
+def test_smollm2_digits_are_split_first(smollm):
     assert smollm.encode("a  1") == [81, 256, 33]  # 'a', 'ĠĠ', '1'
-    # the converter quirk described in smollm2_oracle
-    assert hf_smollm.encode("a  1") == [81, 216, 216, 33]
+    # plain GPT-2 splitting, what transformers' GGUF converter does (see smollm2_oracle)
+    gpt2_style = BPETokenizer(smollm.vocab, smollm.merges, smollm.special_tokens)
+    assert gpt2_style.encode("a  1") == [81, 216, 216, 33]  # 'a', 'Ġ', 'Ġ', '1'
 
 
 _T5_SPECIALS = re.compile(r"<extra_id_\d+>|</s>|<pad>|<unk>")
 
 
 def t5_normalisers_differ(text: str) -> bool:
-    """Strings where the shipped tokenizer.json departs from sentencepiece, i.e. from real T5.
+    r"""Strings where the shipped tokenizer.json departs from sentencepiece, i.e. from real T5.
 
     1. U+0085 (NEL) ending a piece of text: HF's Strip step removes it as whitespace,
        sentencepiece keeps it as <unk>.
@@ -261,6 +269,7 @@ def test_t5_round_trip(t5, corpus):
     for s in ["The quick brown fox.", "café façade, 3.14 and 1,000,000!", "IT'S (x) -> y; don't",
               "Fill<extra_id_0> the<extra_id_1> blank", "<extra_id_5> starts"]:
         assert t5.decode(t5.encode(s)) == s
+    assert t5.decode(t5.encode("日本 text")) == " ⁇  text"
     hf = tokenizers.Tokenizer.from_file(str(fetch("t5-tokenizer-json")))
     ids = t5.encode("The <extra_id_0> walks in <extra_id_1> park", add_eos=False)
     assert t5.decode(ids) == hf.decode(ids, skip_special_tokens=False) == "The<extra_id_0> walks in<extra_id_1> park"
@@ -276,7 +285,7 @@ def test_allow_special(gpt2, smollm):
 # --------------------------------------------------------------------------- save / load
 
 
-@pytest.mark.parametrize("name", ["gpt2", "smollm"])
+@pytest.mark.parametrize("name", ["gpt2", "gpt2_tiktoken", "smollm"])
 def test_bpe_save_load(name, request, corpus, tmp_path):
     tok = request.getfixturevalue(name)
     tok.save(tmp_path)
@@ -292,11 +301,26 @@ def test_bpe_save_load(name, request, corpus, tmp_path):
         assert hf.decode(ids, skip_special_tokens=False) == s
 
 
-def test_from_hf_json_reads_files_written_by_hf(smollm, hf_smollm, corpus, tmp_path):
+def test_from_hf_json_reads_files_written_by_hf(gpt2, smollm, hf_smollm, corpus, tmp_path):
     (tmp_path / "tokenizer.json").write_text(smollm2_oracle(hf_smollm).to_str(), encoding="utf-8")
     loaded = BPETokenizer.from_hf_json(tmp_path / "tokenizer.json")
     assert loaded.split_digits and loaded.special_tokens == smollm.special_tokens
     assert all(loaded.encode(s) == smollm.encode(s) for s in corpus[:500])
+
+    hf_dir = tmp_path / "saved_by_transformers"  # its own config layout: bos/eos/pad, chat template
+    hf_smollm.save_pretrained(hf_dir)
+    loaded = load_tokenizer(hf_dir)
+    assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (1, 2, 2)
+    assert loaded.chat_template == smollm.chat_template
+
+    gpt2_dir = tmp_path / "gpt2"  # a bare GPT-2 tokenizer.json: <|endoftext|> is bos and eos, as in HF
+    gpt2_dir.mkdir()
+    hf_gpt2 = tokenizers.ByteLevelBPETokenizer(str(fetch("gpt2-encoder")), str(fetch("gpt2-vocab-bpe")))
+    hf_gpt2.add_special_tokens(["<|endoftext|>"])
+    hf_gpt2.save(str(gpt2_dir / "tokenizer.json"))
+    loaded = load_tokenizer(gpt2_dir)
+    assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (50256, 50256, None)
+    assert all(loaded.encode(s) == gpt2.encode(s) for s in corpus[:500])
 
 
 def test_t5_save_load(t5, tmp_path):
