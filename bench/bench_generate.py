@@ -1,0 +1,146 @@
+"""Greedy decoding speed: minipt `generate` against transformers `model.generate`.
+
+Both sides load SmolLM2-135M-Instruct from the same GGUF (minipt through its converted
+checkpoint `weights/smollm2-135m-instruct/`) and produce exactly `--new-tokens` tokens
+per row, with EOS switched off on both, so they do the same work. Measured cases:
+
+- batch 1, one prompt;
+- batch 8, prompts of different lengths, left padded.
+
+After a warm-up call per side and case, `--repeats` timed calls alternate which side goes
+first, so the noise of a shared machine falls on both. The table gives the median tokens/s
+(new tokens of all rows / wall time, prefill included), the ratio minipt / transformers,
+and whether the greedy tokens of the two sides are identical.
+
+    python bench/bench_generate.py                       # fp32, 5 repeats
+    python bench/bench_generate.py --dtype bfloat16 --repeats 9 --json bench.json
+
+Threads are torch's defaults; the count is printed with the results.
+"""
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from minipt.checkpoint import load_base  # noqa: E402
+from minipt.generation import generate, pad_batch  # noqa: E402
+from weights.fetch import fetch  # noqa: E402
+from weights.smollm2 import main as convert_smollm2  # noqa: E402
+
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+BATCH_PROMPTS = [  # lengths 2 to ~30 tokens, so left padding really happens
+    "Hello",
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    PROMPT,
+    "1, 2, 3, 5, 8, 13,",
+    "Write a short poem about the sea, the wind and a lighthouse keeper who never sleeps.",
+    "Q: What is the boiling point of water at sea level?\nA:",
+    "In 1969,",
+]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per side and case")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--batch-sizes", default="1,8", help="comma-separated, from 1 and 8")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return ap.parse_args(argv)
+
+
+def load_models(dtype):
+    from transformers import AutoModelForCausalLM
+    ours, tok = load_base(convert_smollm2(), dtype=dtype)
+    gguf = fetch("smollm2-gguf")
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype).eval()
+    return ours, hf, tok
+
+
+def runners(ours, hf, prompts, new_tokens, pad_id):
+    """Two zero-argument callables returning the new tokens of every row as lists."""
+    from transformers import GenerationConfig
+    ids, mask = pad_batch(prompts, pad_id)
+    # eos_token_id=None: transformers must not stop early nor mask EOS (min_new_tokens would
+    # change the logits), so both sides run the same argmax for the same number of steps.
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=None,
+                           pad_token_id=pad_id, bos_token_id=None)
+
+    def run_minipt():
+        return generate(ours, prompts, new_tokens, eos_id=None, pad_id=pad_id)
+
+    def run_hf():
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=mask, generation_config=cfg)
+        return out[:, ids.size(1):].tolist()
+
+    return run_minipt, run_hf
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def bench_case(name, run_minipt, run_hf, n_tokens, repeats):
+    ours_out, hf_out = run_minipt(), run_hf()  # warm-up; also the outputs we compare
+    for rows in (ours_out, hf_out):
+        assert all(len(r) == len(rows[0]) for r in rows), "a side stopped early"
+    times = {"minipt": [], "transformers": []}
+    for i in range(repeats):
+        order = [("minipt", run_minipt), ("transformers", run_hf)]
+        for side, fn in order if i % 2 == 0 else order[::-1]:
+            times[side].append(timed(fn)[0])
+    tps = {side: [n_tokens / t for t in ts] for side, ts in times.items()}
+    med = {side: statistics.median(v) for side, v in tps.items()}
+    return {
+        "case": name,
+        "new_tokens_total": n_tokens,
+        "minipt_tok_s": med["minipt"],
+        "transformers_tok_s": med["transformers"],
+        "ratio": med["minipt"] / med["transformers"],
+        "identical": ours_out == hf_out,
+        "minipt_tok_s_all": tps["minipt"],
+        "transformers_tok_s_all": tps["transformers"],
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    ours, hf, tok = load_models(dtype)
+    cases = []
+    for b in (int(s) for s in args.batch_sizes.split(",")):
+        prompts = [tok.encode(PROMPT)] if b == 1 else [tok.encode(t) for t in BATCH_PROMPTS[:b]]
+        if len(prompts) != b:
+            raise SystemExit(f"batch size {b}: only 1 and up to {len(BATCH_PROMPTS)} are set up")
+        run_minipt, run_hf = runners(ours, hf, prompts, args.new_tokens, tok.pad_id)
+        name = f"batch {b}" + (" (left padded)" if b > 1 else "")
+        cases.append(bench_case(name, run_minipt, run_hf, b * args.new_tokens, args.repeats))
+
+    import transformers
+    info = {"dtype": args.dtype, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+    print(f"\ngreedy, {args.new_tokens} new tokens per row, {args.dtype}, median of {args.repeats}, "
+          f"{info['threads']} threads (torch {info['torch']}, transformers {info['transformers']})\n")
+    print(f"{'case':<24}{'minipt tok/s':>14}{'transformers tok/s':>20}{'ratio':>8}{'identical':>11}")
+    for c in cases:
+        print(f"{c['case']:<24}{c['minipt_tok_s']:>14.1f}{c['transformers_tok_s']:>20.1f}"
+              f"{c['ratio']:>7.2f}x{str(c['identical']):>11}")
+    if args.json:
+        args.json.write_text(json.dumps({"info": info, "cases": cases}, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Generate text with a minipt base model.
+
+    python generate.py --base weights/smollm2-135m-instruct --chat --text "What is the capital of France?"
+    python generate.py --base weights/smollm2-135m-instruct --text "Once upon a time" --temperature 0.8 --top-p 0.9
+
+Several --text arguments run as one left-padded batch. With --chat the text is wrapped in
+the model's chat template (ChatML for SmolLM2-Instruct) and generation stops at its end
+of turn. T5 checkpoints take the text as encoder input ("translate English to German: ...").
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+from minipt.checkpoint import load_base
+from minipt.config import T5Config
+from minipt.generation import generate
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Generate text with a minipt base model.")
+    ap.add_argument("--base", required=True, help="minipt checkpoint directory (see weights/)")
+    ap.add_argument("--text", action="append", required=True, help="input text; repeat for a batch")
+    ap.add_argument("--chat", action="store_true", help="wrap each text as a user turn of the chat template")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--device", default="cpu")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        model, tok = load_base(args.base, dtype=getattr(torch, args.dtype), device=args.device)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    texts = args.text
+    if args.chat:
+        if not hasattr(tok, "apply_chat_template") or tok.chat_format is None:
+            sys.exit(f"error: {args.base}: this tokenizer has no chat template (drop --chat)")
+        texts = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+    prompts = [tok.encode(t) for t in texts]
+    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    t0 = time.perf_counter()
+    outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, eos_id=tok.eos_id, pad_id=pad or 0, seed=args.seed)
+    seconds = time.perf_counter() - t0
+    for text, out in zip(args.text, outputs):
+        if len(outputs) > 1:
+            print(f"### {text}")
+        print(tok.decode(out, skip_special=True).strip())
+    n = sum(len(o) for o in outputs)
+    kind = "t5" if isinstance(model.config, T5Config) else model.config.source
+    print(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s, {kind}, {args.dtype}]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
