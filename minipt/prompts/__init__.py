@@ -1,0 +1,56 @@
+"""Prompt-learning methods on a frozen base model, behind one interface.
+
+    from minipt.prompts import PromptConfig, attach, load
+    model = attach(base, PromptConfig(method="prompt_tuning", num_virtual_tokens=20), tokenizer)
+    ... train model.trainable_parameters() ...
+    save(model, "task.safetensors", tokenizer)
+    model = load("task.safetensors", base, tokenizer)
+"""
+import dataclasses
+import importlib
+
+from .base import METHODS, PromptConfig, PromptMethod
+from .files import check_base, read_prompt, save_prompt
+from .model import PromptedModel
+
+
+# method name -> (module in this package, class); every class takes (config, base, tokenizer)
+IMPLEMENTATIONS = {
+    "prompt_tuning": ("soft_prompt", "SoftPrompt"),
+    "p_tuning": ("p_tuning", "PTuning"),
+    "prefix_tuning": ("prefix", "PrefixTuning"),
+    "p_tuning_v2": ("prefix", "PrefixTuning"),
+    "adapter": ("adapter", "PromptAdapter"),
+    "lora": ("lora", "LoRA"),
+    "full": ("full", "FullFineTuning"),
+}
+
+
+def build_method(config: PromptConfig, base, tokenizer=None) -> PromptMethod:
+    """The method module for a config (not yet attached)."""
+    module, cls = IMPLEMENTATIONS[config.method]
+    return getattr(importlib.import_module(f".{module}", __name__), cls)(config, base, tokenizer)
+
+
+def attach(base, config: PromptConfig, tokenizer=None) -> PromptedModel:
+    """Wrap a (frozen) base model with a freshly initialised prompt method."""
+    method = build_method(config, base, tokenizer).to(base.embed.weight.device)
+    return PromptedModel(base, method)
+
+
+def save(model: PromptedModel, path, tokenizer=None):
+    return save_prompt(path, model, tokenizer)
+
+
+def load(path, base, tokenizer=None) -> PromptedModel:
+    """A prompt file onto its base model; a one-line error if it belongs to another base."""
+    meta, tensors = read_prompt(path)
+    check_base(path, meta, base, tokenizer)
+    config = PromptConfig.from_dict(meta["config"])
+    model = attach(base, dataclasses.replace(config, init="random"))  # the values come from the file
+    model.method.config = config
+    try:
+        model.method.load_saved(tensors)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: tensors do not fit the method ({str(e).splitlines()[0]})") from None
+    return model

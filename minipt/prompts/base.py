@@ -1,0 +1,109 @@
+"""The one interface every method shares, and the config object that describes a method.
+
+A method touches the frozen base model in at most two places (see `layers.py`):
+  1. input embeddings: `input_prompt()` returns (P, C) vectors placed right before each
+     row's real tokens (soft prompt, P-tuning);
+  2. attention: `prefixes(batch_size)` returns per-layer `LayerPrefix`es (prefix tuning,
+     P-tuning v2, LLaMA-Adapter).
+LoRA and full fine-tuning instead change the base's own linear layers / weights, in
+`attach`. Everything else (insertion after padding, masks, positions, the KV cache) is done
+once, for all methods, by `PromptedModel` in `model.py`.
+"""
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora", "full")
+
+
+@dataclass
+class PromptConfig:
+    method: str = "prompt_tuning"
+    num_virtual_tokens: int = 20          # soft prompt / P-tuning / prefix length; adapter prompt length
+    # soft prompt and P-tuning initialisation (Lester et al. 2021, §3.2)
+    init: str = "vocab"                   # random (uniform ±0.5) | vocab | text | labels
+    init_text: str = ""                   # for init="text"
+    init_labels: list = field(default_factory=list)  # for init="labels": class-label strings
+    placement: str = "encoder"            # T5 soft prompt: "encoder" input or "decoder" input
+    # P-tuning v1 prompt encoder (Liu et al. 2021)
+    encoder_type: str = "lstm"            # lstm (bidirectional LSTM + MLP) | mlp
+    encoder_hidden: int = 256
+    # prefix tuning / P-tuning v2 (Li & Liang 2021; Liu et al. 2022)
+    prefix_projection: "bool | None" = None   # MLP reparameterisation; None: on for prefix_tuning, off for v2
+    projection_hidden: int = 512
+    t5_prefix_sites: list = field(default_factory=lambda: ["encoder", "decoder", "cross"])
+    # prompt adapter (LLaMA-Adapter, Zhang et al. 2023)
+    adapter_layers: int = 8               # the top L layers get adaption prompts
+    # LoRA (Hu et al. 2021)
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    seed: int = 0                         # initialisation seed
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"PromptConfig: method {self.method!r} unknown; choose one of {', '.join(METHODS)}")
+        if self.num_virtual_tokens < 0:
+            raise ValueError(f"PromptConfig: num_virtual_tokens must be >= 0, got {self.num_virtual_tokens}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PromptConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"PromptConfig: unknown keys {', '.join(unknown)}")
+        return cls(**d)
+
+
+class PromptMethod(nn.Module):
+    """Base class; the defaults mean "this hook is not used"."""
+
+    n_input_tokens = 0     # vectors that input_prompt() returns
+    position_offset = 0    # positions the attention prefix occupies before the text
+
+    def __init__(self, config: PromptConfig):
+        super().__init__()
+        self.config = config
+
+    def attach(self, base: nn.Module) -> None:
+        """Change the base model in place (LoRA, full fine-tuning); prompts leave it alone."""
+
+    def input_prompt(self):
+        """(P, C) vectors placed before the real tokens, or None."""
+        return None
+
+    def prefixes(self, batch_size: int):
+        """{site: [LayerPrefix or None per layer]} with site "self" for the decoder-only model
+        and "encoder" / "decoder" / "cross" for T5; or None."""
+        return None
+
+    def closed_form_parameters(self) -> int:
+        """The trainable-parameter count from the method's formula (checked against the
+        real count in the tests)."""
+        raise NotImplementedError
+
+    def describe_count(self) -> str:
+        """The formula behind closed_form_parameters, for people."""
+        return ""
+
+    def state_for_saving(self) -> dict:
+        """Tensors that make up the prompt file."""
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+
+    def load_saved(self, state: dict) -> None:
+        self.load_state_dict(state, strict=True)
+
+
+def model_dims(base) -> dict:
+    """The sizes methods need, the same names for both families."""
+    c = base.config
+    if c.model_type == "t5":
+        return dict(d_model=c.d_model, n_head=c.n_head, n_kv_head=c.n_head, head_dim=c.d_kv,
+                    n_layers={"encoder": c.n_layer, "decoder": c.n_decoder_layer, "cross": c.n_decoder_layer})
+    return dict(d_model=c.n_embd, n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim,
+                n_layers={"self": c.n_layer})

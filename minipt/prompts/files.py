@@ -1,0 +1,83 @@
+"""Prompt files: one `.safetensors` whose tensors are the method's state and whose header
+metadata (key "minipt") is a small JSON: the method config, the trainable-parameter count,
+and a fingerprint of the base model and tokenizer it was trained on. A 20-token soft prompt
+on SmolLM2 is 20 x 576 fp32 values, about 46 kB.
+"""
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+FORMAT = "minipt-prompt/1"
+
+
+def base_fingerprint(base, tokenizer=None) -> dict:
+    """What makes a base model the same base: its config, a hash of its embedding matrix
+    (rounded to bf16, so fp32 and bf16 loads of one checkpoint agree) and of its vocabulary."""
+    emb = base.embed.weight.detach().to(torch.bfloat16).cpu().contiguous()
+    fp = {"model": dict(vars(base.config)),
+          "embedding_sha256": hashlib.sha256(emb.view(torch.int16).numpy().tobytes()).hexdigest()[:16]}
+    if tokenizer is not None:
+        vocab = getattr(tokenizer, "vocab", None)
+        if vocab is None and hasattr(tokenizer, "sp"):
+            vocab = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.sp.get_piece_size())]
+        text = json.dumps(vocab if isinstance(vocab, list) else sorted(vocab.items()) if vocab else None)
+        fp["tokenizer_sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return fp
+
+
+def save_prompt(path, model, tokenizer=None) -> Path:
+    """Write a PromptedModel's method to `path` atomically (temp file + rename)."""
+    path = Path(path)
+    method = model.method
+    meta = {"format": FORMAT, "config": method.config.to_dict(), "trainable_parameters": model.num_trainable(),
+            "base": base_fingerprint(model.base, tokenizer)}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_for_saving().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"minipt": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_prompt(path) -> tuple[dict, dict]:
+    """(metadata, tensors) of a prompt file; a one-line ValueError if it is not one."""
+    path = Path(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["minipt"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such prompt file") from None
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    except (KeyError, json.JSONDecodeError):
+        raise ValueError(f"{path}: not a minipt prompt file (no 'minipt' metadata)") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: prompt format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta, tensors
+
+
+def check_base(path, meta: dict, base, tokenizer=None) -> None:
+    """Refuse to load a prompt onto a base it was not trained on, saying what differs."""
+    saved, here = meta["base"], base_fingerprint(base, tokenizer)
+    if saved["model"] != here["model"]:
+        diff = sorted(k for k in set(saved["model"]) | set(here["model"]) if saved["model"].get(k) != here["model"].get(k))
+        k = diff[0]
+        raise ValueError(f"{path}: trained on a different base model ({k}: {saved['model'].get(k)!r} "
+                         f"in the prompt, {here['model'].get(k)!r} here)")
+    if saved["embedding_sha256"] != here["embedding_sha256"]:
+        raise ValueError(f"{path}: trained on a different base model (same architecture, other weights: "
+                         f"embedding hash {saved['embedding_sha256']} vs {here['embedding_sha256']})")
+    if "tokenizer_sha256" in saved and "tokenizer_sha256" in here and saved["tokenizer_sha256"] != here["tokenizer_sha256"]:
+        raise ValueError(f"{path}: trained with a different tokenizer (vocabulary hash differs)")

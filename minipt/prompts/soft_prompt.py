@@ -1,0 +1,81 @@
+"""Soft prompt tuning (Lester, Al-Rfou, Constant 2021, *The Power of Scale for
+Parameter-Efficient Prompt Tuning*): P learned vectors placed before the input tokens.
+
+Trainable parameters = P x d_model (100 tokens on T5-Small's d_model 512 = 51,200).
+
+Initialisation (§3.2 of the paper): `random` uniform in [-0.5, 0.5]; `vocab` embeddings of
+tokens sampled from the 5,000 most common ones; `text` the embeddings of a string,
+repeated or truncated to length; `labels` the class-label embeddings first, then sampled
+vocabulary. The token vocabularies here are ordered roughly by frequency (BPE by merge
+order, sentencepiece by score), so "most common" is taken as the lowest ids after the
+special tokens.
+"""
+import torch
+import torch.nn as nn
+
+from .base import PromptConfig, PromptMethod, model_dims
+
+COMMON_TOKENS = 5000
+
+
+def _regular_ids(tokenizer, vocab_size: int) -> torch.Tensor:
+    """The first COMMON_TOKENS non-special token ids."""
+    special = set(getattr(tokenizer, "special_tokens", {}).values()) if tokenizer is not None else set()
+    special |= {i for i in (getattr(tokenizer, "pad_id", None), getattr(tokenizer, "eos_id", None),
+                            getattr(tokenizer, "bos_id", None)) if i is not None}
+    ids = [i for i in range(min(vocab_size, COMMON_TOKENS + len(special))) if i not in special]
+    return torch.tensor(ids[:COMMON_TOKENS])
+
+
+def initial_prompt(cfg: PromptConfig, embed: torch.Tensor, tokenizer, n: int) -> torch.Tensor:
+    """(n, C) starting vectors for a soft prompt, as the config's `init` says."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    C = embed.size(1)
+    embed = embed.detach().float().cpu()
+    if cfg.init == "random":
+        return torch.rand(n, C, generator=g) - 0.5
+    if cfg.init in ("text", "labels") and tokenizer is None:
+        raise ValueError(f"prompt init {cfg.init!r} needs the tokenizer")
+    common = _regular_ids(tokenizer, embed.size(0))
+    sampled = lambda k: embed[common[torch.randint(0, len(common), (k,), generator=g)]]
+    if cfg.init == "vocab":
+        return sampled(n)
+    if cfg.init == "text":
+        ids = _encode(tokenizer, cfg.init_text)
+        if not ids:
+            raise ValueError("prompt init 'text' needs a non-empty init_text")
+        ids = (ids * (n // len(ids) + 1))[:n]
+        return embed[torch.tensor(ids)]
+    if cfg.init == "labels":
+        if not cfg.init_labels:
+            raise ValueError("prompt init 'labels' needs init_labels")
+        # a label of several tokens starts as the mean of their embeddings
+        labels = [embed[torch.tensor(_encode(tokenizer, lab))].mean(0) for lab in cfg.init_labels][:n]
+        rest = sampled(n - len(labels)) if n > len(labels) else embed[:0]
+        return torch.cat([torch.stack(labels), rest])
+    raise ValueError(f"prompt init {cfg.init!r} unknown; choose random, vocab, text or labels")
+
+
+def _encode(tokenizer, text: str) -> list:
+    """Token ids without the EOS sentencepiece tokenizers append."""
+    try:
+        return tokenizer.encode(text, add_eos=False)
+    except TypeError:
+        return tokenizer.encode(text)
+
+
+class SoftPrompt(PromptMethod):
+    def __init__(self, config: PromptConfig, base, tokenizer=None):
+        super().__init__(config)
+        self.n_input_tokens = config.num_virtual_tokens
+        self.d_model = model_dims(base)["d_model"]
+        self.prompt = nn.Parameter(initial_prompt(config, base.embed.weight, tokenizer, config.num_virtual_tokens))
+
+    def input_prompt(self):
+        return self.prompt                                                    # (P, C)
+
+    def closed_form_parameters(self) -> int:
+        return self.n_input_tokens * self.d_model
+
+    def describe_count(self) -> str:
+        return f"{self.n_input_tokens} tokens x d_model {self.d_model}"
