@@ -76,7 +76,8 @@ class PromptedModel(nn.Module):
         base = self.base
         B, T = idx.shape
         x = base.embed(idx)                                                   # (B, T, C)
-        mask = attention_mask if attention_mask is not None else torch.ones(B, T, dtype=torch.long, device=idx.device)
+        # no mask means no padding; it must still span every position so far, cached ones included
+        mask = attention_mask if attention_mask is not None else torch.ones(B, (cache_pos or 0) + T, dtype=torch.long, device=idx.device)
         P = self.n_prompt
         if P:
             at = leading_pads(mask)
