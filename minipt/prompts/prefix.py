@@ -1,0 +1,134 @@
+"""Prefix tuning (Li & Liang 2021, *Prefix-Tuning: Optimizing Continuous Prompts for
+Generation*) and P-tuning v2 (Liu et al. 2022, *P-Tuning v2: Prompt Tuning Can Be Comparable
+to Fine-tuning Universally Across Scales and Tasks*): P learned keys and values put in front
+of every attention layer's own, so each query attends to them as to P earlier tokens.
+
+The two papers differ in one switch, `prefix_projection` (on by default for
+"prefix_tuning", off for "p_tuning_v2"). Li & Liang found the prefix unstable to optimise
+directly, so they train it through a reparameterisation, an MLP over a small embedding;
+P-tuning v2 trains the prefix itself. Either way a site has one table (P, L * 2 * kv),
+kv = n_kv_head * head_dim:
+
+    with the MLP:  embedding (P, d_model) -> Linear(d_model, hidden) -> tanh -> Linear(hidden, L*2*kv)
+    without:       the table is the parameter
+
+Its columns are ordered (layer, key/value, head, head_dim), the layout of peft's
+PrefixEncoder output and of the prefix it saves, so a prefix moves between the two by
+copying. One difference: for grouped-query models peft narrows the MLP's input embedding to
+the kv width; here it stays d_model, as in Li & Liang.
+
+Where the prefixes go:
+  - decoder-only: site "self", every layer. The text's positions start after the prefix
+    (`position_offset = P`), as in past-key-values implementations and peft.
+  - T5: "encoder" (encoder self-attention), "decoder" (decoder self-attention) and "cross"
+    (cross-attention), each with its own parameters, chosen by `t5_prefix_sites`. Prefix
+    keys get no relative position bias and the text keeps its positions. (In transformers +
+    peft the decoder's prefix sits in the cache, so its keys get the bias of the P positions
+    before the first output token; peft also puts none in the encoder.) A prefix is not text
+    at any distance, so here it is attended by content alone.
+
+Nothing is precomputed: the MLP runs in every forward (it is tiny next to the model), so the
+prefix never goes stale during training, and the saved file holds the embedding and the MLP
+so training can resume.
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+from ..layers import LayerPrefix
+from .base import PromptConfig, PromptMethod, model_dims
+
+T5_SITES = ("encoder", "decoder", "cross")
+
+
+def _linear(d_in: int, d_out: int, g: torch.Generator) -> nn.Linear:
+    """nn.Linear with PyTorch's default init, U(±1/sqrt(d_in)), drawn from a seeded generator."""
+    lin = nn.Linear(d_in, d_out)
+    bound = 1 / math.sqrt(d_in)
+    with torch.no_grad():
+        for p in (lin.weight, lin.bias):
+            p.copy_(torch.rand(p.shape, generator=g) * 2 * bound - bound)
+    return lin
+
+
+class PrefixTable(nn.Module):
+    """The prefixes of one site: every layer's P keys and values as one (P, L*2*kv) table."""
+
+    def __init__(self, P: int, n_layers: int, kv: int, d_model: int, projection: bool, hidden: int,
+                 g: torch.Generator):
+        super().__init__()
+        width = n_layers * 2 * kv
+        self.projection = projection
+        if projection:
+            self.embedding = nn.Parameter(torch.randn(P, d_model, generator=g))   # (P, C)
+            self.mlp_in = _linear(d_model, hidden, g)
+            self.mlp_out = _linear(hidden, width, g)
+        else:
+            self.table = nn.Parameter(torch.randn(P, width, generator=g))         # (P, L*2*kv)
+
+    def forward(self):
+        if self.projection:
+            return self.mlp_out(torch.tanh(self.mlp_in(self.embedding)))          # (P, L*2*kv)
+        return self.table
+
+
+class PrefixTuning(PromptMethod):
+    def __init__(self, config: PromptConfig, base, tokenizer=None):
+        super().__init__(config)
+        dims = model_dims(base)
+        self.is_t5 = base.config.model_type == "t5"
+        self.projection = (config.prefix_projection if config.prefix_projection is not None
+                           else config.method == "prefix_tuning")
+        if self.is_t5:
+            unknown = sorted(set(config.t5_prefix_sites) - set(T5_SITES))
+            if unknown:
+                raise ValueError(f"t5_prefix_sites: unknown {', '.join(unknown)}; choose from {', '.join(T5_SITES)}")
+            sites = [s for s in T5_SITES if s in config.t5_prefix_sites]
+        else:
+            sites = ["self"]
+        self.P = config.num_virtual_tokens
+        self.position_offset = 0 if self.is_t5 else self.P
+        self.n_kv_head, self.head_dim, self.d_model = dims["n_kv_head"], dims["head_dim"], dims["d_model"]
+        self.n_layers = {s: dims["n_layers"][s] for s in sites}
+        g = torch.Generator().manual_seed(config.seed)
+        self.sites = nn.ModuleDict({
+            s: PrefixTable(self.P, self.n_layers[s], self.n_kv_head * self.head_dim, self.d_model,
+                           self.projection, config.projection_hidden, g)
+            for s in sites})
+
+    def prefixes(self, batch_size: int):
+        out = {}
+        for site, table in self.sites.items():
+            L = self.n_layers[site]
+            kv = table().view(self.P, L, 2, self.n_kv_head, self.head_dim)    # (P, L, 2, nkv, hs)
+            kv = kv.permute(1, 2, 3, 0, 4)                                    # (L, 2, nkv, P, hs)
+            shape = (batch_size, self.n_kv_head, self.P, self.head_dim)      # the same prefix for every row
+            out[site] = [LayerPrefix(kv[i, 0].expand(shape), kv[i, 1].expand(shape)) for i in range(L)]
+        return out
+
+    def closed_form_parameters(self) -> int:
+        kv = self.n_kv_head * self.head_dim
+        H = self.config.projection_hidden
+        total = 0
+        for L in self.n_layers.values():
+            width = L * 2 * kv
+            if self.projection:
+                total += self.P * self.d_model + (self.d_model * H + H) + (H * width + width)
+            else:
+                total += self.P * width
+        return total
+
+    def describe_count(self) -> str:
+        kv = f"{self.n_kv_head} kv heads x head_dim {self.head_dim}"
+        per_site = []
+        for site, L in self.n_layers.items():
+            table = f"{self.P} tokens x {L} layers x 2 x ({kv})"
+            if self.projection:
+                H = self.config.projection_hidden
+                per_site.append(f"{site}: embedding {self.P} x {self.d_model} + MLP ({self.d_model} x {H} + {H}) "
+                                f"+ ({H} x {L}*2*{self.n_kv_head * self.head_dim} + {L}*2*{self.n_kv_head * self.head_dim}), "
+                                f"giving a prefix of {table}")
+            else:
+                per_site.append(f"{site}: {table}")
+        return "; ".join(per_site) or "no prefix sites"
