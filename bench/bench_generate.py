@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from minipt.checkpoint import load_base  # noqa: E402
 from minipt.generation import generate, pad_batch  # noqa: E402
-from weights.fetch import fetch  # noqa: E402
+from minipt.fetch import fetch  # noqa: E402
 from weights.smollm2 import main as convert_smollm2  # noqa: E402
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"

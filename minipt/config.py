@@ -1,12 +1,18 @@
-"""Model configurations: one dataclass per model family, saved as `config.json` in every
-checkpoint directory so a checkpoint always knows how to rebuild its model.
-
-`model_type` in the JSON tells the families apart ("gpt" or "t5").
+"""Configurations: one dataclass per model family, saved as `config.json` in every
+checkpoint directory so a checkpoint always knows how to rebuild its model (`model_type`
+tells the families apart: "gpt" or "t5"); and `TrainConfig` with its override parser,
+`python train.py [config/NAME.py] [--key=value ...]`: values are parsed to each field's
+type and config files are read as literals, never executed.
 """
+import ast
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+
+from .prompts.base import PromptConfig
 
 
 @dataclass
@@ -84,3 +90,107 @@ def load_config(directory) -> "GPTConfig | T5Config":
 def save_config(config, directory) -> None:
     path = Path(directory) / "config.json"
     path.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+
+
+# ---- training configuration ---------------------------------------------------------------
+
+@dataclass
+class TrainConfig(PromptConfig):
+    """Everything `train.py` reads: the method's fields (inherited from PromptConfig) plus
+    the training fields, flat, so that every key is `--key=value` on the command line."""
+    base: str = "weights/smollm2-135m-instruct"  # a converted minipt checkpoint directory
+    data: str = "sentiment"          # built-in task (sentiment, boolq, xsum) or JSONL path(s)
+    template: str = ""               # "" = the task's own, e.g. "Review: {input}\nSentiment:"
+    max_len: int = 256               # tokens per sequence (input truncated from the left)
+    batch_size: int = 16             # global batch (split across DDP ranks)
+    grad_accum: int = 1              # micro-batches per optimizer step
+    steps: int = 200
+    lr: float = 3e-2
+    optimizer: str = "adamw"         # adamw | adafactor (Lester et al.: lr 0.3, decay 1e-5)
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    schedule: str = "linear"         # constant | linear | cosine (decay after warmup)
+    grad_clip: float = 1.0           # max global grad norm; 0 disables
+    dtype: str = "bfloat16"          # frozen weights' dtype; method params and optimizer stay fp32
+    device: str = "cpu"              # cpu | cuda
+    grad_checkpointing: bool = False
+    eval_interval: int = 50          # validation every N steps (0: only at the end)
+    eval_examples: int = 200         # validation examples per evaluation
+    log_interval: int = 10
+    ckpt_interval: int = 50          # resumable checkpoint every N steps (0: never)
+    seed: int = 0
+    out_dir: str = "out/sentiment"
+    resume: bool = False
+
+
+def _parse_value(key: str, text: str, typ):
+    """Turn the command-line text for `key` into the field's type."""
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null"):
+            return None
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    if typ is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{key}={text}: expected a boolean (true/false)")
+    if typ is list or typing.get_origin(typ) is list:
+        return [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return typ(text)
+    except ValueError:
+        raise ValueError(f"--{key}={text}: expected {typ.__name__}") from None
+
+
+def _check_type(key: str, value, typ):
+    """A value from a config file must already have the field's type (ints pass as floats)."""
+    allowed = [t for t in typing.get_args(typ) if typing.get_origin(typ) is not list] or [typing.get_origin(typ) or typ]
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not any(value is None if t is type(None) else isinstance(value, t) and not (t is int and isinstance(value, bool))
+               for t in allowed):
+        raise ValueError(f"{key}={value!r}: expected {' or '.join(t.__name__ for t in allowed)}")
+    return value
+
+
+def _read_config_file(path: str) -> dict:
+    """`key = literal` lines of a config/NAME.py file, read with ast: nothing is executed."""
+    try:
+        src = Path(path).read_text()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such config file") from None
+    values = {}
+    for node in ast.parse(src, filename=path).body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # a docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise ValueError(f"{path}:{node.lineno}: only `key = value` lines are allowed")
+        try:
+            values[node.targets[0].id] = (node.lineno, ast.literal_eval(node.value))
+        except ValueError:
+            raise ValueError(f"{path}:{node.lineno}: the value must be a literal (number, string, list, bool)") from None
+    return values
+
+
+def parse_train_config(argv: list) -> TrainConfig:
+    """`[config/NAME.py] [--key=value ...]` -> TrainConfig; later arguments win. Unknown keys
+    and wrong types raise a one-line ValueError that lists the valid keys."""
+    hints = typing.get_type_hints(TrainConfig)
+    valid = f"valid keys: {', '.join(sorted(hints))}"
+    values = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            for key, (line, value) in _read_config_file(arg).items():
+                if key not in hints:
+                    raise ValueError(f"{arg}:{line}: unknown key {key!r}; {valid}")
+                values[key] = _check_type(f"{arg}:{line}: {key}", value, hints[key])
+            continue
+        key, eq, text = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in hints:
+            raise ValueError(f"unknown key {key!r}; {valid}")
+        if not eq and hints[key] is not bool:
+            raise ValueError(f"--{key}: give a value, --{key}=...")
+        values[key] = _parse_value(key, text if eq else "true", hints[key])
+    return TrainConfig(**values)

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from weights.fetch import fetch
+from minipt.fetch import fetch
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

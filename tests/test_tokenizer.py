@@ -15,7 +15,7 @@ import transformers
 from tokenizers import pre_tokenizers
 
 from minipt.tokenizer import BPETokenizer, SentencePieceTokenizer, load_tokenizer
-from weights.fetch import fetch
+from minipt.fetch import fetch
 
 N_STRINGS = 3000
 

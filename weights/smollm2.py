@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minipt.convert import convert  # noqa: E402
-from weights.fetch import fetch  # noqa: E402
+from minipt.fetch import fetch  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "smollm2-135m-instruct"
 

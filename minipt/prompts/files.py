@@ -76,7 +76,9 @@ def check_base(path, meta: dict, base, tokenizer=None) -> None:
         k = diff[0]
         raise ValueError(f"{path}: trained on a different base model ({k}: {saved['model'].get(k)!r} "
                          f"in the prompt, {here['model'].get(k)!r} here)")
-    if saved["embedding_sha256"] != here["embedding_sha256"]:
+    # a full fine-tuning file replaces every weight (its hash is of the tuned embedding): only the architecture must match
+    full = meta.get("config", {}).get("method") == "full"
+    if not full and saved["embedding_sha256"] != here["embedding_sha256"]:
         raise ValueError(f"{path}: trained on a different base model (same architecture, other weights: "
                          f"embedding hash {saved['embedding_sha256']} vs {here['embedding_sha256']})")
     if "tokenizer_sha256" in saved and "tokenizer_sha256" in here and saved["tokenizer_sha256"] != here["tokenizer_sha256"]:

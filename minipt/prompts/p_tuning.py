@@ -1,0 +1,109 @@
+"""P-tuning (Liu et al. 2021, *GPT Understands, Too*): the soft prompt is not learned
+directly but produced by a small prompt encoder, which the paper found to train more
+stably than free vectors:
+
+    lstm:  P embeddings (P, C) -> bidirectional 2-layer LSTM (P, 2h) -> Linear(2h, 2h), ReLU,
+           Linear(2h, C) -> prompt (P, C)
+    mlp:   P embeddings (P, C) -> Linear(C, h), ReLU, Linear(h, h), ReLU, Linear(h, C)
+
+The submodule names (embedding, lstm_head, mlp_head) and layer shapes are peft's
+PromptEncoder's, so weights copy across one to one.
+
+The encoder is only needed while training: `collapse()` computes the prompt once and from
+then on the method serves those plain vectors, exactly like a soft prompt. A prompt file
+holds both the encoder (training can resume) and the collapsed prompt (inference never runs
+the encoder); a loaded method starts collapsed, and `model.train()` switches the encoder
+back on.
+
+Trainable parameters, with d = d_model, h = encoder_hidden:
+    embedding P d, plus
+    lstm:  LSTM 8hd + 32h^2 + 32h  (2 layers x 2 directions x 4 gates, two bias vectors each)
+           + MLP 4h^2 + 2h + 2hd + d
+    mlp:   2hd + h^2 + 2h + d
+"""
+import torch
+import torch.nn as nn
+
+from .base import PromptConfig, PromptMethod, model_dims
+from .soft_prompt import initial_prompt
+
+
+class PromptEncoder(nn.Module):
+    def __init__(self, init: torch.Tensor, hidden: int, kind: str):
+        super().__init__()
+        P, C = init.shape
+        self.kind = kind
+        self.embedding = nn.Embedding(P, C)
+        with torch.no_grad():
+            self.embedding.weight.copy_(init)
+        if kind == "lstm":
+            self.lstm_head = nn.LSTM(C, hidden, num_layers=2, bidirectional=True, batch_first=True)
+            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, C))
+        elif kind == "mlp":
+            self.mlp_head = nn.Sequential(nn.Linear(C, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                          nn.Linear(hidden, C))
+        else:
+            raise ValueError(f"P-tuning: encoder_type {kind!r} unknown; choose lstm or mlp")
+
+    def forward(self):
+        x = self.embedding.weight[None]                                         # (1, P, C)
+        if self.kind == "lstm":
+            x = self.lstm_head(x)[0]                                            # (1, P, 2h)
+        return self.mlp_head(x)[0]                                              # (P, C)
+
+
+class PTuning(PromptMethod):
+    def __init__(self, config: PromptConfig, base, tokenizer=None):
+        super().__init__(config)
+        self.n_input_tokens = P = config.num_virtual_tokens
+        self.d_model = model_dims(base)["d_model"]
+        init = initial_prompt(config, base.embed.weight, tokenizer, P)
+        with torch.random.fork_rng(devices=[]):  # seeded LSTM/Linear init, global RNG untouched
+            torch.manual_seed(config.seed)
+            self.encoder = PromptEncoder(init, config.encoder_hidden, config.encoder_type)
+        self.register_buffer("collapsed", None, persistent=False)               # (P, C) once collapsed
+
+    def input_prompt(self):
+        return self.collapsed if self.collapsed is not None else self.encoder()  # (P, C)
+
+    @torch.no_grad()
+    def collapse(self):
+        """Serve the encoder's current output as fixed vectors (no encoder cost, no gradient)."""
+        self.collapsed = self.encoder().detach()
+
+    def uncollapse(self):
+        """Run the encoder again, e.g. to resume training from a prompt file."""
+        self.collapsed = None
+
+    def train(self, mode: bool = True):
+        if mode:  # fixed vectors would get no gradient: training always runs the encoder
+            self.uncollapse()
+        return super().train(mode)
+
+    def closed_form_parameters(self) -> int:
+        P, d, h = self.n_input_tokens, self.d_model, self.config.encoder_hidden
+        if self.config.encoder_type == "lstm":
+            return P * d + (8 * h * d + 32 * h * h + 32 * h) + (4 * h * h + 2 * h + 2 * h * d + d)
+        return P * d + 2 * h * d + h * h + 2 * h + d
+
+    def describe_count(self) -> str:
+        P, d, h = self.n_input_tokens, self.d_model, self.config.encoder_hidden
+        if self.config.encoder_type == "lstm":
+            return (f"embedding {P} x {d} + BiLSTM(2 layers, h {h}) 8hd + 32h^2 + 32h "
+                    f"+ MLP 4h^2 + 2h + 2hd + d")
+        return f"embedding {P} x {d} + MLP(h {h}) 2hd + h^2 + 2h + d"
+
+    def state_for_saving(self) -> dict:
+        """The encoder's weights, plus "prompt": its output (P, C), computed now if not collapsed."""
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        with torch.no_grad():
+            state["prompt"] = self.input_prompt().detach().contiguous()
+        return state
+
+    def load_saved(self, state: dict) -> None:
+        state = dict(state)
+        prompt = state.pop("prompt", None)
+        if prompt is None or prompt.shape != (self.n_input_tokens, self.d_model):
+            raise RuntimeError(f"P-tuning: collapsed prompt missing or not ({self.n_input_tokens}, {self.d_model})")
+        self.load_state_dict(state, strict=True)
+        self.collapsed = prompt.to(self.encoder.embedding.weight.device)

@@ -1,0 +1,152 @@
+"""The pieces of the training loop that `train.py` tells as a story: optimizer and learning
+-rate schedule, data-parallel setup, resumable checkpoints, the metrics log and its plot.
+
+Checkpoints hold only tensors and plain Python values, so they load with
+`torch.load(weights_only=True)`, and are written to a temporary file then renamed: a crash
+mid-write leaves the previous checkpoint intact.
+"""
+import json
+import math
+import os
+import random
+import resource
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+# ---- optimizer and schedule -----------------------------------------------------------------
+
+def make_optimizer(cfg, params):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adafactor":
+        # Lester et al. 2021 (§3): Adafactor, lr 0.3, weight decay 1e-5, beta2 decay exponent 0.8,
+        # no parameter scaling (torch's Adafactor has none)
+        return torch.optim.Adafactor(params, lr=cfg.lr, beta2_decay=-0.8, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer {cfg.optimizer!r} unknown; choose adamw or adafactor")
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup over warmup_steps, then constant, linear or cosine decay to zero."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return cfg.lr * (1 - progress)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"schedule {cfg.schedule!r} unknown; choose constant, linear or cosine")
+
+
+# ---- data parallel --------------------------------------------------------------------------
+
+def setup_distributed(device: str):
+    """(rank, world_size) — (0, 1) unless launched by torchrun, which sets RANK/WORLD_SIZE."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_sum(x: float, world: int) -> float:
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path), then rename over path: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, step: int, model, optimizer, batches) -> None:
+    state = {
+        "step": step,
+        "method": model.method.state_for_saving(),
+        "optimizer": optimizer.state_dict(),
+        "batches": batches.state(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path, model, optimizer, batches) -> int:
+    """Restore everything save_checkpoint wrote; return the step to continue from."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from") from None
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]})") from None
+    model.method.load_saved(state["method"])
+    optimizer.load_state_dict(state["optimizer"])
+    batches.load_state(state["batches"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    return state["step"]
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per event (train / valid / test), appended as it happens."""
+
+    def __init__(self, path: Path, keep_until_step=None):
+        self.path = path
+        rows = []
+        if keep_until_step is not None and path.exists():  # resuming: drop what came after the checkpoint
+            rows = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("step", 0) <= keep_until_step]
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+        self.rows = rows
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # Linux reports KiB
+
+
+def plot_metrics(rows: list, metric: str, path: Path) -> bool:
+    """Training loss and validation metric against steps, side by side. False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+    valid = [(r["step"], r[metric]) for r in rows if r["kind"] == "valid"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if train:
+        ax1.plot(*zip(*train), color="tab:blue")
+    ax1.set(xlabel="step", ylabel="training loss", title="training loss")
+    if valid:
+        ax2.plot(*zip(*valid), marker="o", color="tab:orange")
+    ax2.set(xlabel="step", ylabel=f"validation {metric}", title=f"validation {metric}")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return True
