@@ -73,8 +73,10 @@ def _decoder_steps(model, prompts, max_new_tokens, pad_id, device, pick):
     ids, mask = pad_batch(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     B, T = ids.shape
-    if T + max_new_tokens > model.config.max_seq_len:
-        raise ValueError(f"generate: {T} prompt + {max_new_tokens} new tokens exceed the context of {model.config.max_seq_len}")
+    extra = getattr(model, "extra_positions", 0)  # a prompt method's virtual tokens / prefix
+    if extra + T + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"generate: {extra} virtual + {T} prompt + {max_new_tokens} new tokens exceed the context "
+                         f"of {model.config.max_seq_len}")
     padded = bool((mask == 0).any())
     model.setup_cache(B, T + max_new_tokens)
     logits, _ = model(ids, attention_mask=mask if padded else None, cache_pos=0, last_only=True)

@@ -36,7 +36,7 @@ def config(layers=1):
 
 
 def inputs(kind):
-    """Model kwargs for a small batch with padding (left for the decoder, right for T5)."""
+    """A small batch with padding (left for the decoder, right for T5)."""
     g = torch.Generator().manual_seed(0)
     if kind.startswith("t5"):
         ids = torch.randint(2, 100, (2, 8), generator=g)
@@ -50,7 +50,7 @@ def inputs(kind):
     return dict(idx=ids, attention_mask=mask)
 
 
-def run(model, kind, **kw):
+def run(model, kind):
     """Logits of the prompted model (T5 takes decoder_input_ids by keyword)."""
     x = inputs(kind)
     if kind.startswith("t5"):
@@ -95,6 +95,12 @@ def test_top_layers_only(kind, converted):
     assert site[0] is None and site[1].gate.shape == (4,)
     n_kv = 2 if kind == "llama" else 4
     assert site[1].k.shape == (3, n_kv, P, 16 if kind == "llama" else 8)
+    # the top layer's own frozen projections, no rotation
+    attn = (model.base.decoder.layers if kind.startswith("t5") else model.base.layers)[1].attn
+    with torch.no_grad():
+        heads = lambda y: y.view(P, n_kv, -1).transpose(0, 1)
+        assert torch.equal(site[1].k[2], heads(attn.k_proj(model.method.prompts[0])))
+        assert torch.equal(site[1].v[2], heads(attn.v_proj(model.method.prompts[0])))
     with pytest.raises(ValueError, match="adapter_layers"):
         attach(converted(kind), config(layers=3))
 

@@ -17,17 +17,17 @@ P, H = 4, 24   # prefix length, MLP hidden width
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """kind -> directory of the converted tiny model (converted once, loaded fresh per test)."""
+    """kind -> a fresh minipt model, the tiny HF model converted once per module."""
     dirs = {}
 
-    def get(kind):
+    def get(kind, dtype=None):
         if kind not in dirs:
             hf = hf_t5(kind[3:]) if kind.startswith("t5") else tiny_hf_model(kind)
             root = tmp_path_factory.mktemp(kind)
             save_tiny_hf(hf, root / "hf")
             convert(root / "hf", root / "minipt")
             dirs[kind] = root / "minipt"
-        return load_model(dirs[kind])
+        return load_model(dirs[kind], dtype=dtype)
     return get
 
 
@@ -43,10 +43,10 @@ def ids_batch(B=2, T=10, V=120, seed=0):
 # ---- parity with peft ------------------------------------------------------------------
 
 def share_with_peft(table, encoder):
-    """Give peft's PrefixEncoder our values; return (name, ours, peft's) parameter pairs whose
-    gradients must agree, ours cut to peft's width. For grouped-query models peft's MLP input
-    is kv-wide rather than d_model-wide, so ours gets zeros in the extra columns (of the
-    embedding and of mlp_in), which makes the two MLPs compute the same function."""
+    """Give peft's PrefixEncoder our values; return the (name, ours, peft's) parameter pairs.
+    For grouped-query models peft's MLP input is kv-wide rather than d_model-wide, so ours
+    gets zeros in the extra columns (of the embedding and of mlp_in), which makes the two
+    MLPs compute the same function; `cut` compares the shared columns."""
     if not table.projection:
         pairs = [("table", table.table, encoder.embedding.weight)]
     else:
@@ -59,22 +59,23 @@ def share_with_peft(table, encoder):
                  ("mlp_in.bias", table.mlp_in.bias, encoder.transform[0].bias),
                  ("mlp_out.weight", table.mlp_out.weight, encoder.transform[2].weight),
                  ("mlp_out.bias", table.mlp_out.bias, encoder.transform[2].bias)]
-    cut = lambda ours, theirs: ours[:, :theirs.size(1)] if ours.dim() == 2 else ours
     with torch.no_grad():
         for _, ours, theirs in pairs:
             theirs.copy_(cut(ours, theirs))
-    return [(name, lambda ours=ours, theirs=theirs: cut(ours.grad, theirs), theirs) for name, ours, theirs in pairs]
+    return pairs
+
+
+def cut(ours, theirs):
+    return ours[:, :theirs.size(1)] if ours.dim() == 2 else ours
 
 
 @pytest.mark.parametrize("projection", [True, False])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_logits_and_gradients_match_peft(kind, projection, tmp_path):
-    hf = tiny_hf_model(kind)
-    save_tiny_hf(hf, tmp_path / "hf")
-    convert(tmp_path / "hf", tmp_path / "minipt")
-    model = attach(load_model(tmp_path / "minipt"), config(prefix_projection=projection))
-    peft = get_peft_model(hf, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P,
-                                                 prefix_projection=projection, encoder_hidden_size=H))
+def test_logits_and_gradients_match_peft(kind, projection, converted):
+    model = attach(converted(kind), config(prefix_projection=projection))
+    peft = get_peft_model(tiny_hf_model(kind),  # seeded: the same weights that were converted
+                          PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P,
+                                             prefix_projection=projection, encoder_hidden_size=H))
     pairs = share_with_peft(model.method.sites["self"], peft.prompt_encoder["default"])
     ids = ids_batch()
     logits, loss = model(ids[:, :-1], ids[:, 1:])
@@ -83,9 +84,9 @@ def test_logits_and_gradients_match_peft(kind, projection, tmp_path):
     assert abs(loss.item() - ref.loss.item()) <= 1e-5
     loss.backward()
     ref.loss.backward()
-    for name, our_grad, theirs in pairs:
+    for name, ours, theirs in pairs:
         assert theirs.grad.abs().max() > 0, name
-        assert torch.allclose(our_grad(), theirs.grad, atol=1e-6, rtol=1e-4), name
+        assert torch.allclose(cut(ours.grad, theirs), theirs.grad, atol=1e-6, rtol=1e-4), name
 
 
 # ---- T5: three sites -------------------------------------------------------------------
@@ -199,6 +200,14 @@ def test_trains_with_gradient_checkpointing(kind, converted):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_bf16_base_with_fp32_prefix(converted):
+    model = attach(converted("llama", dtype=torch.bfloat16), config())
+    loss = loss_of(model, "llama")
+    loss.backward()
+    for name, p in model.method.named_parameters():
+        assert p.dtype == p.grad.dtype == torch.float32 and p.grad.abs().max() > 0, name
+
+
 # ---- counts and files -------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind,method,sites", [("llama", "prefix_tuning", None), ("gpt2", "p_tuning_v2", None),
@@ -211,9 +220,8 @@ def test_counts_and_save_load_round_trip(kind, method, sites, converted, tmp_pat
     n = model.num_trainable()
     assert model.method.closed_form_parameters() == n
     assert model.method.projection == (method == "prefix_tuning")
-    # by hand: llama 2 layers x 2 kv heads x head_dim 16; gpt2 2 layers x 4 heads x 16; T5 2 layers x 4 heads x 8
-    kv, C = {"llama": (64, 64), "gpt2": (64, 64), "t5-v1.0": (32, 32), "t5-v1.1": (32, 32)}[kind]
-    kv = {"llama": 32}.get(kind, kv)
+    # by hand: (kv heads x head_dim, d_model); every model here has 2 layers (per stack)
+    kv, C = {"llama": (2 * 16, 64), "gpt2": (4 * 16, 64)}.get(kind, (4 * 8, 32))
     width = 2 * 2 * kv
     per_site = P * C + C * H + H + H * width + width if method == "prefix_tuning" else P * width
     assert n == per_site * (len(sites) if sites else 1)

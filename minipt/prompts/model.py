@@ -1,5 +1,6 @@
 """`PromptedModel`: a frozen base model plus one prompt method, behaving like the base
 (same forward, same `generate`) with the method's virtual tokens and prefixes in place.
+Its logits line up with the caller's tokens: the virtual tokens' columns are dropped.
 
 This is where the method-independent bookkeeping lives, written once:
   - the soft prompt goes right before each row's first real token, i.e. after any left
@@ -18,6 +19,15 @@ from .base import PromptMethod
 def leading_pads(mask):
     """(B, T) 1/0 mask -> (B,) number of padding columns before the first real token."""
     return (mask.long().cumsum(-1) == 0).sum(-1)
+
+
+def remove_at(x, at, P: int):
+    """Undo insert_at: drop the P columns starting at at[b] of each row b -> (B, T, ...)."""
+    B, TP = x.shape[:2]
+    j = torch.arange(TP - P, device=x.device)[None, :]
+    src = torch.where(j < at[:, None], j, j + P)                      # (B, T)
+    trail = x.shape[2:]
+    return x.gather(1, src.reshape(B, TP - P, *([1] * len(trail))).expand(B, TP - P, *trail))
 
 
 def insert_at(x, rows, at):
@@ -51,6 +61,11 @@ class PromptedModel(nn.Module):
     @property
     def n_prompt(self) -> int:
         return self.method.n_input_tokens
+
+    @property
+    def extra_positions(self) -> int:
+        """Positions the method takes from the decoder's context before the text."""
+        return 0 if self.is_t5 else self.n_prompt + self.method.position_offset
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
@@ -91,8 +106,11 @@ class PromptedModel(nn.Module):
             mask = insert_at(mask, mask.new_ones(B, P), at)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -x.size(1):] + self.method.position_offset
         prefixes = self.method.prefixes(B)
-        return base(inputs_embeds=x, targets=targets, attention_mask=mask, position_ids=positions,
-                    prefixes=prefixes["self"] if prefixes else None, cache_pos=cache_pos, last_only=last_only)
+        logits, loss = base(inputs_embeds=x, targets=targets, attention_mask=mask, position_ids=positions,
+                            prefixes=prefixes["self"] if prefixes else None, cache_pos=cache_pos, last_only=last_only)
+        if P and not cache_pos and not last_only:
+            logits = remove_at(logits, at, P)
+        return logits, loss
 
     # ---- T5 ----------------------------------------------------------------------------
 
@@ -116,34 +134,30 @@ class PromptedModel(nn.Module):
         return self.base.encode(inputs_embeds=x, attention_mask=self.encoder_mask(attention_mask),
                                 prefixes=prefixes.get("encoder"))
 
-    def decode(self, decoder_input_ids, encoder_out, *, encoder_mask=None, cache_pos=None, targets=None):
-        """Like T5.decode; encoder_mask is the caller's (before the prompt). Returns logits,
-        or (logits, targets) when targets are given, both with the decoder prompt in place."""
+    def decode(self, decoder_input_ids, encoder_out, *, encoder_mask=None, cache_pos=None):
+        """Like T5.decode; encoder_mask is the caller's (before the prompt went in)."""
         B, T = decoder_input_ids.shape
-        x = self.base.embed(decoder_input_ids)
+        x = self.base.embed(decoder_input_ids)                                # (B, T, C)
         P = self.n_prompt if self.method.config.placement == "decoder" else 0
         if P and not cache_pos:
             x = torch.cat([self.method.input_prompt()[None].expand(B, -1, -1).to(x.dtype), x], dim=1)
-            if targets is not None:
-                targets = torch.cat([targets.new_full((B, P), -100), targets], dim=1)
         elif P:
             cache_pos += P
         prefixes = self.method.prefixes(B) or {}
         logits = self.base.decode(None, encoder_out, decoder_inputs_embeds=x, encoder_mask=self.encoder_mask(encoder_mask),
                                   cache_pos=cache_pos, self_prefixes=prefixes.get("decoder"),
                                   cross_prefixes=prefixes.get("cross"))
-        return logits if targets is None else (logits, targets)
+        return logits[:, -T:]                                                 # (B, T, V): the prompt's columns dropped
 
     def _t5_forward(self, input_ids, decoder_input_ids, targets, attention_mask):
         if decoder_input_ids is None:
             if targets is None:
                 raise ValueError("forward: give decoder_input_ids or targets")
             decoder_input_ids = self.base.shift_right(targets)
-        encoder_out = self.encode(input_ids, attention_mask)
-        if targets is None:
-            return self.decode(decoder_input_ids, encoder_out, encoder_mask=attention_mask), None
-        logits, targets = self.decode(decoder_input_ids, encoder_out, encoder_mask=attention_mask, targets=targets)
-        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        logits = self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), encoder_mask=attention_mask)
+        loss = None
+        if targets is not None:
+            loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 
     # ---- generation --------------------------------------------------------------------

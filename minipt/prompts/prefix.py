@@ -120,15 +120,15 @@ class PrefixTuning(PromptMethod):
         return total
 
     def describe_count(self) -> str:
-        kv = f"{self.n_kv_head} kv heads x head_dim {self.head_dim}"
-        per_site = []
+        """Per site: P x L x 2 x (n_kv_head x head_dim), or with the MLP
+        P x d_model + (d_model x hidden + hidden) + (hidden x L*2*kv + L*2*kv)."""
+        parts = []
         for site, L in self.n_layers.items():
-            table = f"{self.P} tokens x {L} layers x 2 x ({kv})"
+            width = f"{L} layers x 2 x ({self.n_kv_head} kv heads x head_dim {self.head_dim})"
             if self.projection:
-                H = self.config.projection_hidden
-                per_site.append(f"{site}: embedding {self.P} x {self.d_model} + MLP ({self.d_model} x {H} + {H}) "
-                                f"+ ({H} x {L}*2*{self.n_kv_head * self.head_dim} + {L}*2*{self.n_kv_head * self.head_dim}), "
-                                f"giving a prefix of {table}")
+                C, H, W = self.d_model, self.config.projection_hidden, L * 2 * self.n_kv_head * self.head_dim
+                parts.append(f"{site}: embedding {self.P} x {C} + MLP ({C} x {H} + {H}) + ({H} x {W} + {W}), "
+                             f"{W} = {width}")
             else:
-                per_site.append(f"{site}: {table}")
-        return "; ".join(per_site) or "no prefix sites"
+                parts.append(f"{site}: {self.P} tokens x {width}")
+        return "; ".join(parts) or "no prefix sites"
