@@ -1,0 +1,122 @@
+"""Invariants every method keeps, on both families: cached generation equals the uncached
+forward, a left-padded row equals that row alone, training moves only the method's
+parameters (the base stays bit-identical) and lowers the loss, the trainable count equals
+the method's closed form, and a prompt file round-trips."""
+import pytest
+import torch
+
+from minipt.checkpoint import load_model
+from minipt.convert import convert
+from minipt.prompts import PromptConfig, attach, load, save
+
+from conftest import save_tiny_hf, tiny_hf_model
+from test_t5 import hf_t5
+
+METHODS = ["prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora"]
+FAMILIES = ["llama", "gpt2", "t5"]
+
+
+@pytest.fixture(scope="module")
+def base_dirs(tmp_path_factory):
+    dirs = {}
+    for family in FAMILIES:
+        root = tmp_path_factory.mktemp(family)
+        save_tiny_hf(hf_t5("v1.1") if family == "t5" else tiny_hf_model(family), root / "hf")
+        convert(root / "hf", root / "minipt")
+        dirs[family] = root / "minipt"
+    return dirs
+
+
+def prompted(base_dirs, family, method):
+    cfg = PromptConfig(method=method, num_virtual_tokens=4, init="random", encoder_hidden=16,
+                       projection_hidden=24, adapter_layers=1, lora_r=2)
+    model = attach(load_model(base_dirs[family]), cfg)
+    if method == "adapter":  # open the gates: a closed gate is the base model itself
+        with torch.no_grad():
+            model.method.gates.fill_(0.5)
+    if method == "lora":  # B starts at zero; give the update something to say
+        with torch.no_grad():
+            for name, p in model.method.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    return model
+
+
+def full_forward_greedy(model, prompt, n):
+    seq = []
+    for _ in range(n):
+        if model.is_t5:
+            dec = torch.tensor([[model.config.decoder_start_id] + seq])
+            logits, _ = model(torch.tensor([prompt]), decoder_input_ids=dec)
+        else:
+            logits, _ = model(torch.tensor([prompt + seq]))
+        seq.append(logits[0, -1].argmax().item())
+    return seq
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+@torch.no_grad()
+def test_cached_generation_equals_full_forward(base_dirs, family, method):
+    model = prompted(base_dirs, family, method)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    cached = model.generate(prompts, 5)  # one padded batch through the KV cache
+    assert cached == [full_forward_greedy(model, p, 5) for p in prompts]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", METHODS)
+@torch.no_grad()
+def test_left_padded_row_equals_row_alone(base_dirs, family, method):
+    model = prompted(base_dirs, family, method)
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    batch, _ = model(ids, attention_mask=mask)
+    alone, _ = model(ids[1:, 3:])
+    assert (batch[1, 3:] - alone[0]).abs().max() <= 1e-5
+
+
+def batch_for(family):
+    g = torch.Generator().manual_seed(1)
+    if family == "t5":
+        return dict(idx=torch.randint(2, 100, (4, 8), generator=g), targets=torch.randint(2, 100, (4, 5), generator=g))
+    ids = torch.randint(0, 120, (4, 12), generator=g)
+    return dict(idx=ids[:, :-1], targets=ids[:, 1:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_training_moves_only_the_method(base_dirs, family, method):
+    model = prompted(base_dirs, family, method)
+    frozen = {k: v.clone() for k, v in model.base.state_dict().items() if "lora_" not in k}
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    batch = batch_for(family)
+    model.train()
+    losses = []
+    for _ in range(6):
+        _, loss = model(batch["idx"], batch["targets"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    method_params = {id(p) for p in model.method.parameters()}
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == (id(p) in method_params), name
+    after = model.base.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items())
+    assert model.num_trainable() == model.method.closed_form_parameters()
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+@pytest.mark.parametrize("method", METHODS)
+@torch.no_grad()
+def test_prompt_file_round_trip(base_dirs, family, method, tmp_path):
+    model = prompted(base_dirs, family, method).eval()
+    batch = batch_for(family)
+    expected, _ = model(batch["idx"], batch["targets"])
+    path = save(model, tmp_path / "p.safetensors")
+    again = load(path, load_model(base_dirs[family])).eval()
+    got, _ = again(batch["idx"], batch["targets"])
+    assert torch.equal(got, expected)
