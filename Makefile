@@ -1,4 +1,5 @@
 # Two entry points for a fresh machine: `make run` (the main job) and `make test`.
+SHELL := /bin/bash
 PY := .venv/bin/python
 BASE := weights/smollm2-135m-instruct
 
@@ -7,15 +8,18 @@ BASE := weights/smollm2-135m-instruct
 venv: .venv/installed
 .venv/installed: setup.cfg
 	python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,plot]'
 	touch $@
 
 weights: venv
 	$(PY) weights/smollm2.py
 
 run: weights
+	$(PY) train.py config/sentiment.py
+	$(PY) generate.py --base $(BASE) --prompt out/sentiment/prompt.safetensors --labels " negative, positive" \
+	    --text $$'Review: an engrossing, beautifully acted film\nSentiment:' \
+	    --text $$'Review: a tedious mess that never finds its footing\nSentiment:'
 	$(PY) generate.py --base $(BASE) --chat --text "What is the capital of France?"
 
 test: venv

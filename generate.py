@@ -1,7 +1,9 @@
-"""Generate text with a minipt base model.
+"""Generate text with a minipt base model, optionally with a trained prompt file.
 
     python generate.py --base weights/smollm2-135m-instruct --chat --text "What is the capital of France?"
     python generate.py --base weights/smollm2-135m-instruct --text "Once upon a time" --temperature 0.8 --top-p 0.9
+    python generate.py --base weights/smollm2-135m-instruct --prompt out/sentiment/prompt.safetensors \
+        --text $'Review: a gripping, funny film\nSentiment:' --labels " negative, positive"
 
 Several --text arguments run as one left-padded batch. With --chat the text is wrapped in
 the model's chat template (ChatML for SmolLM2-Instruct) and generation stops at its end
@@ -15,13 +17,17 @@ import torch
 
 from minipt.checkpoint import load_base
 from minipt.config import T5Config
+from minipt.evaluation import rank_classify
 from minipt.generation import generate
+from minipt.prompts import load as load_prompt
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Generate text with a minipt base model.")
     ap.add_argument("--base", required=True, help="minipt checkpoint directory (see weights/)")
     ap.add_argument("--text", action="append", required=True, help="input text; repeat for a batch")
+    ap.add_argument("--prompt", help="a prompt file from train.py (method state + base fingerprint)")
+    ap.add_argument("--labels", help="comma-separated candidates: rank-classify each text instead of generating")
     ap.add_argument("--chat", action="store_true", help="wrap each text as a user turn of the chat template")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
@@ -33,12 +39,26 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def classify(model, tok, args):
+    """Rank classification: the most likely of the candidate labels after each text."""
+    labels = [label for label in args.labels.split(",") if label.strip()]
+    labels = [" " + label.strip() if label.startswith(" ") else label.strip() for label in labels]
+    rows = [{"input": t, "target": labels[0]} for t in args.text]  # targets are unused here
+    _, predictions, probs = rank_classify(model, tok, rows, "{input}", labels, isinstance(model.config, T5Config))
+    for text, label, p in zip(args.text, predictions, probs):
+        print(f"{label.strip()}\t{p.max().item():.3f}\t{text!r}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         model, tok = load_base(args.base, dtype=getattr(torch, args.dtype), device=args.device)
+        if args.prompt:
+            model = load_prompt(args.prompt, model, tok)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if args.labels:
+        return classify(model, tok, args)
     texts = args.text
     if args.chat:
         if not hasattr(tok, "apply_chat_template") or tok.chat_format is None:

@@ -88,15 +88,16 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         # this rank's share of the global batch, as grad_accum micro-batches
-        rows = [train_rows[i] for i in batches.next_batch(rank, world)]
-        micro = [collate(rows[i::cfg.grad_accum], tok, template, cfg.max_len, is_t5, pad) for i in range(cfg.grad_accum)]
+        rows = [train_rows[i] for i in Batches.shard(next(batches), rank, world)]
+        micro = [collate(rows[i::cfg.grad_accum], tok, template, cfg.max_len, is_t5, pad, eos=not task.labels)
+                 for i in range(cfg.grad_accum)]
         micro = [{k: v.to(cfg.device) for k, v in mb.items()} for mb in micro]
         n_targets = all_sum(sum(int((mb["targets"] != -100).sum()) for mb in micro), world)
         loss_sum = 0.0
         for i, mb in enumerate(micro):
             n_mb = int((mb["targets"] != -100).sum())
             with ddp.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext():
-                _, loss = ddp(mb["idx"], mb["targets"], attention_mask=mb["attention_mask"])
+                _, loss = ddp(mb["input_ids" if is_t5 else "idx"], mb["targets"], attention_mask=mb["attention_mask"])
                 # a sum over this rank's target tokens / the global count: DDP's gradient average
                 # then equals the gradient of the mean loss over the whole global batch
                 (loss * n_mb * world / n_targets).backward()

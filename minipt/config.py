@@ -97,7 +97,10 @@ def save_config(config, directory) -> None:
 @dataclass
 class TrainConfig(PromptConfig):
     """Everything `train.py` reads: the method's fields (inherited from PromptConfig) plus
-    the training fields, flat, so that every key is `--key=value` on the command line."""
+    the training fields, flat, so that every key is `--key=value` on the command line.
+    The defaults are the main job: a 20-token soft prompt for sentiment on SmolLM2."""
+    init: str = "text"
+    init_text: str = "Classify the sentiment of this movie review as positive or negative."
     base: str = "weights/smollm2-135m-instruct"  # a converted minipt checkpoint directory
     data: str = "sentiment"          # built-in task (sentiment, boolq, xsum) or JSONL path(s)
     template: str = ""               # "" = the task's own, e.g. "Review: {input}\nSentiment:"
