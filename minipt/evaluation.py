@@ -95,7 +95,7 @@ def _single_token_scores(model, tok, rows, template, label_tokens, batch_size, m
         chunk = order[start:start + batch_size]
         ids, mask = pad_batch([prompts[i] for i in chunk], pad_id)
         padded = bool((mask == 0).any())
-        logits, _ = model(ids.to(device), attention_mask=None, last_only=True)
+        logits, _ = model(ids.to(device), attention_mask=mask.to(device) if padded else None, last_only=True)
         logp = logits[:, -1].float().log_softmax(-1)                       # (B, V)
         scores[chunk] = logp[:, label_tokens].cpu()
     return scores
