@@ -10,13 +10,14 @@ from minipt.fetch import fetch
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def tiny_hf_model(kind: str):
-    """A small random transformers model of the given family, in eval mode, fp32."""
+def tiny_hf_model(kind: str, vocab_size: int = 120):
+    """A small random transformers model of the given family, in eval mode, fp32. Give it the
+    real vocabulary size when real text goes through it."""
     import transformers as tf
     torch.manual_seed(0)
-    common = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
     if kind == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=120, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+        cfg = tf.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=128,
                             bos_token_id=0, eos_token_id=0)
         model = tf.GPT2LMHeadModel(cfg)
     elif kind == "llama":  # grouped-query attention, untied head, non-default RoPE base
