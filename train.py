@@ -97,7 +97,8 @@ def main(argv=None):
         for i, mb in enumerate(micro):
             n_mb = int((mb["targets"] != -100).sum())
             with ddp.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext():
-                _, loss = ddp(mb["input_ids" if is_t5 else "idx"], mb["targets"], attention_mask=mb["attention_mask"])
+                _, loss = ddp(mb["input_ids" if is_t5 else "idx"], mb["targets"], attention_mask=mb["attention_mask"],
+                              loss_only=True)
                 # a sum over this rank's target tokens / the global count: DDP's gradient average
                 # then equals the gradient of the mean loss over the whole global batch
                 (loss * n_mb * world / n_targets).backward()

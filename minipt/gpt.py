@@ -36,6 +36,23 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def _store_wide_weights_transposed(model, _incompatible_keys=None):
+    """Keep each linear weight with out_features >= in_features in (in, out) memory order,
+    as a strided (out, in) view: values, shapes and state-dict keys stay the same.
+
+    Decoding one token multiplies a single row by every weight matrix, so it is bound by
+    reading the weights. MKL streams a wide matrix (q, o, gate, up, the LM head) 1.2-2x
+    faster in this order; narrow ones (k, v, down) are faster as they are. Products of many
+    rows (prefill, training) give the same bits in either order.
+    Runs at construction and after every load_state_dict (as a post-hook), which may
+    replace the weights; a weight already in this order is left alone."""
+    head = [model.embed.weight] if model.config.tie_embeddings else []  # tied: the embedding is the head
+    wide = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.out_features >= m.in_features]
+    for w in wide + head:
+        if w.is_contiguous():
+            w.data = w.data.t().contiguous().t()
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -49,6 +66,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.grad_checkpointing = False
+        _store_wide_weights_transposed(self)
+        self.register_load_state_dict_post_hook(_store_wide_weights_transposed)
 
     def tie_weights(self):
         if self.config.tie_embeddings:
@@ -70,7 +89,7 @@ class GPT(nn.Module):
     # ---- forward -----------------------------------------------------------------------
 
     def forward(self, idx=None, targets=None, *, inputs_embeds=None, attention_mask=None,
-                position_ids=None, prefixes=None, cache_pos=None, last_only=False):
+                position_ids=None, prefixes=None, cache_pos=None, last_only=False, loss_only=False):
         """
         idx: (B, T) token ids, or inputs_embeds: (B, T, C) instead (soft prompts go here).
         targets: (B, T) next-token labels aligned with the inputs, -100 where ignored.
@@ -82,6 +101,9 @@ class GPT(nn.Module):
         cache_pos: when set, keys/values are written to the cache at cache_pos.. and
             attention covers everything cached so far (call setup_cache first).
         last_only: compute logits for the last position only (generation).
+        loss_only: with targets, apply the LM head only where a target is set and return
+            (None, loss): in prompt tuning the head over every position can cost a fifth
+            of the step, for logits nobody reads.
         Returns (logits, loss); loss is None without targets.
         """
         x = self.embed(idx) if inputs_embeds is None else inputs_embeds     # (B, T, C)
@@ -102,6 +124,10 @@ class GPT(nn.Module):
             else:
                 x = layer(x, mask, rope, cache_pos, prefix)
         x = self.norm(x)
+        if loss_only and targets is not None:
+            keep = targets != -100                                           # (B, T)
+            logits = self.lm_head(x[keep])                                   # (N, V)
+            return None, F.cross_entropy(logits.float(), targets[keep])
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(x)                                             # (B, T, V)
@@ -121,12 +147,14 @@ class GPT(nn.Module):
     def _mask(attention_mask, start, T, B, device):
         """Bool keep-mask (B, 1, T, S): causal, minus padded keys. Each query may always see
         itself, so padding rows stay finite instead of softmaxing over nothing."""
+        if attention_mask is None and T == 1:
+            return None                                                      # one new token sees all
         S = start + T
         q_pos = torch.arange(start, S, device=device)[:, None]
         k_pos = torch.arange(S, device=device)[None, :]
         causal = k_pos <= q_pos                                              # (T, S)
         if attention_mask is None:
-            return None if T == 1 else causal[None, None]                   # one new token sees all
+            return causal[None, None]
         keep = causal[None] & attention_mask.bool()[:, None, :]             # (B, T, S)
         keep = keep | (k_pos == q_pos)[None]
         return keep[:, None]

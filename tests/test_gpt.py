@@ -60,6 +60,8 @@ def test_loss_matches_transformers(pair):
     labels = torch.cat([torch.full((ids.size(0), 1), -100), targets], 1)  # HF shifts labels itself
     ref = hf(ids, labels=labels).loss
     assert torch.allclose(loss, ref, atol=1e-5)
+    no_logits, head_where_needed = model(ids[:, :-1], targets, loss_only=True)
+    assert no_logits is None and torch.allclose(head_where_needed, ref, atol=1e-5)
 
 
 @torch.no_grad()

@@ -84,7 +84,7 @@ class PromptedModel(nn.Module):
 
     # ---- decoder-only --------------------------------------------------------------------
 
-    def forward(self, idx=None, targets=None, *, attention_mask=None, cache_pos=None, last_only=False,
+    def forward(self, idx=None, targets=None, *, attention_mask=None, cache_pos=None, last_only=False, loss_only=False,
                 decoder_input_ids=None):
         if self.is_t5:
             return self._t5_forward(idx, decoder_input_ids, targets, attention_mask)
@@ -107,8 +107,9 @@ class PromptedModel(nn.Module):
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -x.size(1):] + self.method.position_offset
         prefixes = self.method.prefixes(B)
         logits, loss = base(inputs_embeds=x, targets=targets, attention_mask=mask, position_ids=positions,
-                            prefixes=prefixes["self"] if prefixes else None, cache_pos=cache_pos, last_only=last_only)
-        if P and not cache_pos and not last_only:
+                            prefixes=prefixes["self"] if prefixes else None, cache_pos=cache_pos, last_only=last_only,
+                            loss_only=loss_only)
+        if P and not cache_pos and not last_only and logits is not None:
             logits = remove_at(logits, at, P)
         return logits, loss
 
