@@ -51,6 +51,25 @@ def save_tiny_hf(model, directory):
 
 
 @pytest.fixture(scope="session")
+def converted_dir(tmp_path_factory):
+    """kind -> directory of that tiny random HF model converted by minipt's converter, built
+    once per session. Kinds: gpt2, llama, qwen2, t5-v1.0, t5-v1.1."""
+    dirs = {}
+
+    def get(kind):
+        if kind not in dirs:
+            from minipt.convert import convert
+            from test_t5 import hf_t5
+            hf = hf_t5(kind[3:]) if kind.startswith("t5-") else tiny_hf_model(kind)
+            root = tmp_path_factory.mktemp(kind)
+            save_tiny_hf(hf, root / "hf")
+            convert(root / "hf", root / "minipt")
+            dirs[kind] = root / "minipt"
+        return dirs[kind]
+    return get
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir():
     """The converted default base model (weights/smollm2-135m-instruct)."""
     from weights.smollm2 import main

@@ -5,30 +5,16 @@ import pytest
 import torch
 
 from minipt.checkpoint import load_model
-from minipt.convert import convert
 from minipt.prompts import PromptConfig, attach, load, save
-
-from conftest import save_tiny_hf, tiny_hf_model
-from test_t5 import hf_t5
 
 P = 3
 KINDS = ["llama", "gpt2", "t5-v1.0", "t5-v1.1"]
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """kind -> a fresh minipt model, the tiny HF model converted once per module."""
-    dirs = {}
-
-    def get(kind, dtype=None):
-        if kind not in dirs:
-            hf = hf_t5(kind[3:]) if kind.startswith("t5") else tiny_hf_model(kind)
-            root = tmp_path_factory.mktemp(kind)
-            save_tiny_hf(hf, root / "hf")
-            convert(root / "hf", root / "minipt")
-            dirs[kind] = root / "minipt"
-        return load_model(dirs[kind], dtype=dtype)
-    return get
+def converted(converted_dir):
+    """kind -> a fresh minipt model of that tiny converted checkpoint."""
+    return lambda kind, dtype=None: load_model(converted_dir(kind), dtype=dtype)
 
 
 def config(layers=1):

@@ -6,25 +6,16 @@ import pytest
 import torch
 
 from minipt.checkpoint import load_model
-from minipt.convert import convert
 from minipt.prompts import PromptConfig, attach, load, save
 
-from conftest import save_tiny_hf, tiny_hf_model
-from test_t5 import hf_t5
 
 METHODS = ["prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora"]
 FAMILIES = ["llama", "gpt2", "t5"]
 
 
 @pytest.fixture(scope="module")
-def base_dirs(tmp_path_factory):
-    dirs = {}
-    for family in FAMILIES:
-        root = tmp_path_factory.mktemp(family)
-        save_tiny_hf(hf_t5("v1.1") if family == "t5" else tiny_hf_model(family), root / "hf")
-        convert(root / "hf", root / "minipt")
-        dirs[family] = root / "minipt"
-    return dirs
+def base_dirs(converted_dir):
+    return {family: converted_dir("t5-v1.1" if family == "t5" else family) for family in FAMILIES}
 
 
 def prompted(base_dirs, family, method):

@@ -7,30 +7,22 @@ from peft import PromptEncoderConfig, TaskType, get_peft_model
 from safetensors import safe_open
 
 from minipt.checkpoint import load_model
-from minipt.convert import convert
 from minipt.generation import pad_batch
 from minipt.prompts import PromptConfig, attach, load, save
 
-from conftest import save_tiny_hf, tiny_hf_model
-from test_t5 import hf_t5
+from conftest import tiny_hf_model
 
 P, H = 5, 16
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("llama")
-    save_tiny_hf(tiny_hf_model("llama"), d / "hf")
-    convert(d / "hf", d / "minipt")
-    return d / "minipt"
+def llama_dir(converted_dir):
+    return converted_dir("llama")
 
 
 @pytest.fixture(scope="module")
-def t5_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("t5")
-    save_tiny_hf(hf_t5("v1.1"), d / "hf")
-    convert(d / "hf", d / "minipt")
-    return d / "minipt"
+def t5_dir(converted_dir):
+    return converted_dir("t5-v1.1")
 
 
 def p_tuning(kind="lstm", **kw):

@@ -6,29 +6,17 @@ import torch
 from peft import PrefixTuningConfig, TaskType, get_peft_model
 
 from minipt.checkpoint import load_model
-from minipt.convert import convert
 from minipt.prompts import PromptConfig, attach, load, save
 
-from conftest import save_tiny_hf, tiny_hf_model
-from test_t5 import hf_t5
+from conftest import tiny_hf_model
 
 P, H = 4, 24   # prefix length, MLP hidden width
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """kind -> a fresh minipt model, the tiny HF model converted once per module."""
-    dirs = {}
-
-    def get(kind, dtype=None):
-        if kind not in dirs:
-            hf = hf_t5(kind[3:]) if kind.startswith("t5") else tiny_hf_model(kind)
-            root = tmp_path_factory.mktemp(kind)
-            save_tiny_hf(hf, root / "hf")
-            convert(root / "hf", root / "minipt")
-            dirs[kind] = root / "minipt"
-        return load_model(dirs[kind], dtype=dtype)
-    return get
+def converted(converted_dir):
+    """kind -> a fresh minipt model of that tiny converted checkpoint."""
+    return lambda kind, dtype=None: load_model(converted_dir(kind), dtype=dtype)
 
 
 def config(**kw):
