@@ -68,7 +68,8 @@ def main(argv=None):
         p.data = p.data.float()
     say(f"method {cfg.method}: {model.num_trainable():,} trainable parameters ({model.method.describe_count()})")
     optimizer = make_optimizer(cfg, params)
-    batches = Batches(len(train_rows), cfg.batch_size * cfg.grad_accum, cfg.seed)
+    batches = Batches(len(train_rows), cfg.batch_size * cfg.grad_accum, cfg.seed,
+                      lengths=[len(r["input"]) for r in train_rows], bucket_batches=cfg.bucket_batches)
     start = 0
     if cfg.resume:
         start = load_checkpoint(out / "checkpoint.pt", model, optimizer, batches)

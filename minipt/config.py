@@ -107,6 +107,7 @@ class TrainConfig(PromptConfig):
     max_len: int = 256               # tokens per sequence (input truncated from the left)
     batch_size: int = 16             # global batch (split across DDP ranks)
     grad_accum: int = 1              # micro-batches per optimizer step
+    bucket_batches: int = 8          # rows sorted by length within windows of this many batches (0: off)
     steps: int = 200
     lr: float = 3e-2
     optimizer: str = "adamw"         # adamw | adafactor (Lester et al.: lr 0.3, decay 1e-5)

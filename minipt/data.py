@@ -13,7 +13,8 @@ T5 rows keep the two sides apart: the encoder reads the prompt, the decoder lear
 target (the model shifts the targets right itself). Both end with EOS, as in T5.
 
 `Batches` draws the examples of each training step: a fresh, seeded permutation every
-epoch, resumable from a two-number state, and split across data-parallel ranks.
+epoch (optionally grouped by length, so that batches carry little padding), resumable
+from a two-number state, and split across data-parallel ranks.
 """
 import numpy as np
 
@@ -76,9 +77,14 @@ class Batches:
     """Endless global batches of example indices.
 
     Epoch e visits all n_examples in the order of a permutation seeded by (seed, e), so
-    the sequence depends on nothing but these three numbers. Batches run across epoch
+    the sequence depends on nothing but these numbers. Batches run across epoch
     boundaries: the last, short stretch of an epoch is completed from the start of the
     next, so every batch has batch_size indices and no example is skipped.
+
+    With `lengths` (any per-example size), each window of `bucket_batches` batches of the
+    permutation is sorted by length before it is cut into batches, and the epoch's batches
+    are then shuffled: a batch holds sequences of similar length, so padding (on short
+    sentences, a quarter of the compute) mostly disappears, and batch order stays random.
 
         batches = Batches(len(rows), 16, seed=0)
         ids = next(batches)                         # 16 indices
@@ -87,15 +93,28 @@ class Batches:
         Batches(len(rows), 16, seed=0).load_state(saved)   # continues with the same batches
     """
 
-    def __init__(self, n_examples: int, batch_size: int, seed: int = 0):
+    def __init__(self, n_examples: int, batch_size: int, seed: int = 0, lengths=None, bucket_batches: int = 8):
         if n_examples < 1 or batch_size < 1:
             raise ValueError(f"Batches: need n_examples and batch_size >= 1, got {n_examples}, {batch_size}")
+        if lengths is not None and len(lengths) != n_examples:
+            raise ValueError(f"Batches: {len(lengths)} lengths for {n_examples} examples")
         self.n, self.batch_size, self.seed = n_examples, batch_size, seed
+        self.lengths = None if lengths is None or bucket_batches < 1 else np.asarray(lengths)
+        self.window = batch_size * bucket_batches
         self.epoch, self.position = 0, 0   # position: examples of this epoch already handed out
         self._order = None
 
     def permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        """The order in which epoch `epoch` hands out the examples."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.n)
+        if self.lengths is None:
+            return order
+        windows = [order[i:i + self.window] for i in range(0, self.n, self.window)]
+        order = np.concatenate([w[np.argsort(self.lengths[w], kind="stable")] for w in windows])
+        n_full = self.n // self.batch_size * self.batch_size
+        full = order[:n_full].reshape(-1, self.batch_size)
+        return np.concatenate([full[rng.permutation(len(full))].ravel(), order[n_full:]])
 
     def __iter__(self):
         return self

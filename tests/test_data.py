@@ -5,6 +5,7 @@ import csv
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -221,6 +222,23 @@ def test_batches_resume_from_state():
     assert sum(take(regrouped, 4), [])[:25] == sum(reference[7:], [])
     with pytest.raises(ValueError, match="n_examples"):
         Batches(24, 5, seed=0).load_state(state)
+
+
+def test_length_buckets_keep_epochs_whole_and_cut_padding():
+    lengths = np.random.default_rng(0).integers(5, 100, size=203)
+    make = lambda: Batches(203, 8, seed=2, lengths=lengths, bucket_batches=4)
+    a, b = take(make(), 60), take(make(), 60)
+    assert a == b
+    flat = sum(a, [])
+    for e in range(2):
+        assert sorted(flat[203 * e:203 * (e + 1)]) == list(range(203))
+    padded = lambda batches: sum(len(x) * max(lengths[x]) for x in batches)
+    plain = take(Batches(203, 8, seed=2), 60)
+    assert padded(a) < 0.8 * padded(plain)                              # similar lengths share a batch
+    longest = [max(lengths[x]) for x in a[:25]]
+    assert longest != sorted(longest)                                   # the batches themselves are shuffled
+    with pytest.raises(ValueError, match="lengths"):
+        Batches(203, 8, lengths=lengths[:10])
 
 
 def test_ddp_shards_partition_each_global_batch():

@@ -1,0 +1,233 @@
+"""Many prompts on one frozen decoder, mixed in one batch.
+
+    bank = PromptBank(base)
+    bank.add("sentiment", "out/sentiment/prompt.safetensors", tok)
+    bank.add("style", "style.safetensors", tok)
+    logits, _ = bank(idx, rows=["sentiment", None, "style+sentiment"], attention_mask=mask)
+    generate(bank.for_rows(["sentiment", "style"]), token_lists, 32)
+
+Every row names its own prompt: None (or "") is the bare base, "a+b" composes a and b.
+A prompt contributes up to three pieces, none of which depends on the input, so each is
+computed once when the prompt is added:
+
+  vectors   (P, C) virtual tokens before the text (soft prompt, P-tuning);
+  joined    per layer, keys/values in the same softmax as the text's (prefix tuning,
+            P-tuning v2), plus the P positions they occupy before the text;
+  gated     per layer, keys/values with their own softmax and tanh gate (prompt adapter).
+
+A batch pads each piece to its longest row and masks the padding out: a row's virtual
+tokens sit right before its first real token, as in `PromptedModel`, with masked slots
+in front of them; positions count real tokens only. So every row computes exactly what it
+would alone (`tests/test_mixed.py` checks each pair of methods). Composition concatenates
+the pieces in order: "a+b" reads a's virtual tokens then b's, and a's prefix then b's.
+
+Methods that change the base weights (LoRA, full fine-tuning) cannot share a batch with
+other prompts and are refused here; load them with `minipt.prompts.load`.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..layers import LayerPrefix
+from .model import insert_at, leading_pads, remove_at
+
+MIXABLE = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter")
+
+
+@dataclass
+class Pieces:
+    """What one prompt adds to a forward pass (see the module docstring)."""
+    vectors: "torch.Tensor | None"                  # (P, C)
+    joined: "list[tuple | None]"                    # per layer: (k, v), each (n_kv_head, P, hs)
+    gated: "list[list[tuple]]"                      # per layer: [(k, v, gate (n_head,)), ...]
+    position_offset: int                            # positions the joined prefix occupies
+
+    @staticmethod
+    def of(method, n_layers: int) -> "Pieces":
+        prefixes = (method.prefixes(1) or {}).get("self", [None] * n_layers)
+        vectors = method.input_prompt()
+        joined = [None if p is None or p.gate is not None else (p.k[0], p.v[0]) for p in prefixes]
+        gated = [[] if p is None or p.gate is None else [(p.k[0], p.v[0], p.gate)] for p in prefixes]
+        return Pieces(vectors, joined, gated, method.position_offset)
+
+    @staticmethod
+    def compose(parts: "list[Pieces]", n_layers: int) -> "Pieces":
+        """a+b+...: vectors and joined prefixes concatenated in order, gated ones side by side."""
+        vectors = [p.vectors for p in parts if p.vectors is not None]
+        joined = []
+        for i in range(n_layers):
+            kv = [p.joined[i] for p in parts if p.joined[i] is not None]
+            joined.append((torch.cat([k for k, _ in kv], 1), torch.cat([v for _, v in kv], 1)) if kv else None)
+        gated = [sum((p.gated[i] for p in parts), []) for i in range(n_layers)]
+        return Pieces(torch.cat(vectors) if vectors else None, joined, gated, sum(p.position_offset for p in parts))
+
+
+class PromptBank(nn.Module):
+    """A frozen decoder and any number of named prompts, servable together."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        if base.config.model_type != "gpt":
+            raise ValueError("PromptBank: mixed-prompt batches are for decoder-only models")
+        base.requires_grad_(False)
+        self.base = base
+        self.n_layers = len(base.layers)
+        self.pieces: dict[str, Pieces] = {}
+        self.methods: dict[str, nn.Module] = {}
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.pieces)
+
+    def add(self, name: str, prompt, tokenizer=None) -> None:
+        """Register a prompt under `name`: a prompt file, or a PromptedModel on this base."""
+        from . import load, read_prompt
+        if "+" in name or not name:
+            raise ValueError(f"PromptBank.add: {name!r} is not a usable name ('+' composes prompts)")
+        kind = prompt.method.config.method if isinstance(prompt, nn.Module) else read_prompt(prompt)[0]["config"]["method"]
+        if kind not in MIXABLE:  # checked before loading: loading LoRA would change the shared base
+            raise ValueError(f"{prompt}: {kind} changes the base weights and cannot share a batch with other "
+                             f"prompts (mixable: {', '.join(MIXABLE)})")
+        method = (prompt if isinstance(prompt, nn.Module) else load(prompt, self.base, tokenizer)).method
+        with torch.no_grad():
+            method.eval()
+            p = Pieces.of(method, self.n_layers)
+        dtype = self.base.embed.weight.dtype
+        self.pieces[name] = Pieces(None if p.vectors is None else p.vectors.to(dtype),
+                                   [None if j is None else (j[0].to(dtype), j[1].to(dtype)) for j in p.joined],
+                                   [[(k.to(dtype), v.to(dtype), g.float()) for k, v, g in layer] for layer in p.gated],
+                                   p.position_offset)
+        self.methods[name] = method
+
+    def remove(self, name: str) -> None:
+        self.pieces.pop(name)
+        self.methods.pop(name)
+
+    def resolve(self, spec) -> "Pieces | None":
+        """A row's prompt: None / "" (no prompt), "name" or "a+b+..." (composed)."""
+        if not spec:
+            return None
+        parts = []
+        for name in spec.split("+"):
+            if name not in self.pieces:
+                raise KeyError(f"unknown prompt {name!r} (loaded: {', '.join(self.names) or 'none'})")
+            parts.append(self.pieces[name])
+        return parts[0] if len(parts) == 1 else Pieces.compose(parts, self.n_layers)
+
+    # ---- one batch, a prompt per row ---------------------------------------------------------
+
+    def batch_layout(self, rows) -> dict:
+        """The padded, masked tensors of the rows' pieces (the same for every call with these rows)."""
+        resolved = [self.resolve(r) for r in rows]
+        B, C, device = len(rows), self.base.config.n_embd, self.base.embed.weight.device
+        dtype = self.base.embed.weight.dtype
+        lengths = [0 if p is None or p.vectors is None else len(p.vectors) for p in resolved]
+        P = max(lengths)
+        vectors = torch.zeros(B, P, C, dtype=dtype, device=device)
+        vmask = torch.zeros(B, P, dtype=torch.long, device=device)
+        for b, (p, n) in enumerate(zip(resolved, lengths)):
+            if n:                                                      # right-aligned: masked slots come first
+                vectors[b, P - n:], vmask[b, P - n:] = p.vectors, 1
+        offsets = torch.tensor([0 if p is None else p.position_offset for p in resolved], device=device)
+        prefixes = [self._layer_prefixes(resolved, i) for i in range(self.n_layers)]
+        return {"P": P, "vectors": vectors, "vmask": vmask, "offsets": offsets,
+                "prefixes": prefixes if any(prefixes) else None,
+                "extra_positions": max(n + int(o) for n, o in zip(lengths, offsets))}
+
+    def _layer_prefixes(self, resolved, i):
+        """Layer i's LayerPrefix list for the batch: one joined (masked to each row's length)
+        and one gated per adapter slot (rows without one get a zero gate)."""
+        out = []
+        joined = [None if p is None else p.joined[i] for p in resolved]
+        if any(j is not None for j in joined):
+            out.append(self._stack(joined, gate=False))
+        n_slots = max(0 if p is None else len(p.gated[i]) for p in resolved)
+        for s in range(n_slots):
+            out.append(self._stack([None if p is None or len(p.gated[i]) <= s else p.gated[i][s] for p in resolved],
+                                   gate=True))
+        return out
+
+    def _stack(self, items, gate: bool) -> LayerPrefix:
+        ref = next(x for x in items if x is not None)
+        nkv, _, hs = ref[0].shape
+        B, P = len(items), max(x[0].size(1) for x in items if x is not None)
+        k = ref[0].new_zeros(B, nkv, P, hs)
+        v = torch.zeros_like(k)
+        # a row without this piece: no slot is kept in a joined prefix; in a gated one all are
+        # (zero keys and values, gate 0: adds exactly zero, where an empty softmax would be NaN)
+        mask = torch.zeros(B, P, dtype=torch.bool, device=k.device) if not gate else torch.ones(B, P, dtype=torch.bool, device=k.device)
+        gates = torch.zeros(B, self.base.config.n_head, device=k.device) if gate else None
+        for b, x in enumerate(items):
+            if x is None:
+                continue
+            n = x[0].size(1)
+            k[b, :, :n], v[b, :, :n] = x[0], x[1]
+            mask[b] = False
+            mask[b, :n] = True
+            if gate:
+                gates[b] = x[2]
+        return LayerPrefix(k, v, mask=mask, gate=gates)
+
+    def forward(self, idx, targets=None, *, rows, attention_mask=None, cache_pos=None, last_only=False,
+                loss_only=False, layout=None):
+        """Like PromptedModel.forward, with rows[b] naming row b's prompt. Pass `layout`
+        (from batch_layout) to reuse it across the calls of one generation."""
+        layout = layout or self.batch_layout(rows)
+        B, T = idx.shape
+        x = self.base.embed(idx)
+        mask = attention_mask if attention_mask is not None else torch.ones(B, (cache_pos or 0) + T, dtype=torch.long,
+                                                                             device=idx.device)
+        P = layout["P"]
+        if P:
+            at = leading_pads(mask)
+            if not cache_pos:
+                x = insert_at(x, layout["vectors"], at)
+                if targets is not None:
+                    targets = insert_at(targets, targets.new_full((B, P), -100), at)
+            else:
+                cache_pos += P
+            mask = insert_at(mask, layout["vmask"], at)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -x.size(1):] + layout["offsets"][:, None]
+        logits, loss = self.base(inputs_embeds=x, targets=targets, attention_mask=mask, position_ids=positions,
+                                 prefixes=layout["prefixes"], cache_pos=cache_pos, last_only=last_only,
+                                 loss_only=loss_only)
+        if P and not cache_pos and not last_only and logits is not None:
+            logits = remove_at(logits, at, P)
+        return logits, loss
+
+    def for_rows(self, rows) -> "BoundRows":
+        """This bank with a fixed prompt per row: a model `minipt.generation.generate` can drive."""
+        return BoundRows(self, list(rows))
+
+
+class BoundRows(nn.Module):
+    """A PromptBank whose rows' prompts are fixed (what generation needs)."""
+
+    def __init__(self, bank: PromptBank, rows):
+        super().__init__()
+        self.bank, self.rows = bank, rows
+        self.layout = bank.batch_layout(rows)
+
+    @property
+    def config(self):
+        return self.bank.config
+
+    @property
+    def extra_positions(self) -> int:
+        return self.layout["extra_positions"]
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
+        if batch_size != len(self.rows):
+            raise ValueError(f"for_rows: {len(self.rows)} rows bound, batch of {batch_size}")
+        self.bank.base.setup_cache(batch_size, max_len + self.layout["P"], dtype, device)
+
+    def clear_cache(self):
+        self.bank.base.clear_cache()
+
+    def forward(self, idx, targets=None, **kwargs):
+        return self.bank(idx, targets, rows=self.rows, layout=self.layout, **kwargs)
