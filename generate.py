@@ -20,13 +20,15 @@ from minipt.config import T5Config
 from minipt.evaluation import rank_classify
 from minipt.generation import generate
 from minipt.prompts import load as load_prompt
+from minipt.prompts.mixed import PromptBank
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Generate text with a minipt base model.")
     ap.add_argument("--base", required=True, help="minipt checkpoint directory (see weights/)")
     ap.add_argument("--text", action="append", required=True, help="input text; repeat for a batch")
-    ap.add_argument("--prompt", help="a prompt file from train.py (method state + base fingerprint)")
+    ap.add_argument("--prompt", help="a prompt file from train.py; style.safetensors+task.safetensors composes "
+                                     "several (their virtual tokens and prefixes in that order)")
     ap.add_argument("--labels", help="comma-separated candidates: rank-classify each text instead of generating")
     ap.add_argument("--chat", action="store_true", help="wrap each text as a user turn of the chat template")
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -49,12 +51,23 @@ def classify(model, tok, args):
         print(f"{label.strip()}\t{p.max().item():.3f}\t{text!r}")
 
 
+def with_prompt(base, spec, tok):
+    """One prompt file (any method), or several joined by '+', composed."""
+    paths = spec.split("+")
+    if len(paths) == 1:
+        return load_prompt(spec, base, tok)
+    bank = PromptBank(base)
+    for i, path in enumerate(paths):
+        bank.add(f"part{i}", path, tok)
+    return bank.for_rows("+".join(f"part{i}" for i in range(len(paths))))
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         model, tok = load_base(args.base, dtype=getattr(torch, args.dtype), device=args.device)
         if args.prompt:
-            model = load_prompt(args.prompt, model, tok)
+            model = with_prompt(model, args.prompt, tok)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if args.labels:

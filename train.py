@@ -22,7 +22,7 @@ from minipt.checkpoint import load_base
 from minipt.config import TrainConfig, parse_train_config
 from minipt.data import Batches, collate
 from minipt.evaluation import evaluate_generation, rank_classify
-from minipt.prompts import PromptConfig, attach, save
+from minipt.prompts import PromptConfig, attach, init_from, save
 from minipt.tasks import load_task
 from minipt.training import (MetricsLog, all_sum, load_checkpoint, lr_at, make_optimizer, peak_rss_gb, plot_metrics,
                              save_checkpoint, setup_distributed)
@@ -62,6 +62,11 @@ def main(argv=None):
     # -- attach the method; only its parameters train, in fp32 --
     prompt_fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PromptConfig)}
     model = attach(base, PromptConfig(**prompt_fields), tok)
+    if cfg.init_from:  # prompt transfer: begin where a prompt for another task ended
+        try:
+            init_from(model, cfg.init_from, tok)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: init_from: {e}")
     model.base.grad_checkpointing = cfg.grad_checkpointing
     params = model.trainable_parameters()
     for p in params:

@@ -102,6 +102,7 @@ class TrainConfig(PromptConfig):
     init: str = "text"
     init_text: str = "Classify the sentiment of this movie review as positive or negative."
     base: str = "weights/smollm2-135m-instruct"  # a converted minipt checkpoint directory
+    init_from: str = ""              # a prompt file to start from (SPoT transfer); "" = `init`
     data: str = "sentiment"          # built-in task (sentiment, boolq, xsum) or JSONL path(s)
     template: str = ""               # "" = the task's own, e.g. "Review: {input}\nSentiment:"
     max_len: int = 256               # tokens per sequence (input truncated from the left)

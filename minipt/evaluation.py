@@ -34,11 +34,12 @@ def _evaluating(model):
 
 
 def _limit(model, max_len, reserve=0):
-    """Tokens a prompt may use: the decoder's context minus any virtual tokens and `reserve`;
-    512 (T5's training length) for the relative-position T5 unless max_len says otherwise."""
+    """Tokens a prompt may use: the decoder's context minus the positions a prompt method
+    takes and `reserve`; 512 (T5's training length) for the relative-position T5 unless
+    max_len says otherwise."""
     if max_len is None:
         max_len = getattr(model.config, "max_seq_len", 512)
-        max_len -= getattr(model, "n_prompt", 0)
+        max_len -= getattr(model, "extra_positions", 0)
     return max_len - reserve
 
 
@@ -64,6 +65,15 @@ def rank_classify(model, tok, rows, template, labels, is_t5, batch_size=32, max_
     Returns (accuracy, predictions: list of label strings, probabilities: (N, L) float
     tensor, the softmax over the labels' scores).
     """
+    scores = label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len)[:, 0]
+    best = scores.argmax(-1).tolist()
+    predictions = [labels[i] for i in best]
+    return _accuracy(predictions, rows), predictions, scores.softmax(-1)
+
+
+def label_scores(model, tok, rows, template, labels, is_t5, batch_size=32, max_len=None):
+    """(N, K, L) log p(label | prompt) of every row and label under each of the model's K
+    members (K = 1 but for an `Ensemble`)."""
     if not labels:
         raise ValueError("rank_classify: no labels")
     unknown = {r["target"] for r in rows} - set(labels)
@@ -73,13 +83,12 @@ def rank_classify(model, tok, rows, template, labels, is_t5, batch_size=32, max_
     label_ids = [encode_text(tok, label) for label in labels]
     with _evaluating(model):
         if not is_t5 and all(len(ids) == 1 for ids in label_ids):
-            scores = _single_token_scores(model, tok, rows, template, [ids[0] for ids in label_ids], batch_size, max_len)
-        else:
-            scores = _label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len)
-    best = scores.argmax(-1).tolist()
-    predictions = [labels[i] for i in best]
-    accuracy = sum(p == r["target"] for p, r in zip(predictions, rows)) / max(len(rows), 1)
-    return accuracy, predictions, scores.softmax(-1)
+            return _single_token_scores(model, tok, rows, template, [ids[0] for ids in label_ids], batch_size, max_len)
+        return _label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len)
+
+
+def _accuracy(predictions, rows) -> float:
+    return sum(p == r["target"] for p, r in zip(predictions, rows)) / max(len(rows), 1)
 
 
 def _single_token_scores(model, tok, rows, template, label_tokens, batch_size, max_len):
@@ -88,7 +97,8 @@ def _single_token_scores(model, tok, rows, template, label_tokens, batch_size, m
     Prompts are left-padded so that every row's last prompt token sits in the last column.
     """
     prompts = [encode_text(tok, template.format(input=r["input"]))[-(max_len - 1):] for r in rows]
-    scores = torch.empty(len(rows), len(label_tokens))
+    K = getattr(model, "n_members", 1)
+    scores = torch.empty(len(rows), K, len(label_tokens))
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))  # similar lengths, little padding
     pad_id, device = _pad_id(tok, False, model), _device(model)
     for start in range(0, len(order), batch_size):
@@ -96,8 +106,8 @@ def _single_token_scores(model, tok, rows, template, label_tokens, batch_size, m
         ids, mask = pad_batch([prompts[i] for i in chunk], pad_id)
         padded = bool((mask == 0).any())
         logits, _ = model(ids.to(device), attention_mask=mask.to(device) if padded else None, last_only=True)
-        logp = logits[:, -1].float().log_softmax(-1)                       # (B, V)
-        scores[chunk] = logp[:, label_tokens].cpu()
+        logp = logits[:, -1].float().log_softmax(-1)                       # (B * K, V)
+        scores[chunk] = logp[:, label_tokens].view(len(chunk), K, -1).cpu()
     return scores
 
 
@@ -106,7 +116,8 @@ def _label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len
     pairs = [encode_example(tok, template, {"input": r["input"], "target": label}, max_len, is_t5)
              for r in rows for label in labels]
     inputs = "input_ids" if is_t5 else "idx"
-    scores = torch.empty(len(pairs))
+    K = getattr(model, "n_members", 1)
+    scores = torch.empty(len(pairs), K)
     order = sorted(range(len(pairs)), key=lambda j: len(pairs[j][inputs]))
     pad_id, device = _pad_id(tok, is_t5, model), _device(model)
     for start in range(0, len(order), batch_size):
@@ -119,12 +130,58 @@ def _label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len
         else:
             logits, _ = model(ids, attention_mask=mask)
         logits = logits[:, -targets.size(1):]  # (B, T, V); a no-op for any model that returns only its input columns
+        targets = targets.repeat_interleave(K, 0)                          # an ensemble returns K rows per row
         scored = targets != -100
         picked = logits[scored].float()                                    # (K, V): only the label positions
         token_logp = picked.gather(-1, targets[scored][:, None]).squeeze(-1) - picked.logsumexp(-1)
-        row_of = torch.arange(len(chunk), device=device)[:, None].expand_as(targets)[scored]
-        scores[chunk] = torch.zeros(len(chunk), device=device).index_add_(0, row_of, token_logp).cpu()
-    return scores.view(len(rows), len(labels))
+        row_of = torch.arange(targets.size(0), device=device)[:, None].expand_as(targets)[scored]
+        summed = torch.zeros(targets.size(0), device=device).index_add_(0, row_of, token_logp)
+        scores[chunk] = summed.view(len(chunk), K).cpu()
+    return scores.view(len(rows), len(labels), K).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- prompt ensembles
+
+
+class Ensemble(torch.nn.Module):
+    """K prompts of one PromptBank as one model: each input row is run once per member, all
+    in the same mixed batch, so an ensemble costs one batched forward (Lester et al. 2021 §5)."""
+
+    def __init__(self, bank, members):
+        super().__init__()
+        self.bank, self.members, self.n_members = bank, list(members), len(members)
+
+    @property
+    def config(self):
+        return self.bank.config
+
+    @property
+    def extra_positions(self) -> int:  # context the members' prompts take (see _limit)
+        return self.bank.batch_layout(self.members)["extra_positions"]
+
+    def forward(self, idx, attention_mask=None, **kwargs):
+        """(B, ...) inputs -> (B * K, ...) outputs, row b's members at rows b*K .. b*K + K-1."""
+        rows = self.members * idx.size(0)
+        mask = None if attention_mask is None else attention_mask.repeat_interleave(self.n_members, 0)
+        return self.bank(idx.repeat_interleave(self.n_members, 0), rows=rows, attention_mask=mask, **kwargs)
+
+
+def ensemble_classify(bank, members, tok, rows, template, labels, batch_size=32, max_len=None) -> dict:
+    """Rank classification by each member and by the ensemble, combined two ways: the mean of
+    the members' log-probabilities, and a majority vote (ties go to the higher mean).
+
+    Returns {"members": [accuracy per member], "mean": accuracy, "vote": accuracy,
+    "predictions": {"mean": [...], "vote": [...]}}.
+    """
+    scores = label_scores(Ensemble(bank, members), tok, rows, template, labels, False, batch_size, max_len)  # (N, K, L)
+    mean = scores.mean(1)                                                        # (N, L)
+    votes = torch.zeros_like(mean).scatter_add_(1, scores.argmax(-1), torch.ones_like(scores[..., 0]))
+    by_vote = (votes + 1e-3 * mean.softmax(-1)).argmax(-1)                  # a tie goes to the higher mean
+    pick = lambda best: [labels[i] for i in best.tolist()]
+    predictions = {"mean": pick(mean.argmax(-1)), "vote": pick(by_vote)}
+    return {"members": [_accuracy(pick(scores[:, k].argmax(-1)), rows) for k in range(len(members))],
+            "mean": _accuracy(predictions["mean"], rows), "vote": _accuracy(predictions["vote"], rows),
+            "predictions": predictions}
 
 
 # --------------------------------------------------------------------------- generation metrics
@@ -188,3 +245,50 @@ def evaluate_generation(model, tok, rows, template, max_new_tokens, is_t5, batch
     n = max(len(rows), 1)
     return {"rougeL": sum(rouge_l(p, r["target"]) for p, r in zip(predictions, rows)) / n,
             "exact_match": sum(exact_match(p, r["target"]) for p, r in zip(predictions, rows)) / n}
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv=None):
+    """python -m minipt.evaluation --data sentiment PROMPT [PROMPT ...]
+
+    Rank-classification accuracy of each prompt file on a task's split, and with several
+    prompts (say, one task trained with different seeds) the ensemble's."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from .checkpoint import load_base
+    from .prompts.mixed import PromptBank
+    from .tasks import load_task
+    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap.add_argument("prompts", nargs="+", help="prompt files trained on --base")
+    ap.add_argument("--base", default="weights/smollm2-135m-instruct")
+    ap.add_argument("--data", default="sentiment", help="built-in task or JSONL path")
+    ap.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    ap.add_argument("--template", default=None)
+    args = ap.parse_args(argv)
+    try:
+        base, tok = load_base(args.base)
+        task = load_task(args.data)
+        if not task.labels:
+            raise ValueError(f"{args.data}: not a classification task (no label set)")
+        bank = PromptBank(base)
+        names = [f"{i}:{Path(p).stem}" for i, p in enumerate(args.prompts)]
+        for name, path in zip(names, args.prompts):
+            bank.add(name, path, tok)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    rows = task.splits[args.split]
+    result = ensemble_classify(bank, names, tok, rows, args.template or task.template, task.labels)
+    print(f"{task.name} {args.split} ({len(rows)} rows), rank-classification accuracy")
+    for path, acc in zip(args.prompts, result["members"]):
+        print(f"  {100 * acc:5.1f} %  {path}")
+    if len(names) > 1:
+        print(f"  {100 * result['mean']:5.1f} %  ensemble, mean log-probability")
+        print(f"  {100 * result['vote']:5.1f} %  ensemble, majority vote")
+
+
+if __name__ == "__main__":
+    main()

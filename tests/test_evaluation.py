@@ -6,11 +6,12 @@ import torch
 
 from minipt.checkpoint import load_base
 from minipt.config import GPTConfig, T5Config
-from minipt.evaluation import (evaluate_generation, exact_match, generate_predictions, rank_classify,
-                               rouge_l)
+from minipt.evaluation import (ensemble_classify, evaluate_generation, exact_match, generate_predictions,
+                               rank_classify, rouge_l)
 from minipt.fetch import fetch
 from minipt.gpt import GPT
 from minipt.prompts import PromptConfig, attach
+from minipt.prompts.mixed import PromptBank
 from minipt.t5 import T5
 from minipt.tasks import load_task
 from minipt.tokenizer import SentencePieceTokenizer, load_tokenizer
@@ -133,6 +134,26 @@ def test_rank_classify_equals_brute_force_decoder(bpe, labels, prompted):
     assert probs.shape == (len(rows), 2) and torch.allclose(probs.log(), expected, atol=1e-4)
     assert predictions == [labels[k] for k in expected.argmax(-1).tolist()]
     assert acc == sum(p == r["target"] for p, r in zip(predictions, rows)) / len(rows)
+
+
+@pytest.mark.parametrize("labels", [[" negative", " positive"], [" not good at all", " great"]])
+def test_ensemble_members_and_combinations_equal_each_prompt_scored_alone(bpe, labels):
+    base = tiny_gpt(bpe.vocab_size)
+    bank = PromptBank(base)
+    members = [attach(base, PromptConfig(num_virtual_tokens=3 + k, init="random", seed=k)) for k in range(3)]
+    for k, m in enumerate(members):
+        bank.add(f"seed{k}", m)
+    rows = [dict(r, target=labels[r["target"] == " positive"]) for r in ROWS]
+    prompts = [bpe.encode(TEMPLATE.format(input=r["input"])) for r in rows]
+    label_ids = [bpe.encode(label) for label in labels]
+    alone = torch.stack([brute_force(m, prompts, label_ids, False) for m in members], 1)   # (N, K, L)
+    result = ensemble_classify(bank, ["seed0", "seed1", "seed2"], bpe, rows, TEMPLATE, labels, batch_size=2)
+    for k, m in enumerate(members):
+        assert result["members"][k] == rank_classify(m, bpe, rows, TEMPLATE, labels, is_t5=False)[0]
+    assert result["predictions"]["mean"] == [labels[i] for i in alone.mean(1).argmax(-1).tolist()]
+    votes = torch.nn.functional.one_hot(alone.argmax(-1), len(labels)).sum(1)             # (N, L)
+    for i, vote in enumerate(result["predictions"]["vote"]):
+        assert votes[i, labels.index(vote)] == votes[i].max()
 
 
 def test_rank_classify_equals_brute_force_t5():

@@ -126,6 +126,19 @@ def test_outputs_and_reload_give_the_reported_accuracy(llama_dir, task_file, tmp
     assert accuracy == test_row["accuracy"]
 
 
+def test_prompt_transfer_starts_from_the_given_prompt(llama_dir, task_file, tmp_path):
+    train.main(args(llama_dir, task_file, tmp_path / "source", steps=3, eval_interval=0))
+    source = tmp_path / "source" / "prompt.safetensors"
+    # lr 0 and no weight decay: the transferred prompt must come out exactly as it went in
+    train.main(args(llama_dir, task_file, tmp_path / "target", steps=1, eval_interval=0, init_from=source, lr=0.0,
+                    weight_decay=0.0))
+    base, tok = load_base(llama_dir)
+    a, b = (load(p, base, tok).method.prompt for p in (source, tmp_path / "target" / "prompt.safetensors"))
+    assert torch.equal(a, b)
+    with pytest.raises(SystemExit, match="a prompt_tuning prompt cannot initialise prefix_tuning"):
+        train.main(args(llama_dir, task_file, tmp_path / "bad", steps=1, init_from=source, method="prefix_tuning"))
+
+
 def test_resume_after_a_crash_is_exact(llama_dir, task_file, tmp_path, monkeypatch):
     common = dict(steps=6, ckpt_interval=3, method="lora", lora_dropout=0.1)  # dropout: the RNG must be restored too
     train.main(args(llama_dir, task_file, tmp_path / "straight", **common))

@@ -49,8 +49,23 @@ def load(path, base, tokenizer=None) -> PromptedModel:
     config = PromptConfig.from_dict(meta["config"])
     model = attach(base, dataclasses.replace(config, init="random"))  # the values come from the file
     model.method.config = config
+    _load_tensors(path, model.method, tensors)
+    return model
+
+
+def init_from(model: PromptedModel, path, tokenizer=None) -> None:
+    """Prompt transfer (SPoT, Vu et al. 2022): start `model`'s freshly attached method from a
+    prompt trained on another task (same base, method and shape), then train on."""
+    meta, tensors = read_prompt(path)
+    check_base(path, meta, model.base, tokenizer)
+    saved, here = meta["config"]["method"], model.method.config.method
+    if saved != here:
+        raise ValueError(f"{path}: a {saved} prompt cannot initialise {here}")
+    _load_tensors(path, model.method, tensors)
+
+
+def _load_tensors(path, method, tensors):
     try:
-        model.method.load_saved(tensors)
+        method.load_saved(tensors)
     except RuntimeError as e:
         raise ValueError(f"{path}: tensors do not fit the method ({str(e).splitlines()[0]})") from None
-    return model

@@ -201,8 +201,9 @@ class PromptBank(nn.Module):
         return logits, loss
 
     def for_rows(self, rows) -> "BoundRows":
-        """This bank with a fixed prompt per row: a model `minipt.generation.generate` can drive."""
-        return BoundRows(self, list(rows))
+        """This bank with fixed prompts: a list (one spec per row) or one spec for every row
+        of any batch. The result is a model `generate` and `rank_classify` can drive."""
+        return BoundRows(self, rows)
 
 
 class BoundRows(nn.Module):
@@ -210,8 +211,16 @@ class BoundRows(nn.Module):
 
     def __init__(self, bank: PromptBank, rows):
         super().__init__()
-        self.bank, self.rows = bank, rows
-        self.layout = bank.batch_layout(rows)
+        self.bank, self.rows = bank, rows if isinstance(rows, str) or rows is None else list(rows)
+        self._layouts = {}
+
+    def layout(self, batch_size: int) -> dict:
+        if isinstance(self.rows, list) and batch_size != len(self.rows):
+            raise ValueError(f"for_rows: {len(self.rows)} rows bound, batch of {batch_size}")
+        if batch_size not in self._layouts:
+            rows = self.rows if isinstance(self.rows, list) else [self.rows] * batch_size
+            self._layouts[batch_size] = self.bank.batch_layout(rows)
+        return self._layouts[batch_size]
 
     @property
     def config(self):
@@ -219,15 +228,14 @@ class BoundRows(nn.Module):
 
     @property
     def extra_positions(self) -> int:
-        return self.layout["extra_positions"]
+        return self.layout(len(self.rows) if isinstance(self.rows, list) else 1)["extra_positions"]
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
-        if batch_size != len(self.rows):
-            raise ValueError(f"for_rows: {len(self.rows)} rows bound, batch of {batch_size}")
-        self.bank.base.setup_cache(batch_size, max_len + self.layout["P"], dtype, device)
+        self.bank.base.setup_cache(batch_size, max_len + self.layout(batch_size)["P"], dtype, device)
 
     def clear_cache(self):
         self.bank.base.clear_cache()
 
     def forward(self, idx, targets=None, **kwargs):
-        return self.bank(idx, targets, rows=self.rows, layout=self.layout, **kwargs)
+        layout = self.layout(idx.size(0))
+        return self.bank(idx, targets, rows=None, layout=layout, **kwargs)

@@ -1,0 +1,67 @@
+"""generate.py on a tiny random Llama with SmolLM2's tokenizer: a prompt file and a
+composition "a+b" give what the Python API gives; rank classification prints one label per
+text; a missing prompt file is a one-line error."""
+import pytest
+import torch
+
+import generate as generate_cli
+from minipt.checkpoint import load_base
+from minipt.convert import convert
+from minipt.generation import generate
+from minipt.prompts import PromptConfig, attach, load, save
+from minipt.prompts.mixed import PromptBank
+
+from conftest import save_tiny_hf, tiny_hf_model
+
+TEXT = "Review: a gripping, funny film\nSentiment:"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    save_tiny_hf(tiny_hf_model("llama", vocab_size=49152), root / "hf")
+    convert(root / "hf", root / "minipt")
+    base, tok = load_base(root / "minipt")
+    files = []
+    for seed, method in enumerate(["prompt_tuning", "prefix_tuning"]):
+        model = attach(base, PromptConfig(method=method, num_virtual_tokens=3, init="random", seed=seed,
+                                          projection_hidden=16))
+        files.append(save(model, root / f"{method}.safetensors", tok))
+    return root / "minipt", files
+
+
+def run(capsys, *argv):
+    generate_cli.main(list(argv))
+    return capsys.readouterr().out.strip()
+
+
+def test_prompt_and_composition_match_the_api(setup, capsys):
+    base_dir, (soft, prefix) = setup
+    base, tok = load_base(base_dir)
+    ids = [tok.encode(TEXT)]
+    out = run(capsys, "--base", str(base_dir), "--prompt", str(soft), "--text", TEXT, "--max-new-tokens", "6")
+    assert out == tok.decode(load(soft, base, tok).generate(ids, 6)[0], skip_special=True).strip()
+
+    bank = PromptBank(load_base(base_dir)[0])
+    bank.add("soft", soft, tok)
+    bank.add("prefix", prefix, tok)
+    composed = run(capsys, "--base", str(base_dir), "--prompt", f"{soft}+{prefix}", "--text", TEXT,
+                   "--max-new-tokens", "6")
+    expected = tok.decode(generate(bank.for_rows("soft+prefix"), ids, 6)[0], skip_special=True).strip()
+    assert composed == expected
+
+
+def test_labels_with_a_composed_prompt(setup, capsys):
+    base_dir, (soft, prefix) = setup
+    out = run(capsys, "--base", str(base_dir), "--prompt", f"{soft}+{prefix}", "--text", TEXT, "--text", "dull",
+              "--labels", " negative, positive")
+    lines = out.splitlines()
+    assert len(lines) == 2 and all(line.split("\t")[0] in ("negative", "positive") for line in lines)
+    assert all(0.5 <= float(line.split("\t")[1]) <= 1.0 for line in lines)
+
+
+def test_missing_prompt_file_is_a_one_line_error(setup, tmp_path):
+    base_dir, (soft, _) = setup
+    with pytest.raises(SystemExit, match="no such prompt file"):
+        generate_cli.main(["--base", str(base_dir), "--prompt", f"{soft}+{tmp_path / 'nope.safetensors'}",
+                           "--text", TEXT])
