@@ -104,3 +104,88 @@ def _encoder_decoder_steps(model, prompts, max_new_tokens, device, pick):
         logits = model.decode(tok, enc, encoder_mask=mask, cache_pos=pos)
         tok = pick(logits)[:, None]
         yield tok[:, 0]
+
+
+# ---- step-wise decoding with settings per row (the server's batches) ------------------------
+
+def _per_row(value, B: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != B:
+            raise ValueError(f"decode_steps: {len(value)} values of {name} for {B} rows")
+        return list(value)
+    return [value] * B
+
+
+@torch.inference_mode()
+def decode_steps(model, prompts: list[list[int]], max_new_tokens, *, temperature=0.0, top_k=None, top_p=None,
+                 eos_id=None, pad_id=0, seed=None, extra_positions=None):
+    """Decode a batch one step at a time, each row with its own settings (a decoder-only model).
+
+    max_new_tokens, temperature, top_k, top_p, seed and extra_positions take one value for
+    every row or a list with one per row; eos_id is an id or a collection of ids. Yields,
+    once per step, a list with each row's new token, or None for a row that has stopped:
+    a row stops after yielding an EOS id (which it does yield, so the caller can tell a
+    finished answer from a cut one) or its max_new_tokens-th token. The generator ends when
+    every row has stopped; closing it early is fine (the KV cache is freed either way).
+
+    Greedy rows get exactly `generate`'s tokens. Sampled rows draw one at a time, each from
+    its own seeded generator when it has a seed, so a row's sample does not depend on which
+    other rows share its batch (`generate` draws the whole batch at once instead).
+    extra_positions: the context each row's prompt method takes (virtual tokens, prefix);
+    by default the model's, the batch's longest.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("decode_steps: every prompt needs at least one token")
+    B = len(prompts)
+    max_new = _per_row(max_new_tokens, B, "max_new_tokens")
+    temps, top_ks, top_ps = (_per_row(v, B, n) for v, n in ((temperature, "temperature"), (top_k, "top_k"),
+                                                           (top_p, "top_p")))
+    seeds = _per_row(seed, B, "seed")
+    extras = _per_row(getattr(model, "extra_positions", 0) if extra_positions is None else extra_positions, B,
+                      "extra_positions")
+    eos = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
+    for i, (p, n, extra) in enumerate(zip(prompts, max_new, extras)):
+        if n < 0 or extra + len(p) + n > model.config.max_seq_len:
+            raise ValueError(f"decode_steps: row {i}: {extra} virtual + {len(p)} prompt + {n} new tokens do not fit "
+                             f"the context of {model.config.max_seq_len}")
+    steps = max(max_new)
+    if steps == 0:
+        return
+    device = next(model.parameters()).device
+    gens = [None if s is None else torch.Generator(device=device).manual_seed(s) for s in seeds]
+    sampled = [i for i in range(B) if temps[i] and temps[i] > 0]
+
+    ids, mask = pad_batch(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    T = ids.size(1)
+    # a batch without padding needs no mask at all (the cheaper attention path), as in generate
+    padded = bool((mask == 0).any())
+    live = [n > 0 for n in max_new]
+    count = [0] * B
+    model.setup_cache(B, T + steps)
+    try:
+        logits, _ = model(ids, attention_mask=mask if padded else None, cache_pos=0, last_only=True)
+        for pos in range(T, T + steps):
+            last = logits[:, -1]
+            nxt = last.argmax(-1)
+            for i in sampled:
+                if live[i]:
+                    nxt[i] = sample_next(last[i:i + 1], temps[i], top_ks[i], top_ps[i], gens[i])[0]
+            out = []
+            for i, t in enumerate(nxt.tolist()):
+                if not live[i]:
+                    out.append(None)
+                    continue
+                out.append(t)
+                count[i] += 1
+                live[i] = t not in eos and count[i] < max_new[i]
+            yield out
+            if not any(live):
+                break
+            # stopped rows keep decoding (their tokens are ignored): the static cache has a
+            # fixed batch, and the live rows' step costs about the same either way
+            if padded:
+                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            logits, _ = model(nxt[:, None], attention_mask=mask if padded else None, cache_pos=pos, last_only=True)
+    finally:
+        model.clear_cache()

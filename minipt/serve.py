@@ -1,0 +1,658 @@
+"""An OpenAI-compatible HTTP server: one frozen base model, every prompt file of a folder
+served as its own model, requests for different prompts decoded together in one batch.
+
+    python -m minipt.serve --base weights/smollm2-135m-instruct --prompts out/prompts --port 8000
+
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.completions.create(model="sentiment", prompt="Review: ...\\nSentiment:", max_tokens=2)
+    client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}])
+
+Models: "base" is the bare base model; every `NAME.safetensors` in the folder is model NAME
+(a file added later is served on the next request, a removed one is dropped; the base loads
+once); "a+b" serves prompts a and b composed (see minipt/prompts/mixed.py). Only methods
+that leave the base weights alone can share a batch (not LoRA or full fine-tuning).
+
+Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST
+/v1/chat/completions (with "stream": true as server-sent events), GET /stats (batch sizes
+so far, to see the batching at work), GET /health. Parameters: max_tokens (completions default 16, chat
+default: until the end of the turn, at most 1024 or what the context has left),
+temperature, top_p, stop, seed, n=1, stream_options.include_usage, and vLLM's ignore_eos.
+
+Three parts, top to bottom: the request parser (JSON -> rows to decode, or a 4xx error),
+the scheduler (one thread that collects queued rows for a few ms and decodes them as one
+mixed-prompt batch), the HTTP handler (one thread per connection, which only waits on its
+rows' event queues, so a slow or vanished client never holds up the decode loop).
+Standard library only for the HTTP side (http.server).
+"""
+import argparse
+import collections
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_base
+from .generation import decode_steps
+from .prompts.mixed import PromptBank
+
+log = logging.getLogger("minipt.serve")
+
+BASE_ID = "base"                 # the model id of the bare base model
+COMPLETION_MAX_TOKENS = 16       # OpenAI's default for /v1/completions
+CHAT_MAX_TOKENS = 1024           # chat has no default in OpenAI's API (until the turn ends); cap it
+MAX_BODY = 8 << 20               # bytes of request JSON
+ROLES = ("system", "user", "assistant", "developer")
+
+
+# ==== errors =================================================================================
+
+class APIError(Exception):
+    """An error the client gets as OpenAI's JSON body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, message, status=400, type="invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ==== the request parser =====================================================================
+
+def _field(body, key, types, default=None, required=False):
+    """body[key] checked against types (bool is not a number here, as in JSON schema)."""
+    if key not in body or body[key] is None:
+        if required:
+            raise APIError(f"'{key}' is required", param=key)
+        return default
+    value = body[key]
+    if isinstance(value, bool) and bool not in types:
+        raise APIError(f"'{key}' must be {types[0].__name__}, not a boolean", param=key)
+    if not isinstance(value, types):
+        raise APIError(f"'{key}' must be {' or '.join(t.__name__ for t in types)}, got {type(value).__name__}",
+                       param=key)
+    return value
+
+
+def _token_list(x) -> bool:
+    return isinstance(x, list) and len(x) > 0 and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def parse_request(body, chat: bool, app: "App") -> list["Row"]:
+    """A completions / chat request -> its rows (one per prompt), checked, tokenised and
+    placed against the context; an APIError (4xx) for anything the client got wrong."""
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    model = _field(body, "model", (str,), required=True)
+    spec, extra = app.resolve_model(model)
+
+    if _field(body, "n", (int,), 1) != 1:
+        raise APIError("only n=1 is supported", param="n")
+    for key in ("logprobs", "top_logprobs", "echo", "tools", "functions", "response_format"):
+        if body.get(key) not in (None, False):
+            raise APIError(f"'{key}' is not supported by this server", param=key)
+    if _field(body, "best_of", (int,), 1) != 1:
+        raise APIError("only best_of=1 is supported", param="best_of")
+    temperature = float(_field(body, "temperature", (int, float), 1.0))
+    if not 0 <= temperature <= 2:
+        raise APIError("'temperature' must be between 0 and 2", param="temperature")
+    top_p = float(_field(body, "top_p", (int, float), 1.0))
+    if not 0 < top_p <= 1:
+        raise APIError("'top_p' must be in (0, 1]", param="top_p")
+    seed = _field(body, "seed", (int,))
+    stop = _field(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise APIError("'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
+    stream = _field(body, "stream", (bool,), False)
+    options = _field(body, "stream_options", (dict,), {})
+    include_usage = stream and bool(options.get("include_usage"))
+    ignore_eos = _field(body, "ignore_eos", (bool,), False)
+    key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _field(body, key, (int,))
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(f"'{key}' must be at least 1, got {max_tokens}", param=key)
+
+    tok = app.tokenizer
+    if chat:
+        texts = [app.chat_prompt(_field(body, "messages", (list,), required=True))]
+        prompts = [tok.encode(t) for t in texts]
+    else:
+        prompt = _field(body, "prompt", (str, list), required=True)
+        if isinstance(prompt, str) or _token_list(prompt):
+            prompt = [prompt]
+        if not prompt or not all(isinstance(p, str) or _token_list(p) for p in prompt):
+            raise APIError("'prompt' must be a string, a list of strings, a list of token ids or a list of those",
+                           param="prompt")
+        prompts = [tok.encode(p) if isinstance(p, str) else p for p in prompt]
+        vocab = app.model_config.vocab_size
+        if any(t < 0 or t >= vocab for p in prompts for t in p):
+            raise APIError(f"token ids must be in [0, {vocab})", param="prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise APIError("the prompt is empty (it needs at least one token)", param="prompt" if not chat else "messages")
+
+    rows = []
+    context = app.model_config.max_seq_len
+    request = {"model": model, "chat": chat, "stream": stream, "include_usage": include_usage,
+               "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "events": queue.Queue()}
+    for index, ids in enumerate(prompts):
+        room = context - extra - len(ids)
+        n = max_tokens if max_tokens is not None else COMPLETION_MAX_TOKENS if not chat else min(CHAT_MAX_TOKENS, room)
+        if n > room or room < 1:
+            raise APIError(f"this model's context is {context} tokens: the prompt takes {len(ids)}, the virtual tokens "
+                           f"of {model!r} {extra}, which leaves {max(room, 0)} to generate, not {n}", param=key,
+                           code="context_length_exceeded")
+        rows.append(Row(index=index, ids=ids, spec=spec, extra=extra, max_tokens=n, temperature=temperature,
+                        top_p=top_p, seed=seed, stop=stop, eos=set() if ignore_eos else app.stop_ids(chat),
+                        request=request, decode=app.decode))
+    return rows
+
+
+# ==== rows: one prompt's generation and its output events ====================================
+
+class Row:
+    """One prompt of a request in flight. The scheduler feeds it tokens; it turns them into
+    text deltas on `events` (the queue the request's HTTP thread reads, shared by the rows
+    of one request), holding back what might still become a stop string or is an unfinished
+    UTF-8 character, and then a final ("done", ...) event. The row decides where it ends
+    (EOS, stop string, max_tokens), so rows of one batch can each end differently.
+    `cancelled` is set by the HTTP side once nobody reads the events any more."""
+
+    def __init__(self, *, index, ids, spec, extra, max_tokens, temperature, top_p, seed, stop, eos, request, decode):
+        self.index, self.ids, self.spec, self.extra, self.decode = index, ids, spec, extra, decode
+        self.max_tokens, self.temperature, self.top_p, self.seed = max_tokens, temperature, top_p, seed
+        self.stop, self.eos = stop, eos
+        self.request = request
+        self.events: "queue.Queue[tuple]" = request["events"]
+        self.cancelled = threading.Event()
+        self.text = ""            # decoded so far (complete characters)
+        self.pending: list = []   # tokens whose bytes do not end a character yet
+        self.sent = 0             # characters of text already sent as deltas
+        self.n_tokens = 0
+        self.finished = False
+
+    def feed(self, token: int) -> None:
+        """One new token (the scheduler stops feeding once `finished`)."""
+        if token in self.eos:
+            return self.finish("stop")
+        self.n_tokens += 1
+        self.pending.append(token)
+        piece = self.decode(self.pending)
+        # byte-level BPE splits characters across tokens: wait (up to 4 bytes' worth) for the rest
+        if not (piece.endswith("\ufffd") and len(self.pending) < 4):
+            self.text += piece
+            self.pending = []
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.sent - len(s)))
+            if at >= 0:
+                self.text, self.pending = self.text[:at], []
+                return self.finish("stop")
+        if self.n_tokens >= self.max_tokens:
+            return self.finish("length")
+        # a stop string may be starting at the end: keep those characters back for now
+        hold = max((k for s in self.stop for k in range(len(s) - 1, 0, -1) if self.text.endswith(s[:k])), default=0)
+        self._send(len(self.text) - hold)
+
+    def _send(self, upto: int) -> None:
+        if upto > self.sent:
+            self.events.put(("delta", self.index, self.text[self.sent:upto]))
+            self.sent = upto
+
+    def finish(self, reason: str) -> None:
+        self.finished = True
+        if self.pending:  # cut inside a character: send what there is (U+FFFD for the missing bytes)
+            self.text += self.decode(self.pending)
+            self.pending = []
+        self._send(len(self.text))
+        self.events.put(("done", self.index, reason, len(self.ids), self.n_tokens))
+
+    def fail(self, error: APIError) -> None:
+        self.finished = True
+        self.events.put(("error", self.index, error))
+
+
+# ==== the scheduler ==========================================================================
+
+class Scheduler:
+    """One thread that owns the model: it takes the first queued row, waits `window` seconds
+    (or until max_batch rows are queued) for more, and decodes them all in one batch, each
+    row with its own prompt, max_tokens and sampling settings. Rows arriving meanwhile wait
+    for the next batch. Only this thread touches the KV cache."""
+
+    def __init__(self, app: "App", max_batch: int = 16, window: float = 0.005):
+        self.app, self.max_batch, self.window = app, max_batch, window
+        self.queue: "queue.Queue[Row | None]" = queue.Queue()
+        self.batch_sizes = collections.Counter()   # batch size -> batches decoded (see GET /stats)
+        self.tokens = 0
+        self.cancelled_rows = 0
+        self.thread = threading.Thread(target=self._loop, name="minipt-scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, rows) -> None:
+        for r in rows:
+            self.queue.put(r)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+
+    def _collect(self) -> "list[Row] | None":
+        first = self.queue.get()
+        if first is None:
+            return None
+        rows = [first]
+        deadline = time.monotonic() + self.window
+        while len(rows) < self.max_batch:
+            try:
+                r = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if r is None:                 # closing: finish this batch first
+                self.queue.put(None)
+                break
+            rows.append(r)
+        return rows
+
+    def _loop(self) -> None:
+        while (rows := self._collect()) is not None:
+            self.cancelled_rows += sum(r.cancelled.is_set() for r in rows)  # gone while queued
+            rows = [r for r in rows if not r.cancelled.is_set()]
+            try:
+                self._decode(rows)
+            except Exception as e:  # never let one bad batch stop the server
+                log.exception("batch of %d failed", len(rows))
+                for r in rows:
+                    if not r.finished:
+                        r.fail(APIError(f"generation failed: {e}", 500, "server_error"))
+
+    def _decode(self, rows) -> None:
+        app = self.app
+        with app.lock:  # a prompt file may have gone since the request was parsed
+            ok = []
+            for r in rows:
+                try:
+                    app.bank.resolve(r.spec)
+                    ok.append(r)
+                except KeyError:
+                    r.fail(APIError(f"model {r.request['model']!r} was removed", 404, code="model_not_found"))
+            rows = ok
+            if not rows:
+                return
+            # the batch layout (each row's virtual tokens and prefixes) is computed here, once:
+            # removing a prompt from the bank later does not touch a batch in flight
+            model = app.bank.for_rows([r.spec for r in rows])
+        self.batch_sizes[len(rows)] += 1
+        steps = decode_steps(model, [r.ids for r in rows], [r.max_tokens for r in rows],
+                             temperature=[r.temperature for r in rows], top_p=[r.top_p for r in rows],
+                             seed=[r.seed for r in rows], extra_positions=[r.extra for r in rows],
+                             pad_id=app.pad_id)  # no eos_id: each Row knows its own (chat, ignore_eos)
+        try:
+            for tokens in steps:
+                for r, t in zip(rows, tokens):
+                    if r.finished:
+                        continue
+                    if r.cancelled.is_set():
+                        r.finished = True
+                        self.cancelled_rows += 1
+                    else:
+                        self.tokens += 1
+                        r.feed(t)
+                if all(r.finished for r in rows):
+                    break
+        finally:
+            steps.close()
+        for r in rows:
+            if not r.finished:
+                r.finish("length")
+
+
+# ==== the application: base, prompt folder, hot-plugging =====================================
+
+class App:
+    """The base model, its tokenizer and the PromptBank of the prompt folder's files."""
+
+    def __init__(self, base_dir, prompt_dir, dtype=torch.float32, device="cpu", max_batch=16, window=0.005):
+        self.base, self.tokenizer = load_base(base_dir, dtype=dtype, device=device)
+        if self.base.config.model_type != "gpt":
+            raise ValueError(f"{base_dir}: serving needs a decoder-only model")
+        self.model_config = self.base.config
+        self.bank = PromptBank(self.base)
+        self.prompt_dir = Path(prompt_dir)
+        self.files: dict[str, tuple] = {}    # name -> (path, mtime_ns, size) as loaded
+        self.broken: dict[str, tuple] = {}   # name -> (mtime_ns, size) of a file that failed to load
+        self.lock = threading.RLock()        # guards the bank and the file tables
+        tok = self.tokenizer
+        self.pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id or 0
+        self.decode = lambda ids: tok.decode(ids, skip_special=True)
+        self.created = int(time.time())
+        self.scan()
+        self.scheduler = Scheduler(self, max_batch, window)
+
+    def scan(self) -> None:
+        """Bring the bank in line with the folder: load new or changed files, drop removed
+        ones. Called on every request; a stat per file, so cheap."""
+        found = {}
+        for path in self.prompt_dir.glob("*.safetensors"):
+            name = path.stem
+            if name.startswith(".") or "+" in name or name == BASE_ID:  # temp files of atomic saves; reserved
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            found[name] = (path, st.st_mtime_ns, st.st_size)
+        with self.lock:
+            for name in list(self.files):
+                if name not in found:
+                    self.bank.remove(name)
+                    del self.files[name]
+                    log.info("prompt %s removed", name)
+            for name, entry in found.items():
+                if self.files.get(name) == entry or self.broken.get(name) == entry[1:]:
+                    continue
+                try:
+                    self.bank.add(name, entry[0], self.tokenizer)
+                except (ValueError, OSError, KeyError) as e:
+                    self.broken[name] = entry[1:]
+                    log.warning("prompt %s not served: %s", name, e)
+                    if name in self.files:
+                        self.bank.remove(name)
+                        del self.files[name]
+                    continue
+                self.broken.pop(name, None)
+                log.info("prompt %s %s", name, "reloaded" if name in self.files else "loaded")
+                self.files[name] = entry
+
+    def model_ids(self) -> list[str]:
+        self.scan()
+        with self.lock:
+            return [BASE_ID, *self.bank.names]
+
+    def resolve_model(self, model: str) -> tuple:
+        """(the bank's row spec, the context its prompts take) for a model id, or a 404."""
+        self.scan()
+        if model == BASE_ID:
+            return None, 0
+        with self.lock:
+            try:
+                pieces = self.bank.resolve(model)
+            except KeyError:
+                pieces = None
+            if pieces is None:
+                raise APIError(f"the model {model!r} does not exist (served: {', '.join([BASE_ID, *self.bank.names])}; "
+                               f"'a+b' composes prompts)", 404, param="model", code="model_not_found")
+        return model, (0 if pieces.vectors is None else len(pieces.vectors)) + pieces.position_offset
+
+    def chat_prompt(self, messages) -> str:
+        tok = self.tokenizer
+        if getattr(tok, "chat_format", None) is None:
+            raise APIError("this base model's tokenizer has no chat template: use /v1/completions")
+        if not messages:
+            raise APIError("'messages' must not be empty", param="messages")
+        turns = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise APIError(f"messages[{i}] needs a 'role' of {', '.join(ROLES)}", param="messages")
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: only text ones
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise APIError(f"messages[{i}].content: only text parts are supported", param="messages")
+                content = "".join(p["text"] for p in content)
+            if not isinstance(content, str):
+                raise APIError(f"messages[{i}].content must be a string", param="messages")
+            turns.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+        return tok.apply_chat_template(turns)
+
+    def stop_ids(self, chat: bool) -> set:
+        """Token ids that end a row: EOS, and in chat also the template's end of turn."""
+        tok = self.tokenizer
+        ids = {tok.eos_id} if tok.eos_id is not None else set()
+        if chat and "<|im_end|>" in getattr(tok, "special_tokens", {}):
+            ids.add(tok.special_tokens["<|im_end|>"])
+        return ids
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {"batches": sum(s.batch_sizes.values()), "batch_sizes": {str(k): v for k, v in sorted(s.batch_sizes.items())},
+                "generated_tokens": s.tokens, "cancelled_rows": s.cancelled_rows, "queued_rows": s.queue.qsize()}
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+
+# ==== the HTTP handler =======================================================================
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"   # keep-alive for JSON replies; a stream closes its connection
+    server_version = "minipt-serve"
+
+    @property
+    def app(self) -> App:
+        return self.server.app
+
+    def log_message(self, fmt, *args):
+        log.info("%s %s", self.address_string(), fmt % args)
+
+    # ---- replies
+
+    def _json(self, status: int, obj) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, e: APIError) -> None:
+        self._json(e.status, e.body())
+
+    def do_GET(self):
+        path = self.path.split("?")[0].rstrip("/")
+        try:
+            if path == "/v1/models":
+                return self._json(200, {"object": "list", "data": [self._model(m) for m in self.app.model_ids()]})
+            if path.startswith("/v1/models/"):
+                name = path[len("/v1/models/"):]
+                self.app.resolve_model(name)
+                return self._json(200, self._model(name))
+            if path == "/stats":
+                return self._json(200, self.app.stats())
+            if path == "/health":
+                return self._json(200, {"status": "ok"})
+            raise APIError(f"no route GET {path}", 404, "not_found_error")
+        except APIError as e:
+            self._error(e)
+
+    def _model(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.app.created, "owned_by": "minipt"}
+
+    def do_POST(self):
+        path = self.path.split("?")[0].rstrip("/")
+        try:
+            raw = self._read_body()  # read first, whatever the route: the connection stays usable
+            if path not in ("/v1/completions", "/v1/chat/completions"):
+                raise APIError(f"no route POST {path}", 404, "not_found_error")
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise APIError(f"the request body is not valid JSON ({e})") from None
+            rows = parse_request(body, path == "/v1/chat/completions", self.app)
+        except APIError as e:
+            return self._error(e)
+        except Exception as e:  # a bug here must not cost the client its answer
+            log.exception("request failed")
+            return self._error(APIError(f"internal error: {e}", 500, "server_error"))
+        self.app.scheduler.submit(rows)
+        try:
+            (self._stream if rows[0].request["stream"] else self._reply)(rows)
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            log.info("client %s went away", self.address_string())
+            self.close_connection = True
+        finally:  # whatever happened here, the scheduler can drop these rows now
+            for r in rows:
+                r.cancelled.set()
+
+    def _read_body(self) -> bytes:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise APIError("bad Content-Length header") from None
+        if length > MAX_BODY:
+            self.close_connection = True  # the body stays unread
+            raise APIError(f"request body over {MAX_BODY} bytes", 413)
+        return self.rfile.read(length)
+
+    # ---- completions: one reply at the end, or a stream of chunks
+
+    @staticmethod
+    def _events(rows):
+        """The request's events (its rows share one queue) until every row is done or failed."""
+        events, left = rows[0].events, len(rows)
+        while left:
+            ev = events.get()
+            left -= ev[0] != "delta"
+            yield ev
+
+    @staticmethod
+    def _head(req, kind: str) -> dict:
+        return {"id": req["id"], "object": kind, "created": int(time.time()), "model": req["model"],
+                "system_fingerprint": None}
+
+    @staticmethod
+    def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def _reply(self, rows) -> None:
+        req = rows[0].request
+        texts, reasons, usage = collections.defaultdict(str), {}, [0, 0]
+        for ev in self._events(rows):
+            if ev[0] == "error":
+                return self._error(ev[2])
+            if ev[0] == "delta":
+                texts[ev[1]] += ev[2]
+            else:
+                reasons[ev[1]] = ev[2]
+                usage[0] += ev[3]
+                usage[1] += ev[4]
+        if req["chat"]:
+            head = self._head(req, "chat.completion")
+            choices = [{"index": 0, "message": {"role": "assistant", "content": texts[0]},
+                        "logprobs": None, "finish_reason": reasons[0]}]
+        else:
+            head = self._head(req, "text_completion")
+            choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]}
+                       for i in range(len(rows))]
+        self._json(200, {**head, "choices": choices, "usage": self._usage(*usage)})
+
+    def _stream(self, rows) -> None:
+        """Server-sent events: one chunk per text delta, one with each row's finish_reason,
+        optionally one with the usage, then `data: [DONE]`."""
+        req, chat = rows[0].request, rows[0].request["chat"]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # no length known: the end of the stream ends the connection
+        self.end_headers()
+        self.close_connection = True
+        head = self._head(req, "chat.completion.chunk" if chat else "text_completion")
+
+        def send(obj) -> None:  # raises BrokenPipeError & co. when the client has gone: see do_POST
+            self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            self.wfile.flush()
+
+        def chunk(index, text=None, reason=None, role=None) -> dict:
+            if chat:
+                delta = {} if text is None else {"content": text}
+                if role:
+                    delta = {"role": role, **delta}
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+            else:
+                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return {**head, "choices": [choice]}
+
+        if chat:
+            send(chunk(0, "", role="assistant"))
+        usage = [0, 0]
+        for ev in self._events(rows):
+            if ev[0] == "error":
+                send(ev[2].body())
+                break
+            if ev[0] == "delta":
+                send(chunk(ev[1], ev[2]))
+            else:
+                send(chunk(ev[1], reason=ev[2]))
+                usage[0] += ev[3]
+                usage[1] += ev[4]
+        if req["include_usage"]:
+            send({**head, "choices": [], "usage": self._usage(*usage)})
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, app: App):
+        self.app = app
+        super().__init__(address, Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def server_close(self):
+        super().server_close()
+        self.app.close()
+
+
+def make_server(base_dir, prompt_dir, host="127.0.0.1", port=8000, dtype=torch.float32, device="cpu",
+                max_batch=16, window=0.005) -> Server:
+    """The server, bound and ready for serve_forever() (port 0 picks a free port; see .url)."""
+    return Server((host, port), App(base_dir, prompt_dir, dtype, device, max_batch, window))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m minipt.serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", required=True, help="minipt checkpoint directory (see weights/)")
+    ap.add_argument("--prompts", required=True, help="folder of prompt files, watched: NAME.safetensors is model NAME")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-batch", type=int, default=16, help="most rows decoded in one batch")
+    ap.add_argument("--batch-window-ms", type=float, default=5.0,
+                    help="how long the first queued request waits for others to join its batch")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if not Path(args.prompts).is_dir():
+        raise SystemExit(f"error: {args.prompts}: not a folder")
+    try:
+        server = make_server(args.base, args.prompts, args.host, args.port, getattr(torch, args.dtype), args.device,
+                             args.max_batch, args.batch_window_ms / 1000)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    log.info("serving %s on %s/v1", ", ".join(server.app.model_ids()), server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
