@@ -7,5 +7,6 @@
 from .checkpoint import load_base, load_model
 from .generation import generate
 from .prompts import PromptConfig, attach, load as load_prompt, save as save_prompt
+from .prompts.mixed import PromptBank
 
-__all__ = ["load_base", "load_model", "generate", "PromptConfig", "attach", "load_prompt", "save_prompt"]
+__all__ = ["load_base", "load_model", "generate", "PromptConfig", "attach", "load_prompt", "save_prompt", "PromptBank"]
