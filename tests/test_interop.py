@@ -1,6 +1,7 @@
 """Prompt files between tools: minipt -> peft adapter directories that
 `PeftModel.from_pretrained` loads onto the transformers model (logits equal), peft -> minipt
 back again, Google's .npy soft prompts, and the command line's refusals."""
+import copy
 import json
 import subprocess
 import sys
@@ -187,3 +188,18 @@ def test_cli_errors_are_one_line_and_leave_nothing(converted_dir, tmp_path):
         main(["export", str(tmp_path / "bad.npy"), str(tmp_path / "adapter")])
     assert e.value.code == 1 and not (tmp_path / "adapter").exists()
     assert list(tmp_path.iterdir()) == [tmp_path / "bad.npy"]  # no temporary directory left behind
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning_v2"])
+def test_export_on_smollm2_gives_peft_the_same_logits(method, smollm2_dir, hf_smollm2, tmp_path):
+    """The real model: a prompt exported from minipt, loaded by peft onto transformers'
+    reading of the same GGUF file."""
+    model = trained_like(load_model(smollm2_dir), method)
+    ids = torch.randint(2, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ids)[0]
+    out = export_peft(save(model, tmp_path / "task.safetensors"), tmp_path / "adapter", base=smollm2_dir)
+    peft = PeftModel.from_pretrained(copy.deepcopy(hf_smollm2), out)  # the session's oracle stays untouched
+    with torch.no_grad():
+        theirs = peft(input_ids=ids).logits[:, P if method == "prompt_tuning" else 0:]
+    assert (theirs - ours).abs().max() <= 1e-3
