@@ -6,10 +6,8 @@ unpickling anything (safetensors only).
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
 from .config import GPTConfig, T5Config, load_config
+from .tensorfile import read_tensors
 
 
 def build_model(config):
@@ -29,11 +27,9 @@ def load_model(directory, dtype=None, device="cpu"):
     config = load_config(directory)
     path = directory / "model.safetensors"
     try:
-        state = load_file(path, device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        state = read_tensors(path, dtype, device)       # cast tensor by tensor: no second whole copy
+    except OSError as e:
+        raise ValueError(f"{path}: unreadable ({e.strerror or e})") from None
     with torch.device("meta"):
         model = build_model(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
