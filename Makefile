@@ -26,7 +26,7 @@ test: venv
 	$(PY) -m pytest -q
 
 bench: weights
-	$(PY) bench/bench_generate.py
+	$(PY) bench/bench.py
 
 clean:
 	rm -rf .venv weights/downloads $(BASE)
