@@ -19,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from minipt.checkpoint import load_base
-from minipt.config import TrainConfig, parse_train_config
+from minipt.config import parse_train_config
 from minipt.data import Batches, collate
 from minipt.evaluation import evaluate_generation, rank_classify
 from minipt.prompts import PromptConfig, attach, init_from, save

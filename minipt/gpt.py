@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
-from .layers import GeluMLP, KVCache, LayerPrefix, RMSNorm, SelfAttention, SwiGLU, rope_cos_sin
+from .layers import GeluMLP, KVCache, RMSNorm, SelfAttention, SwiGLU, rope_cos_sin
 
 
 class Block(nn.Module):

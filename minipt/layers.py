@@ -6,7 +6,6 @@ plugs in (the first is the model's `inputs_embeds`): extra keys and values prepe
 an attention layer (prefix tuning, Li & Liang 2021; P-tuning v2, Liu et al. 2022), or
 attended through a separate softmax scaled by a tanh gate (LLaMA-Adapter, Zhang et al. 2023).
 """
-import math
 from dataclasses import dataclass
 
 import torch

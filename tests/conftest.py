@@ -82,3 +82,28 @@ def hf_smollm2():
     from transformers import AutoModelForCausalLM
     path = fetch("smollm2-gguf")
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def llama_dir(converted_dir):
+    return converted_dir("llama")
+
+
+@pytest.fixture(scope="session")
+def t5_dir(converted_dir):
+    return converted_dir("t5-v1.1")
+
+
+def greedy_by_full_forwards(model, prompt, n):
+    """n greedy tokens, each from a forward over everything so far (no KV cache): the
+    reference that cached generation must equal."""
+    seq = []
+    for _ in range(n):
+        if getattr(model, "is_t5", False):
+            dec = torch.tensor([[model.config.decoder_start_id] + seq])
+            logits, _ = model(torch.tensor([prompt]), decoder_input_ids=dec)
+        else:
+            logits, _ = model(torch.tensor([prompt + seq]))
+        seq.append(logits[0, -1].argmax().item())
+    return seq
+

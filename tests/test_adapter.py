@@ -7,6 +7,8 @@ import torch
 from minipt.checkpoint import load_model
 from minipt.prompts import PromptConfig, attach, load, save
 
+from conftest import greedy_by_full_forwards
+
 P = 3
 KINDS = ["llama", "gpt2", "t5-v1.0", "t5-v1.1"]
 
@@ -136,15 +138,7 @@ def test_cached_generation_equals_full_forwards(kind, converted):
     open_gates(model)
     for prompts in ([[5, 6, 7, 8, 9, 10], [11, 12, 13]], [[21, 22, 23, 24]]):  # padded, then unpadded
         for prompt, out in zip(prompts, model.generate(prompts, 6)):
-            seq = []
-            for _ in range(6):
-                if model.is_t5:
-                    dec = torch.tensor([[model.config.decoder_start_id] + seq])
-                    logits, _ = model(torch.tensor([prompt]), decoder_input_ids=dec)
-                else:
-                    logits, _ = model(torch.tensor([prompt + seq]))
-                seq.append(logits[0, -1].argmax().item())
-            assert out == seq
+            assert out == greedy_by_full_forwards(model, prompt, 6)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -2,7 +2,6 @@
 composition "a+b" give what the Python API gives; rank classification prints one label per
 text; a missing prompt file is a one-line error."""
 import pytest
-import torch
 
 import generate as generate_cli
 from minipt.checkpoint import load_base

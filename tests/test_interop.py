@@ -88,7 +88,7 @@ def test_exported_lora_is_what_peft_itself_saves(converted_dir, tmp_path):
     """Save peft's own LoRA with our values: the same tensor names and config essentials."""
     from peft import LoraConfig, get_peft_model
     model = trained_like(load_model(converted_dir("llama")), "lora")
-    out = export_peft(save(model, tmp_path / "lora.safetensors"), tmp_path / "ours")
+    export_peft(save(model, tmp_path / "lora.safetensors"), tmp_path / "ours")
     peft = get_peft_model(tiny_hf_model("llama"), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8.0,
                                                              target_modules=["q_proj", "v_proj", "down_proj"]))
     peft.save_pretrained(tmp_path / "theirs")

@@ -17,16 +17,6 @@ from conftest import tiny_hf_model
 R, ALPHA = 4, 8.0
 
 
-@pytest.fixture(scope="module")
-def llama_dir(converted_dir):
-    return converted_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def t5_dir(converted_dir):
-    return converted_dir("t5-v1.1")
-
-
 def lora(**kw):
     return PromptConfig(method="lora", lora_r=R, lora_alpha=ALPHA, **kw)
 

@@ -8,6 +8,8 @@ import torch
 from minipt.checkpoint import load_model
 from minipt.prompts import PromptConfig, attach, load, save
 
+from conftest import greedy_by_full_forwards
+
 
 METHODS = ["prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora"]
 FAMILIES = ["llama", "gpt2", "t5"]
@@ -33,18 +35,6 @@ def prompted(base_dirs, family, method):
     return model
 
 
-def full_forward_greedy(model, prompt, n):
-    seq = []
-    for _ in range(n):
-        if model.is_t5:
-            dec = torch.tensor([[model.config.decoder_start_id] + seq])
-            logits, _ = model(torch.tensor([prompt]), decoder_input_ids=dec)
-        else:
-            logits, _ = model(torch.tensor([prompt + seq]))
-        seq.append(logits[0, -1].argmax().item())
-    return seq
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 @torch.no_grad()
@@ -52,7 +42,7 @@ def test_cached_generation_equals_full_forward(base_dirs, family, method):
     model = prompted(base_dirs, family, method)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
     cached = model.generate(prompts, 5)  # one padded batch through the KV cache
-    assert cached == [full_forward_greedy(model, p, 5) for p in prompts]
+    assert cached == [greedy_by_full_forwards(model, p, 5) for p in prompts]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -15,11 +15,6 @@ LENGTHS = {"prompt_tuning": 3, "p_tuning": 5, "prefix_tuning": 4, "p_tuning_v2":
 
 
 @pytest.fixture(scope="module")
-def llama_dir(converted_dir):
-    return converted_dir("llama")
-
-
-@pytest.fixture(scope="module")
 def prompt_files(llama_dir, tmp_path_factory):
     """One file per mixable method (different lengths, adapters with open gates), plus a
     second soft prompt and prefix for composition."""

@@ -15,16 +15,6 @@ from conftest import tiny_hf_model
 P, H = 5, 16
 
 
-@pytest.fixture(scope="module")
-def llama_dir(converted_dir):
-    return converted_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def t5_dir(converted_dir):
-    return converted_dir("t5-v1.1")
-
-
 def p_tuning(kind="lstm", **kw):
     return PromptConfig(method="p_tuning", num_virtual_tokens=P, encoder_type=kind, encoder_hidden=H,
                         init="random", **kw)

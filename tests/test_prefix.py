@@ -8,7 +8,7 @@ from peft import PrefixTuningConfig, TaskType, get_peft_model
 from minipt.checkpoint import load_model
 from minipt.prompts import PromptConfig, attach, load, save
 
-from conftest import tiny_hf_model
+from conftest import greedy_by_full_forwards, tiny_hf_model
 
 P, H = 4, 24   # prefix length, MLP hidden width
 
@@ -109,18 +109,6 @@ def test_t5_each_site_changes_the_output_and_none_changes_nothing(variant, conve
 
 
 # ---- generation through the KV cache ---------------------------------------------------
-
-def greedy_by_full_forwards(model, prompt, n):
-    seq = []
-    for _ in range(n):
-        if model.is_t5:
-            dec = torch.tensor([[model.config.decoder_start_id] + seq])
-            logits, _ = model(torch.tensor([prompt]), decoder_input_ids=dec)
-        else:
-            logits, _ = model(torch.tensor([prompt + seq]))
-        seq.append(logits[0, -1].argmax().item())
-    return seq
-
 
 @pytest.mark.parametrize("kind,method", [("llama", "prefix_tuning"), ("gpt2", "p_tuning_v2"),
                                          ("t5-v1.0", "prefix_tuning"), ("t5-v1.1", "p_tuning_v2")])

@@ -14,7 +14,6 @@ from minipt.checkpoint import load_model
 from minipt.convert import (T5_DROPPED, T5_KEY_MAP, ConversionError, apply_key_map, convert, expected_shapes,
                             t5_config_from_hf)
 from minipt.layers import LayerPrefix
-from minipt.t5 import T5
 
 from conftest import save_tiny_hf
 
