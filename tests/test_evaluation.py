@@ -6,8 +6,8 @@ import torch
 
 from minipt.checkpoint import load_base
 from minipt.config import GPTConfig, T5Config
-from minipt.evaluation import (ensemble_classify, evaluate_generation, exact_match, generate_predictions,
-                               rank_classify, rouge_l)
+from minipt.evaluation import (Ensemble, ensemble_classify, evaluate_generation, exact_match,
+                               generate_predictions, label_scores, rank_classify, rouge_l)
 from minipt.fetch import fetch
 from minipt.gpt import GPT
 from minipt.prompts import PromptConfig, attach
@@ -147,6 +147,8 @@ def test_ensemble_members_and_combinations_equal_each_prompt_scored_alone(bpe, l
     prompts = [bpe.encode(TEMPLATE.format(input=r["input"])) for r in rows]
     label_ids = [bpe.encode(label) for label in labels]
     alone = torch.stack([brute_force(m, prompts, label_ids, False) for m in members], 1)   # (N, K, L)
+    scores = label_scores(Ensemble(bank, ["seed0", "seed1", "seed2"]), bpe, rows, TEMPLATE, labels, False, batch_size=2)
+    assert torch.allclose(scores, alone, atol=1e-4)                                       # each member's own scores
     result = ensemble_classify(bank, ["seed0", "seed1", "seed2"], bpe, rows, TEMPLATE, labels, batch_size=2)
     for k, m in enumerate(members):
         assert result["members"][k] == rank_classify(m, bpe, rows, TEMPLATE, labels, is_t5=False)[0]
