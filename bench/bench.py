@@ -53,7 +53,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
-from bench_generate import BATCH_PROMPTS, PROMPT, bench_case, runners  # noqa: E402
+from bench_generate import BATCH_PROMPTS, PROMPT, bench_case, print_cases, runners  # noqa: E402
 from minipt.checkpoint import load_base  # noqa: E402
 from minipt.config import TrainConfig, parse_train_config  # noqa: E402
 from minipt.data import Batches, collate, encode_text  # noqa: E402
@@ -542,11 +542,7 @@ def generate_section(args) -> dict:
     how = "peft's generate" if args.peft_generate == "peft" else "transformers generate + peft's prompt as embeddings"
     print(f"\ngreedy generation with a {N_VIRTUAL}-token soft prompt, {args.new_tokens} new tokens per row, "
           f"{args.gen_dtype}, median of {args.gen_repeats}; peft side: {how}")
-    print(f"{'case':<24}{'minipt tok/s':>14}{'peft tok/s':>12}{'ratio':>8}{'paired':>8}{'identical':>11}")
-    for c in cases:
-        same = f"{c['identical_rows']}/{c['rows']} rows" if c["rows"] > 1 else str(c["identical"])
-        print(f"{c['case']:<24}{c['minipt_tok_s']:>14.1f}{c['transformers_tok_s']:>12.1f}"
-              f"{c['ratio']:>7.2f}x{c['paired_ratio']:>7.2f}x{same:>11}")
+    print_cases(cases, "peft")
     print(f"text init: max difference between the two prompts before copying {init_diff:.1e}; peft's own generate "
           f"gives minipt's tokens (batch 1, 8 tokens): {peft_native_ok}")
     return {"dtype": args.gen_dtype, "new_tokens": args.new_tokens, "repeats": args.gen_repeats,

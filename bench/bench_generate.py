@@ -118,6 +118,16 @@ def bench_case(name, run_minipt, run_hf, n_tokens, repeats):
     }
 
 
+def print_cases(cases, peer: str) -> None:
+    """The table of bench_case results: tokens/s of both sides, ratios, identical rows."""
+    head = f"{peer} tok/s"
+    print(f"{'case':<24}{'minipt tok/s':>14}{head:>{len(head) + 2}}{'ratio':>8}{'paired':>8}{'identical':>11}")
+    for c in cases:
+        same = f"{c['identical_rows']}/{c['rows']} rows" if c["rows"] > 1 else str(c["identical"])
+        print(f"{c['case']:<24}{c['minipt_tok_s']:>14.1f}{c['transformers_tok_s']:>{len(head) + 2}.1f}"
+              f"{c['ratio']:>7.2f}x{c['paired_ratio']:>7.2f}x{same:>11}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -137,11 +147,7 @@ def main(argv=None):
             "transformers": transformers.__version__, "python": platform.python_version()}
     print(f"\ngreedy, {args.new_tokens} new tokens per row, {args.dtype}, median of {args.repeats}, "
           f"{info['threads']} threads (torch {info['torch']}, transformers {info['transformers']})\n")
-    print(f"{'case':<24}{'minipt tok/s':>14}{'transformers tok/s':>20}{'ratio':>8}{'paired':>8}{'identical':>11}")
-    for c in cases:
-        same = f"{c['identical_rows']}/{c['rows']} rows" if c["rows"] > 1 else str(c["identical"])
-        print(f"{c['case']:<24}{c['minipt_tok_s']:>14.1f}{c['transformers_tok_s']:>20.1f}"
-              f"{c['ratio']:>7.2f}x{c['paired_ratio']:>7.2f}x{same:>11}")
+    print_cases(cases, "transformers")
     if args.json:
         args.json.write_text(json.dumps({"info": info, "cases": cases}, indent=2) + "\n")
         print(f"\nwrote {args.json}")

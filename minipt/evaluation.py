@@ -150,6 +150,7 @@ class Ensemble(torch.nn.Module):
     def __init__(self, bank, members):
         super().__init__()
         self.bank, self.members, self.n_members = bank, list(members), len(members)
+        self._bound = {}  # batch size -> the bank bound to its B * K rows (their layout built once)
 
     @property
     def config(self):
@@ -161,9 +162,11 @@ class Ensemble(torch.nn.Module):
 
     def forward(self, idx, attention_mask=None, **kwargs):
         """(B, ...) inputs -> (B * K, ...) outputs, row b's members at rows b*K .. b*K + K-1."""
-        rows = self.members * idx.size(0)
+        B = idx.size(0)
+        if B not in self._bound:
+            self._bound[B] = self.bank.for_rows(self.members * B)
         mask = None if attention_mask is None else attention_mask.repeat_interleave(self.n_members, 0)
-        return self.bank(idx.repeat_interleave(self.n_members, 0), rows=rows, attention_mask=mask, **kwargs)
+        return self._bound[B](idx.repeat_interleave(self.n_members, 0), attention_mask=mask, **kwargs)
 
 
 def ensemble_classify(bank, members, tok, rows, template, labels, batch_size=32, max_len=None) -> dict:

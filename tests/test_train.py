@@ -65,6 +65,18 @@ def train_losses(out):
     return [r["loss"] for r in rows if r["kind"] == "train"]
 
 
+def logged_test_row(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()][-1]
+
+
+def reloaded_test_accuracy(out, base_dir, task_file, is_t5):
+    """The test accuracy of the saved prompt file, reloaded onto a fresh base."""
+    base, tok = load_base(base_dir)
+    model = load(Path(out) / "prompt.safetensors", base, tok)
+    task = load_task(str(task_file))
+    return rank_classify(model, tok, task.splits["test"], "Review: {input}\nSentiment:", task.labels, is_t5)[0]
+
+
 # ---- configuration -----------------------------------------------------------------------
 
 def test_config_overrides_file_and_types(tmp_path):
@@ -118,12 +130,7 @@ def test_outputs_and_reload_give_the_reported_accuracy(llama_dir, task_file, tmp
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["steps"] == 6 and saved["method"] == "prompt_tuning"
-    test_row = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
-    base, tok = load_base(llama_dir)
-    model = load(tmp_path / "prompt.safetensors", base, tok)
-    task = load_task(str(task_file))
-    accuracy, _, _ = rank_classify(model, tok, task.splits["test"], "Review: {input}\nSentiment:", task.labels, False)
-    assert accuracy == test_row["accuracy"]
+    assert reloaded_test_accuracy(tmp_path, llama_dir, task_file, is_t5=False) == logged_test_row(tmp_path)["accuracy"]
 
 
 def test_prompt_transfer_starts_from_the_given_prompt(llama_dir, task_file, tmp_path):
@@ -177,9 +184,4 @@ def test_t5_end_to_end(method, t5_dir, task_file, tmp_path):
     train.main(args(t5_dir, task_file, tmp_path, method=method, steps=8, lr=0.1))
     losses = train_losses(tmp_path)
     assert sum(losses[-3:]) < sum(losses[:3]), losses
-    test_row = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
-    base, tok = load_base(t5_dir)
-    model = load(tmp_path / "prompt.safetensors", base, tok)
-    task = load_task(str(task_file))
-    accuracy, _, _ = rank_classify(model, tok, task.splits["test"], "Review: {input}\nSentiment:", task.labels, True)
-    assert accuracy == test_row["accuracy"]
+    assert reloaded_test_accuracy(tmp_path, t5_dir, task_file, is_t5=True) == logged_test_row(tmp_path)["accuracy"]

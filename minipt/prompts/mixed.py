@@ -74,7 +74,6 @@ class PromptBank(nn.Module):
         self.base = base
         self.n_layers = len(base.layers)
         self.pieces: dict[str, Pieces] = {}
-        self.methods: dict[str, nn.Module] = {}
 
     @property
     def config(self):
@@ -102,11 +101,9 @@ class PromptBank(nn.Module):
                                    [None if j is None else (j[0].to(dtype), j[1].to(dtype)) for j in p.joined],
                                    [[(k.to(dtype), v.to(dtype), g.float()) for k, v, g in layer] for layer in p.gated],
                                    p.position_offset)
-        self.methods[name] = method
 
     def remove(self, name: str) -> None:
         self.pieces.pop(name)
-        self.methods.pop(name)
 
     def resolve(self, spec) -> "Pieces | None":
         """A row's prompt: None / "" (no prompt), "name" or "a+b+..." (composed)."""
