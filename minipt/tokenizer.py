@@ -356,8 +356,10 @@ class BPETokenizer:
     def _encode_word(self, word: str) -> list[int]:
         ids = self._cache.get(word)
         if ids is None:
-            symbols = _bpe_merge(list(_spell(word.encode("utf-8"))),
-                                 lambda a, b: self.merge_ranks.get((a, b), math.inf))
+            # A vocabulary may lack some bytes (SmolLM2 has no token for 0x04, 0xF1, ...): like HF
+            # tokenizers without an unk token, drop them before merging rather than fail.
+            symbols = [c for c in _spell(word.encode("utf-8")) if c in self.vocab]
+            symbols = _bpe_merge(symbols, lambda a, b: self.merge_ranks.get((a, b), math.inf))
             ids = [self.vocab[s] for s in symbols]
             if len(self._cache) > 100_000:  # words repeat a lot; keep memory bounded anyway
                 self._cache.clear()
