@@ -7,6 +7,7 @@ from peft import PromptTuningConfig, TaskType, get_peft_model
 from minipt.checkpoint import load_model
 from minipt.convert import convert
 from minipt.prompts import PromptConfig, attach, load, save
+from minipt.prompts.model import insert_at, leading_pads
 from minipt.prompts.soft_prompt import COMMON_TOKENS
 
 from conftest import save_tiny_hf, tiny_hf_model
@@ -93,6 +94,34 @@ def test_prompt_goes_after_left_padding(tmp_path):
     batch, _ = model(ids, attention_mask=mask)
     alone, _ = model(ids[1:, 4:])
     assert (batch[1, 4:] - alone[0]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_prompt_run_once_per_batch_equals_prompt_in_every_row(method, checkpointing, tmp_path):
+    """Training runs the virtual tokens once per batch (`_prompt_keys_values`); the loss
+    and gradient must equal those of the prompt inserted into each left-padded row."""
+    model = attach(converted(tiny_hf_model("llama"), tmp_path), PromptConfig(method=method, num_virtual_tokens=P, init="random"))
+    model.base.grad_checkpointing = checkpointing
+    model.train()
+    ids = torch.randint(0, 120, (3, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = mask[2, :6] = 0
+    targets = torch.where(mask.bool(), ids.roll(-1, 1), -100)
+    targets[:, -1] = -100
+
+    _, loss = model(ids, targets, attention_mask=mask)
+    grads = torch.autograd.grad(loss, model.trainable_parameters())
+
+    at = leading_pads(mask)
+    prompt = model.method.input_prompt()[None].expand(3, -1, -1)
+    _, ref_loss = model.base(inputs_embeds=insert_at(model.base.embed(ids), prompt, at),
+                             targets=insert_at(targets, targets.new_full((3, P), -100), at),
+                             attention_mask=insert_at(mask, mask.new_ones(3, P), at))
+    ref_grads = torch.autograd.grad(ref_loss, model.trainable_parameters())
+    assert abs(loss.item() - ref_loss.item()) <= 1e-6
+    for g, ref in zip(grads, ref_grads):
+        assert (g - ref).abs().max() <= 1e-6 * max(1.0, ref.abs().max().item())
 
 
 @pytest.mark.parametrize("where", ["gpt", "t5-encoder", "t5-decoder"])
