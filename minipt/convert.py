@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import GPTConfig, T5Config, save_config
+from .tensorfile import check_gguf, read_tensors
 
 
 class ConversionError(ValueError):
@@ -276,17 +276,24 @@ def t5_config_from_hf(hf: dict) -> T5Config:
 
 def read_hf_weights(src: Path) -> dict:
     """All tensors of an HF directory: model.safetensors, sharded safetensors with their
-    index, or a legacy pytorch_model.bin (loaded without unpickling arbitrary objects)."""
+    index (headers bounds-checked, see tensorfile.py), or a legacy pytorch_model.bin, loaded
+    with weights_only=True: a pickle that holds anything but tensors is refused, not run."""
     single, index, legacy = src / "model.safetensors", src / "model.safetensors.index.json", src / "pytorch_model.bin"
     try:
         if single.exists():
-            return load_file(single)
+            return read_tensors(single)
         if index.exists():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return {k: v for shard in shards for k, v in load_file(src / shard).items()}
+            return {k: v for shard in shards for k, v in read_tensors(src / shard).items()}
         if legacy.exists():
             return torch.load(legacy, map_location="cpu", weights_only=True, mmap=True)
-    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError, json.JSONDecodeError, KeyError) as e:
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it would call {found[1]}" if found else str(e).splitlines()[0]
+        raise ConversionError(f"{legacy}: refused, the pickle holds more than tensors ({what})") from None
+    except ValueError as e:  # tensorfile's one-line refusals name the file already
+        raise ConversionError(str(e)) from None
+    except (OSError, RuntimeError, json.JSONDecodeError, KeyError) as e:
         raise ConversionError(f"{src}: unreadable weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     raise ConversionError(f"{src}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
@@ -343,9 +350,19 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, out_dim // n_head // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
+GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
+
+
 def convert_gguf(src: Path, out: Path) -> None:
     from gguf import GGUFReader
     from gguf.quants import dequantize
+    try:  # the header is checked against the file before the gguf package maps any of it
+        table = check_gguf(src)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    for name, kind, _ in table:
+        if kind not in GGUF_TYPES:
+            raise ConversionError(f"{src}: tensor {name!r}: GGUF type {kind} not supported ({', '.join(sorted(GGUF_TYPES))})")
     try:
         reader = GGUFReader(src)
     except Exception as e:  # the gguf package raises ValueError, struct errors, numpy errors...
@@ -362,13 +379,10 @@ def convert_gguf(src: Path, out: Path) -> None:
     arch = field("general.architecture")
     if arch != "llama":
         raise ConversionError(f"{src}: GGUF architecture {arch!r} not supported (llama)")
-    supported = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
     n_head, n_embd = field("llama.attention.head_count"), field("llama.embedding_length")
     n_kv_head = field("llama.attention.head_count_kv", n_head)
     sd = {}
     for t in reader.tensors:
-        if t.tensor_type.name not in supported:
-            raise ConversionError(f"{t.name}: GGUF tensor type {t.tensor_type.name} not supported ({', '.join(sorted(supported))})")
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
         if t.name.endswith("attn_q.weight"):
             w = _unpermute(w, n_head)

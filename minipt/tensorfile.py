@@ -1,4 +1,5 @@
-"""Reading a `.safetensors` file one tensor at a time, header checked before any allocation.
+"""Reading a `.safetensors` file one tensor at a time, header checked before any allocation;
+and the same check for a GGUF file's header before the converter reads it.
 
 The format: 8 bytes little-endian header length N, N bytes of JSON {name: {"dtype",
 "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the data. The header
@@ -7,10 +8,17 @@ error, not an out-of-memory. Each tensor is then read with plain file reads (not
 map, whose touched pages would all count as the process's memory) and cast on the spot,
 so loading fp32 weights as bf16 peaks at the bf16 model plus one fp32 tensor, not both
 models whole.
+
+A GGUF file (llama.cpp) is a header of metadata entries and a tensor table, then the
+aligned data; `check_gguf` walks that header checking every length and offset against the
+file size, so a truncated file or one that claims a terabyte tensor is refused with the
+entry named before the `gguf` package maps or dequantizes anything.
 """
 import json
 import math
+import mmap
 import os
+import struct
 
 import torch
 
@@ -62,4 +70,97 @@ def read_tensors(path, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
             out[name] = t.to(device)
+    return out
+
+
+# ---- GGUF headers -------------------------------------------------------------------------
+
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
+def check_gguf(path) -> list[tuple[str, str, tuple]]:
+    """[(name, GGML type name, dims)] of a GGUF file's tensors; ValueError naming the entry if
+    any length or offset in the header points outside the file."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    size = os.path.getsize(path)
+    if size < 24:
+        raise ValueError(f"{path}: not a GGUF file ({size} bytes, shorter than a GGUF header)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        pos = 0
+
+        def take(n: int, what: str) -> int:  # the offset of the next n bytes, once they are known to exist
+            nonlocal pos
+            if n > size - pos:
+                raise ValueError(f"{path}: {what} needs {n:,} bytes at offset {pos:,}, the file has {size:,}")
+            pos += n
+            return pos - n
+
+        def number(fmt: str, what: str):
+            return struct.unpack_from(fmt, m, take(struct.calcsize(fmt), what))[0]
+
+        def string(what: str) -> str:
+            n = number("<Q", what)
+            start = take(n, what)
+            return m[start:start + n].decode("utf-8", "replace")
+
+        def value(kind: int, what: str):
+            if kind in GGUF_SCALARS:
+                return number(GGUF_SCALARS[kind], what)
+            if kind == GGUF_STRING:
+                return string(what)
+            if kind != GGUF_ARRAY:
+                raise ValueError(f"{path}: {what}: unknown GGUF value type {kind}")
+            item, n = number("<I", what), number("<Q", what)
+            if item in GGUF_SCALARS:
+                take(n * struct.calcsize(GGUF_SCALARS[item]), what)  # skipped, not read
+            elif n * 8 > size - pos:  # every string or array item has at least an 8-byte length
+                raise ValueError(f"{path}: {what}: claims {n:,} items, the file has {size - pos:,} bytes left")
+            else:
+                for _ in range(n):
+                    value(item, what)
+            return None
+
+        if m[:4] != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (starts with {m[:4]!r}, not b'GGUF')")
+        take(4, "magic")
+        version = number("<I", "version")
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} not supported (2, 3)")
+        n_tensors, n_kv = number("<Q", "tensor count"), number("<Q", "metadata count")
+        if n_tensors * 24 + n_kv * 13 > size - pos:  # the smallest possible table entry and metadata entry
+            raise ValueError(f"{path}: header claims {n_tensors:,} tensors and {n_kv:,} metadata entries, "
+                             f"more than its {size:,} bytes can hold")
+        alignment = 32
+        for i in range(n_kv):
+            key = string(f"metadata entry {i}")
+            v = value(number("<I", key), key)
+            if key == "general.alignment":
+                alignment = v
+        if not isinstance(alignment, int) or alignment < 1:
+            raise ValueError(f"{path}: general.alignment {alignment!r} is not a positive integer")
+        table = []
+        for i in range(n_tensors):
+            name = string(f"tensor {i}")
+            n_dims = number("<I", name)
+            if n_dims > 4:
+                raise ValueError(f"{path}: tensor {name!r}: {n_dims} dimensions, GGUF allows at most 4")
+            dims = tuple(number("<Q", name) for _ in range(n_dims))
+            kind, offset = number("<I", name), number("<Q", name)
+            try:
+                kind = GGMLQuantizationType(kind)
+            except ValueError:
+                raise ValueError(f"{path}: tensor {name!r}: unknown GGML type {kind}") from None
+            table.append((name, kind, dims, offset))
+        data = size - (pos + alignment - 1) // alignment * alignment
+    out = []
+    for name, kind, dims, offset in table:
+        block, block_bytes = GGML_QUANT_SIZES[kind]
+        if dims and dims[0] % block:
+            raise ValueError(f"{path}: tensor {name!r}: rows of {dims[0]} do not split into {kind.name} blocks of {block}")
+        nbytes = math.prod(dims) // block * block_bytes
+        if offset + nbytes > data:
+            raise ValueError(f"{path}: tensor {name!r}: {kind.name}{list(dims)} needs {nbytes:,} bytes at offset "
+                             f"{offset:,}, the data section has {max(data, 0):,}")
+        out.append((name, kind.name, dims))
     return out

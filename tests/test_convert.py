@@ -51,7 +51,7 @@ def test_misshaped_key_is_named(hf_dir, tmp_path):
 def test_truncated_safetensors(hf_dir, tmp_path):
     path = hf_dir / "model.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    assert_refused(hf_dir, tmp_path / "out", "unreadable")
+    assert_refused(hf_dir, tmp_path / "out", "model.safetensors", "the data section has")
 
 
 def test_garbage_gguf(tmp_path):
@@ -83,7 +83,7 @@ def test_legacy_bin_is_loaded_without_unpickling_code(hf_dir, tmp_path):
         def __reduce__(self):
             return (print, ("unpickled!",))
     torch.save({"x": Evil()}, hf_dir / "pytorch_model.bin")
-    assert_refused(hf_dir, tmp_path / "out", "unreadable")
+    assert_refused(hf_dir, tmp_path / "out", "refused", "it would call print")
 
 
 def test_cli_exit_code_and_one_line_error(hf_dir, tmp_path):
