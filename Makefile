@@ -16,7 +16,7 @@ weights: venv
 	$(PY) weights/smollm2.py
 
 run: weights
-	$(PY) train.py config/sentiment.py
+	$(PY) train.py config/sentiment.py --overwrite
 	$(PY) generate.py --base $(BASE) --prompt out/sentiment/prompt.safetensors --labels " negative, positive" \
 	    --text $$'Review: an engrossing, beautifully acted film\nSentiment:' \
 	    --text $$'Review: a tedious mess that never finds its footing\nSentiment:'

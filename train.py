@@ -7,12 +7,20 @@
 The story: read the config, load the frozen base, measure it zero-shot, attach the method,
 train it (logging, validating and checkpointing as it goes), measure it again, and leave
 behind the prompt file, `config.json`, `metrics.jsonl` and `plot.png` in `out_dir`.
+
+Bad input (a config value, a data file, a base directory, a prompt file) stops the run
+before anything is written, with one line `error: ...` naming the cause and exit status 1.
+A run in `out_dir` is continued with `--resume` or replaced with `--overwrite`, never
+silently. A non-finite loss or an out-of-memory stops the run and names the step, leaving
+the last checkpoint as it was.
 """
 import dataclasses
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 import json
+import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,30 +28,39 @@ from torch.nn.parallel import DistributedDataParallel
 
 from minipt.checkpoint import load_base
 from minipt.config import parse_train_config
-from minipt.data import Batches, collate
+from minipt.data import Batches, TruncationWarning, collate, encode_text
 from minipt.evaluation import evaluate_generation, rank_classify
 from minipt.prompts import PromptConfig, attach, init_from, save
 from minipt.tasks import load_task
-from minipt.training import (MetricsLog, all_sum, load_checkpoint, lr_at, make_optimizer, peak_rss_gb, plot_metrics,
-                             save_checkpoint, setup_distributed)
+from minipt.training import (MetricsLog, all_sum, atomic_write, load_checkpoint, lr_at, make_optimizer, peak_rss_gb,
+                             plot_metrics, save_checkpoint, setup_distributed)
+
+RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", "prompt.safetensors", "plot.png")  # what a run leaves
 
 
 def main(argv=None):
-    try:
-        cfg = parse_train_config(sys.argv[1:] if argv is None else argv)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    rank, world = setup_distributed(cfg.device)
-    main_process = rank == 0
-    say = print if main_process else (lambda *a, **k: None)
-    out = Path(cfg.out_dir)
-    torch.manual_seed(cfg.seed)
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
+        train(sys.argv[1:] if argv is None else argv)
 
-    # -- the frozen base model and the task --
-    dtype = torch.float32 if cfg.method == "full" else getattr(torch, cfg.dtype)  # full FT keeps fp32 master weights
-    base, tok = load_base(cfg.base, dtype=dtype, device=cfg.device)
-    is_t5 = base.config.model_type == "t5"
-    task = load_task(cfg.data, seed=cfg.seed)
+
+def train(argv):
+    with bad_input_exits():
+        cfg = parse_train_config(argv)
+        out = Path(cfg.out_dir)
+        check_device_and_out_dir(cfg, out)
+        rank, world = setup_distributed(cfg.device)
+        main_process = rank == 0
+        say = print if main_process else (lambda *a, **k: None)
+        warnings.simplefilter("once" if main_process else "ignore", TruncationWarning)
+        torch.manual_seed(cfg.seed)
+
+        # -- the frozen base model and the task --
+        dtype = torch.float32 if cfg.method == "full" else getattr(torch, cfg.dtype)  # full FT keeps fp32 master weights
+        base, tok = load_base(cfg.base, dtype=dtype, device=cfg.device)
+        is_t5 = base.config.model_type == "t5"
+        task = load_task(cfg.data, seed=cfg.seed)
+        check_task(cfg, task, tok, base.config, world)
     template = cfg.template or task.template
     train_rows, valid_rows, test_rows = task.splits["train"], task.splits["validation"][:cfg.eval_examples], task.splits["test"]
     metric = "accuracy" if task.labels else "rougeL"
@@ -63,10 +80,8 @@ def main(argv=None):
     prompt_fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PromptConfig)}
     model = attach(base, PromptConfig(**prompt_fields), tok)
     if cfg.init_from:  # prompt transfer: begin where a prompt for another task ended
-        try:
+        with bad_input_exits("init_from: "):
             init_from(model, cfg.init_from, tok)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: init_from: {e}")
     model.base.grad_checkpointing = cfg.grad_checkpointing
     params = model.trainable_parameters()
     for p in params:
@@ -77,11 +92,13 @@ def main(argv=None):
                       lengths=[len(r["input"]) for r in train_rows], bucket_batches=cfg.bucket_batches)
     start = 0
     if cfg.resume:
-        start = load_checkpoint(out / "checkpoint.pt", model, optimizer, batches)
+        with bad_input_exits():
+            start = load_checkpoint(out / "checkpoint.pt", model, optimizer, batches)
         say(f"resumed from {out / 'checkpoint.pt'} at step {start}")
+    last_saved = start  # the step of the checkpoint on disk (0: none)
     if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        take_over_out_dir(out, cfg)
+        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"))
         log = MetricsLog(out / "metrics.jsonl", keep_until_step=start if cfg.resume else None)
     ddp = DistributedDataParallel(model) if world > 1 else model
 
@@ -100,22 +117,30 @@ def main(argv=None):
         micro = [{k: v.to(cfg.device) for k, v in mb.items()} for mb in micro]
         n_targets = all_sum(sum(int((mb["targets"] != -100).sum()) for mb in micro), world)
         loss_sum = 0.0
-        for i, mb in enumerate(micro):
-            n_mb = int((mb["targets"] != -100).sum())
-            with ddp.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext():
-                _, loss = ddp(mb["input_ids" if is_t5 else "idx"], mb["targets"], attention_mask=mb["attention_mask"],
-                              loss_only=True)
-                # a sum over this rank's target tokens / the global count: DDP's gradient average
-                # then equals the gradient of the mean loss over the whole global batch
-                (loss * n_mb * world / n_targets).backward()
-            loss_sum += loss.item() * n_mb
-            seen_tokens += int(mb["attention_mask"].sum())
+        done = step + 1
+        try:
+            for i, mb in enumerate(micro):
+                n_mb = int((mb["targets"] != -100).sum())
+                with ddp.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext():
+                    _, loss = ddp(mb["input_ids" if is_t5 else "idx"], mb["targets"], attention_mask=mb["attention_mask"],
+                                  loss_only=True)
+                    # a sum over this rank's target tokens / the global count: DDP's gradient average
+                    # then equals the gradient of the mean loss over the whole global batch
+                    (loss * n_mb * world / n_targets).backward()
+                loss_sum += loss.item() * n_mb
+                seen_tokens += int(mb["attention_mask"].sum())
+        except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain one
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                raise
+            sys.exit(f"error: out of memory at step {done} on micro-batches of {micro[0]['targets'].shape[0]} rows; "
+                     f"{smaller_pieces(cfg, world)}; {kept(out, last_saved)}")
+        loss = all_sum(loss_sum, world) / n_targets
+        if not math.isfinite(loss):  # every rank sees the same sum, so all stop here together
+            sys.exit(f"error: loss is {loss} at step {done}, stopped before the update; {kept(out, last_saved)}")
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = all_sum(loss_sum, world) / n_targets
-        done = step + 1
 
         if main_process and (done % cfg.log_interval == 0 or done == cfg.steps):
             elapsed = time.perf_counter() - t_start
@@ -132,6 +157,7 @@ def main(argv=None):
         if cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done < cfg.steps:
             if main_process:
                 save_checkpoint(out / "checkpoint.pt", done, model, optimizer, batches)
+            last_saved = done
             _barrier(world)
     train_seconds = time.perf_counter() - t_start
 
@@ -151,6 +177,94 @@ def main(argv=None):
     print(f"{'peak memory (RSS)':{width}} {peak_rss_gb():>19.2f}GB")
     print(f"\nwrote {prompt_path} ({prompt_path.stat().st_size / 1024:.0f} kB), {out / 'metrics.jsonl'}"
           + (f", {out / 'plot.png'}" if plotted else " (no plot: matplotlib is not installed)"))
+
+
+# ---- refusals ---------------------------------------------------------------------------
+
+@contextmanager
+def bad_input_exits(prefix=""):
+    """Setup's ValueErrors and missing files carry a one-line message naming the cause: end
+    the run with it (exit status 1), without a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {prefix}{e}")
+
+
+def check_device_and_out_dir(cfg, out: Path) -> None:
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
+        raise ValueError(f"device={cfg.device!r}: CUDA is not available ({build}); use --device=cpu")
+    earlier = [name for name in RUN_FILES if (out / name).exists()]
+    if earlier and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"{out}: holds an earlier run ({', '.join(earlier)}); "
+                         "pass --resume to continue it or --overwrite to replace it")
+    saved = out / "config.json"
+    if cfg.resume and saved.exists():
+        # what decides the prompt's shape, its data and its optimizer state; the schedule, the
+        # intervals and the device may change
+        must_match = [f.name for f in dataclasses.fields(PromptConfig)] + ["base", "data", "template", "optimizer"]
+        try:
+            before = json.loads(saved.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{saved}:{e.lineno}: invalid JSON ({e.msg})") from None
+        now = dataclasses.asdict(cfg)
+        for key in must_match:
+            if key in before and before[key] != now[key]:
+                raise ValueError(f"{saved}: the run being resumed has {key}={before[key]!r}, this one {now[key]!r}; "
+                                 f"resume with the same {key}, or start again with --overwrite")
+
+
+def check_task(cfg, task, tok, model_config, world: int) -> None:
+    """Refuse data the loop would trip over later: too few rows, labels that rank
+    classification cannot tell apart, sequences the model's context cannot hold."""
+    n_train, batch = len(task.splits["train"]), cfg.batch_size * cfg.grad_accum
+    sizes = ", ".join(f"{len(rows)} {split}" for split, rows in task.splits.items())
+    if n_train < batch:
+        raise ValueError(f"{cfg.data}: the train split has {n_train} rows ({sizes}), fewer than one batch of {batch}; "
+                         "lower batch_size or give more rows")
+    for split in ("validation", "test") if cfg.eval_interval else ("test",):
+        if not task.splits[split]:
+            raise ValueError(f"{cfg.data}: the {split} split is empty ({sizes}); give more rows or the splits as files")
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} does not split evenly over {world} ranks")
+    seen = {}
+    for label in task.labels or []:
+        ids = tuple(encode_text(tok, label))
+        if ids in seen:
+            raise ValueError(f"{cfg.data}: labels {seen[ids]!r} and {label!r} are the same tokens {list(ids)}; "
+                             "rank classification could not tell them apart")
+        seen[ids] = label
+    if model_config.model_type == "gpt":
+        # positions the method puts before the text (PromptedModel.extra_positions), known before attaching
+        virtual = cfg.num_virtual_tokens if cfg.method in ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2") else 0
+        if cfg.max_len + virtual > model_config.max_seq_len:
+            raise ValueError(f"max_len={cfg.max_len} + num_virtual_tokens={virtual} = {cfg.max_len + virtual} positions, "
+                             f"more than the base model's context of {model_config.max_seq_len}; lower one of them")
+
+
+def take_over_out_dir(out: Path, cfg) -> None:
+    """Make out_dir this run's: remove an earlier run's files (--overwrite) and temporary files
+    that a killed write left behind."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        if cfg.overwrite:
+            (out / name).unlink(missing_ok=True)
+        for tmp in out.glob(f".{name}.*.tmp"):
+            tmp.unlink()
+
+
+def smaller_pieces(cfg, world: int) -> str:
+    """Out-of-memory advice: the same global batch, half of it in memory at a time."""
+    if cfg.batch_size % (2 * world) == 0:
+        return f"try --batch_size={cfg.batch_size // 2} --grad_accum={cfg.grad_accum * 2} (the same batch in halves)"
+    return "try --grad_checkpointing=true or a shorter --max_len"
+
+
+def kept(out: Path, last_saved: int) -> str:
+    if last_saved:
+        return f"{out / 'checkpoint.pt'} (step {last_saved}) is the last good checkpoint"
+    return "no checkpoint was written"
 
 
 def _fmt(value, metric):

@@ -94,6 +94,11 @@ def save_config(config, directory) -> None:
 
 # ---- training configuration ---------------------------------------------------------------
 
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
 @dataclass
 class TrainConfig(PromptConfig):
     """Everything `train.py` reads: the method's fields (inherited from PromptConfig) plus
@@ -125,7 +130,27 @@ class TrainConfig(PromptConfig):
     ckpt_interval: int = 50          # resumable checkpoint every N steps (0: never)
     seed: int = 0
     out_dir: str = "out/sentiment"
-    resume: bool = False
+    resume: bool = False             # continue out_dir's last checkpoint
+    overwrite: bool = False          # replace an earlier run in out_dir (without it, or resume, that is refused)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("max_len", 2), ("log_interval", 1),
+                         ("eval_examples", 1), ("warmup_steps", 0), ("eval_interval", 0), ("ckpt_interval", 0),
+                         ("bucket_batches", 0), ("lr", 0), ("weight_decay", 0), ("grad_clip", 0)):
+            if getattr(self, key) < low:
+                raise ValueError(f"{key}={getattr(self, key)}: must be at least {low}")
+        if self.method not in ("lora", "full") and self.num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens={self.num_virtual_tokens}: {self.method} needs at least 1")
+        if self.method == "lora" and self.lora_r < 1:
+            raise ValueError(f"lora_r={self.lora_r}: must be at least 1")
+        for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("dtype", DTYPES)):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"{key}={getattr(self, key)!r} unknown; choose one of {', '.join(choices)}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device={self.device!r} unknown; choose cpu or cuda (cuda:N)")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run in out_dir, or replace it")
 
 
 def _parse_value(key: str, text: str, typ):

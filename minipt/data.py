@@ -16,10 +16,22 @@ target (the model shifts the targets right itself). Both end with EOS, as in T5.
 epoch (optionally grouped by length, so that batches carry little padding), resumable
 from a two-number state, and split across data-parallel ranks.
 """
+import warnings
+
 import numpy as np
 
 from .generation import pad_batch
 from .tokenizer import SentencePieceTokenizer
+
+
+class TruncationWarning(UserWarning):
+    """An example was longer than max_len and lost the left end of its input."""
+
+
+def _warn_truncated(max_len: int) -> None:
+    # one fixed text: Python's warning registry then shows it once, not once per example
+    warnings.warn(f"inputs longer than max_len={max_len} tokens are truncated from the left", TruncationWarning,
+                  stacklevel=3)
 
 
 def encode_text(tok, text: str) -> list[int]:
@@ -35,7 +47,7 @@ def encode_example(tok, template: str, row: dict, max_len: int, is_t5: bool, eos
     decoder: max_len bounds the whole sequence, prompt + target, so idx and targets get at
         most max_len - 1 ids. A long prompt loses tokens from its left end (the template's
         cue, right before the target, survives); a target that alone does not fit keeps its
-        first max_len - 1 tokens. eos appends EOS to the target (generation tasks, so the
+        first max_len - 1 tokens. Either way a TruncationWarning is issued. eos appends EOS to the target (generation tasks, so the
         model learns to stop).
     T5: max_len bounds the encoder input and the target separately; both end with EOS.
     """
@@ -44,6 +56,7 @@ def encode_example(tok, template: str, row: dict, max_len: int, is_t5: bool, eos
         prompt, target = tok.encode(prompt_text), tok.encode(row["target"])       # both end with EOS
         if len(prompt) > max_len:
             prompt = prompt[-max_len:]
+            _warn_truncated(max_len)
         if len(target) > max_len:
             target = target[:max_len - 1] + target[-1:]
         return {"input_ids": prompt, "targets": target}
@@ -54,6 +67,8 @@ def encode_example(tok, template: str, row: dict, max_len: int, is_t5: bool, eos
         target = target + [tok.eos_id]
     if not prompt or not target:
         raise ValueError(f"encode_example: empty {'prompt' if not prompt else 'target'} for input {row['input'][:50]!r}")
+    if len(prompt) + len(target) > max_len:
+        _warn_truncated(max_len)
     target = target[:max_len - 1]
     prompt = prompt[-(max_len - len(target)):]
     seq = prompt + target

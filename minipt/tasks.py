@@ -159,6 +159,8 @@ def read_jsonl(path) -> list[dict]:
             missing = [k for k in ("input", "target") if k not in row]
             if missing:
                 raise ValueError(f"{path}:{n}: missing {' and '.join(repr(k) for k in missing)}")
+            if not row["target"].strip():  # nothing to learn, and it tokenizes to nothing
+                raise ValueError(f"{path}:{n}: 'target' is empty")
             rows.append({k: row[k] for k in ("input", "target", "task") if k in row})
     if not rows:
         raise ValueError(f"{path}: no rows")

@@ -134,7 +134,7 @@ def check_gguf(path) -> list[tuple[str, str, tuple]]:
         alignment = 32
         for i in range(n_kv):
             key = string(f"metadata entry {i}")
-            v = value(number("<I", key), key)
+            v = value(number("<I", f"metadata {key!r}"), f"metadata {key!r}")
             if key == "general.alignment":
                 alignment = v
         if not isinstance(alignment, int) or alignment < 1:
@@ -142,15 +142,16 @@ def check_gguf(path) -> list[tuple[str, str, tuple]]:
         table = []
         for i in range(n_tensors):
             name = string(f"tensor {i}")
-            n_dims = number("<I", name)
+            what = f"tensor {name!r}"
+            n_dims = number("<I", what)
             if n_dims > 4:
-                raise ValueError(f"{path}: tensor {name!r}: {n_dims} dimensions, GGUF allows at most 4")
-            dims = tuple(number("<Q", name) for _ in range(n_dims))
-            kind, offset = number("<I", name), number("<Q", name)
+                raise ValueError(f"{path}: {what}: {n_dims} dimensions, GGUF allows at most 4")
+            dims = tuple(number("<Q", what) for _ in range(n_dims))
+            kind, offset = number("<I", what), number("<Q", what)
             try:
                 kind = GGMLQuantizationType(kind)
             except ValueError:
-                raise ValueError(f"{path}: tensor {name!r}: unknown GGML type {kind}") from None
+                raise ValueError(f"{path}: {what}: unknown GGML type {kind}") from None
             table.append((name, kind, dims, offset))
         data = size - (pos + alignment - 1) // alignment * alignment
     out = []

@@ -66,7 +66,7 @@ def all_sum(x: float, world: int) -> float:
 def atomic_write(path: Path, write) -> None:
     """write(tmp_path), then rename over path: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -113,7 +113,13 @@ class MetricsLog:
         self.path = path
         rows = []
         if keep_until_step is not None and path.exists():  # resuming: drop what came after the checkpoint
-            rows = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("step", 0) <= keep_until_step]
+            lines = path.read_text().splitlines()
+            rows = [json.loads(line) for line in lines[:-1]]
+            try:
+                rows += [json.loads(lines[-1])] if lines else []
+            except json.JSONDecodeError:
+                pass  # a line cut short by a kill mid-append
+            rows = [r for r in rows if r.get("step", 0) <= keep_until_step]
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
         self.rows = rows
 

@@ -39,7 +39,7 @@ def save_prompt(path, model, tokenizer=None) -> Path:
             "base": base_fingerprint(model.base, tokenizer)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_for_saving().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"minipt": json.dumps(meta)})

@@ -1,0 +1,371 @@
+"""The bad-input catalogue: every case stops `train.py` or `python -m minipt.convert` with one
+line `error: ...` that names the cause (file and line, key, expected size), exit status 1, no
+traceback, and nothing written. The CLIs run in-process (a subprocess costs seconds per case
+here); `sys.exit(message)` is what makes Python print the line and exit with status 1, and
+test_cli_error_is_one_line_and_status_1 checks that end to end once.
+
+Choices the cases pin down: an input longer than `max_len` is truncated from the left with a
+one-time warning; `max_len` plus the virtual tokens beyond the model's context is refused."""
+import dataclasses
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import train
+from minipt import convert
+from minipt.checkpoint import load_base
+from minipt.config import parse_train_config
+from minipt.fetch import fetch
+from minipt.prompts import PromptConfig, attach, save
+from minipt.tensorfile import read_tensors
+
+from test_train import args, llama_dir, t5_dir, task_file  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def stops(run, *words):
+    """run() must end in sys.exit with one line `error: ...` holding every word; the line."""
+    with pytest.raises(SystemExit) as stop:
+        run()
+    line = stop.value.code
+    assert isinstance(line, str), f"exit code {line!r}, expected a message (exit status 1)"
+    assert line.startswith("error: ") and "\n" not in line, line
+    assert all(w in line for w in words), line
+    return line
+
+
+# ---- files the cases are made of ------------------------------------------------------------
+
+def jsonl(*lines):
+    def make(t):
+        path = t.tmp / "bad.jsonl"
+        path.write_text("".join(line + "\n" for line in lines))
+        return path
+    return make
+
+
+def rows(n, targets=(" negative", " positive")):
+    return jsonl(*(json.dumps({"input": f"review number {i}", "target": targets[i % len(targets)]}) for i in range(n)))
+
+
+def base_copy(change):
+    """The tiny llama checkpoint, copied and changed by change(directory)."""
+    def make(t):
+        d = t.tmp / "base"
+        d.mkdir()
+        for f in t.llama.iterdir():
+            (d / f.name).write_bytes(f.read_bytes())
+        change(d)
+        return d
+    return make
+
+
+def prompt_file(t, base_dir):
+    base, tok = load_base(base_dir)
+    cfg = PromptConfig(method="prompt_tuning", num_virtual_tokens=4, init="random")
+    return save(attach(base, cfg, tok), t.tmp / "prompt.safetensors", tok)
+
+
+def other_weights(d):
+    sd = read_tensors(d / "model.safetensors")
+    sd["embed.weight"] = sd["embed.weight"] + 1
+    save_file(sd, d / "model.safetensors")
+
+
+def junk(name, data):
+    def make(t):
+        path = getattr(t, "tmp", t) / name
+        path.write_bytes(data)
+        return path
+    return make
+
+
+def cut(path, keep):
+    path.write_bytes(path.read_bytes()[:keep])
+    return path
+
+
+def earlier_run(method):
+    def make(t):
+        t.out.mkdir()
+        saved = dataclasses.asdict(parse_train_config(args(t.llama, t.task, t.out, method=method)))
+        (t.out / "config.json").write_text(json.dumps(saved))
+        (t.out / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 1.0}\n')
+        return t.out
+    return make
+
+
+# name, overrides of test_train.args (a callable value is built from the fixtures), words of the message
+TRAIN_CASES = [
+    ("malformed JSONL", dict(data=jsonl('{"input": "a", "target": " x"}', '{"input": "b" "target": " y"}')),
+     ["bad.jsonl:2:", "not valid JSON"]),
+    ("row not an object", dict(data=jsonl('["a", " x"]')), ["bad.jsonl:1:", "expected a JSON object, got list"]),
+    ("missing input", dict(data=jsonl('{"input": "a", "target": " x"}', '{"target": " y"}')),
+     ["bad.jsonl:2:", "missing 'input'"]),
+    ("missing target", dict(data=jsonl('{"input": "a"}')), ["bad.jsonl:1:", "missing 'target'"]),
+    ("target not a string", dict(data=jsonl('{"input": "a", "target": 1}')), ["bad.jsonl:1:", "'target' must be a string"]),
+    ("target tokenizes to nothing", dict(data=jsonl('{"input": "a", "target": " x"}', '{"input": "b", "target": " "}')),
+     ["bad.jsonl:2:", "'target' is empty"]),
+    ("empty dataset", dict(data=jsonl("", "  ")), ["bad.jsonl: no rows"]),
+    ("data file missing", dict(data=lambda t: t.tmp / "nowhere.jsonl"), ["nowhere.jsonl: no such file", "sentiment"]),
+    ("split smaller than the batch", dict(data=rows(12), batch_size=16),
+     ["the train split has 9 rows", "fewer than one batch of 16"]),
+    ("empty validation split", dict(data=rows(5), batch_size=2), ["the validation split is empty", "0 validation"]),
+    ("labels that are the same tokens", dict(base=lambda t: t.t5, data=rows(12, ("positive", " positive", " negative"))),
+     ["labels ' positive' and 'positive' are the same tokens [1465]"]),
+    ("max_len beyond the context", dict(max_len=200, num_virtual_tokens=4),
+     ["max_len=200 + num_virtual_tokens=4 = 204 positions", "context of 128"]),
+    ("virtual tokens push past the context", dict(max_len=100, num_virtual_tokens=40),
+     ["max_len=100 + num_virtual_tokens=40 = 140 positions", "context of 128"]),
+    ("unknown key", dict(stepz=3), ["unknown key 'stepz'", "valid keys:", "steps"]),
+    ("wrong value type", dict(steps="many"), ["--steps=many: expected int"]),
+    ("wrong boolean", dict(resume="perhaps"), ["--resume=perhaps: expected a boolean"]),
+    ("zero batch size", dict(batch_size=0), ["batch_size=0: must be at least 1"]),
+    ("zero steps", dict(steps=0), ["steps=0: must be at least 1"]),
+    ("negative grad_accum", dict(grad_accum=-2), ["grad_accum=-2: must be at least 1"]),
+    ("negative learning rate", dict(lr=-0.1), ["lr=-0.1: must be at least 0"]),
+    ("zero virtual tokens", dict(num_virtual_tokens=0), ["num_virtual_tokens=0: prompt_tuning needs at least 1"]),
+    ("unknown method", dict(method="magic"), ["method 'magic' unknown", "prompt_tuning"]),
+    ("unknown dtype", dict(dtype="float8"), ["dtype='float8' unknown", "bfloat16"]),
+    ("unknown schedule", dict(schedule="exp"), ["schedule='exp' unknown", "cosine"]),
+    ("unknown device", dict(device="tpu"), ["device='tpu' unknown"]),
+    ("prompt file for another base", dict(init_from=lambda t: prompt_file(t, base_copy(other_weights)(t))),
+     ["init_from:", "trained on a different base model", "embedding hash"]),
+    ("corrupt prompt file", dict(init_from=junk("p.safetensors", bytes(range(256)) * 16)),
+     ["init_from:", "p.safetensors: not a readable safetensors file"]),
+    ("truncated prompt file", dict(init_from=lambda t: cut(prompt_file(t, t.llama), 200)),
+     ["init_from:", "prompt.safetensors: not a readable safetensors file"]),
+    ("missing prompt file", dict(init_from=lambda t: t.tmp / "none.safetensors"), ["none.safetensors: no such prompt file"]),
+    ("checkpoint directory without config", dict(base=base_copy(lambda d: (d / "config.json").unlink())),
+     ["config.json: not found", "a minipt checkpoint?"]),
+    ("config.json not JSON", dict(base=base_copy(lambda d: (d / "config.json").write_text('{"model_type": "gpt",\n}'))),
+     ["config.json:2: invalid JSON"]),
+    ("tokenizer file missing", dict(base=base_copy(lambda d: (d / "tokenizer.json").unlink())),
+     ["no tokenizer.json or spiece.model"]),
+    ("truncated weights", dict(base=base_copy(lambda d: cut(d / "model.safetensors", 100_000))),
+     ["model.safetensors: tensor", "the data section has"]),
+    ("resume without a checkpoint", dict(resume=True), ["checkpoint.pt: no checkpoint to resume from"]),
+    ("resume with another method", dict(resume=True, method="p_tuning", out_dir=earlier_run("prompt_tuning")),
+     ["the run being resumed has method='prompt_tuning', this one 'p_tuning'", "--overwrite"]),
+    ("out_dir holds an earlier run", dict(out_dir=earlier_run("prompt_tuning")),
+     ["holds an earlier run (config.json, metrics.jsonl)", "--resume", "--overwrite"]),
+    ("resume and overwrite together", dict(resume=True, overwrite=True), ["resume and overwrite exclude each other"]),
+]
+
+
+@pytest.mark.parametrize("over, words", [c[1:] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
+def test_train_refuses(over, words, llama_dir, t5_dir, task_file, tmp_path):
+    t = SimpleNamespace(tmp=tmp_path, llama=llama_dir, t5=t5_dir, task=task_file, out=tmp_path / "out")
+    over = {k: v(t) if callable(v) else v for k, v in over.items()}
+    before = {p.name: p.read_bytes() for p in t.out.iterdir()} if t.out.exists() else None
+    base = over.pop("base", llama_dir)
+    stops(lambda: train.main(args(base, task_file, t.out, **over)), *words)
+    after = {p.name: p.read_bytes() for p in t.out.iterdir()} if t.out.exists() else None
+    assert after == before  # nothing created, nothing of an earlier run touched
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda(llama_dir, task_file, tmp_path):
+    stops(lambda: train.main(args(llama_dir, task_file, tmp_path / "out", device="cuda")),
+          "device='cuda': CUDA is not available", "--device=cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_error_is_one_line_and_status_1(llama_dir, tmp_path):
+    bad = jsonl('{"input": "a", "target": " x"}', "{oops")(SimpleNamespace(tmp=tmp_path))
+    run = subprocess.run([sys.executable, "train.py", *args(llama_dir, bad, tmp_path / "out")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert (run.returncode, run.stderr) == (1, f"error: {bad}:2: not valid JSON (Expecting property name enclosed "
+                                               "in double quotes)\n")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- inputs longer than max_len: truncated from the left, one warning -----------------------
+
+def test_long_inputs_are_truncated_with_one_warning(llama_dir, tmp_path, capsys):
+    long = rows(20)(SimpleNamespace(tmp=tmp_path))
+    long.write_text("".join(json.dumps({"input": "word " * 150 + str(i), "target": [" no", " yes"][i % 2]}) + "\n"
+                            for i in range(20)))
+    train.main(args(llama_dir, long, tmp_path / "out", steps=2, eval_interval=0, max_len=64))
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["warning: inputs longer than max_len=64 tokens are truncated from the left"], err
+    assert (tmp_path / "out" / "prompt.safetensors").exists()
+
+
+# ---- failures during training: the step is named, the last checkpoint kept -----------------
+
+def fail_training_forward(monkeypatch, at_call, fault):
+    """From training forward number at_call on, fault(loss) replaces the loss (or raises)."""
+    real_attach, calls = train.attach, []
+
+    def attach(*a, **k):
+        model = real_attach(*a, **k)
+        forward = model.forward
+
+        def patched(*fa, **fk):
+            logits, loss = forward(*fa, **fk)
+            if fk.get("loss_only"):
+                calls.append(1)
+                if len(calls) >= at_call:
+                    loss = fault(loss)
+            return logits, loss
+        model.forward = patched
+        return model
+    monkeypatch.setattr(train, "attach", attach)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(llama_dir, task_file, tmp_path, monkeypatch):
+    fail_training_forward(monkeypatch, 5, lambda loss: loss * float("nan"))
+    out = tmp_path / "out"
+    stops(lambda: train.main(args(llama_dir, task_file, out, steps=8, ckpt_interval=2, eval_interval=0)),
+          "loss is nan at step 5", "stopped before the update", "checkpoint.pt (step 4) is the last good checkpoint")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1e12 bytes")],
+                         ids=["OutOfMemoryError", "cpu allocator"])
+def test_out_of_memory_suggests_grad_accum(error, llama_dir, task_file, tmp_path, monkeypatch):
+    def oom(loss):
+        raise error
+    fail_training_forward(monkeypatch, 1, oom)
+    out = tmp_path / "out"
+    stops(lambda: train.main(args(llama_dir, task_file, out, batch_size=4, eval_interval=0)),
+          "out of memory at step 1 on micro-batches of 4 rows", "--batch_size=2 --grad_accum=2", "no checkpoint was written")
+    assert not (out / "prompt.safetensors").exists()
+
+
+def test_torchrun_one_rank_failing_stops_all(llama_dir, task_file, tmp_path):
+    """Rank 1 runs out of memory at its first step; rank 0 must not wait for it forever."""
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(f"""import os, sys
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
+from types import SimpleNamespace
+import torch, train
+from test_bad_input import fail_training_forward
+if os.environ["RANK"] == "1":
+    def oom(loss):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    fail_training_forward(SimpleNamespace(setattr=setattr), 1, oom)
+train.main(sys.argv[1:])
+""")
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                          *args(llama_dir, task_file, tmp_path / "out", eval_interval=0)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    took = time.perf_counter() - t0
+    assert run.returncode != 0 and "error: out of memory at step 1" in run.stderr, run.stderr[-3000:]
+    assert took < 60, f"the surviving rank took {took:.0f} s to stop"
+    assert not (tmp_path / "out" / "prompt.safetensors").exists()
+
+
+# ---- converter: GGUF and safetensors headers checked before anything is allocated --------------
+
+GGML = {"F32": (0, 1, 4), "Q2_K": (10, 256, 84)}  # name: (type id, block, bytes per block)
+
+
+def gguf_bytes(arch="llama", tensors=(("w", "F32", (8, 2)),), data=True, n_tensors=None):
+    """A GGUF v3 file: general.architecture, a tensor table, 32-byte aligned data (data=False: none)."""
+    def s(text):
+        b = text.encode()
+        return struct.pack("<Q", len(b)) + b
+    table, blob = b"", b""
+    for name, kind, dims in tensors:
+        type_id, block, size = GGML[kind]
+        table += s(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+        table += struct.pack("<IQ", type_id, len(blob))
+        if data:
+            n = 1
+            for d in dims:
+                n *= d
+            blob += b"\0" * (n // block * size)
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors) if n_tensors is None else n_tensors, 1)
+    head += s("general.architecture") + struct.pack("<I", 8) + s(arch) + table
+    return head + b"\0" * (-len(head) % 32) + blob
+
+
+def gguf(**kw):
+    def make(tmp):
+        (tmp / "model.gguf").write_bytes(gguf_bytes(**kw))
+        return tmp / "model.gguf"
+    return make
+
+
+def truncated_smollm2(tmp):
+    path = tmp / "SmolLM2.gguf"
+    with open(fetch("smollm2-gguf"), "rb") as f:
+        path.write_bytes(f.read(30_000_000))
+    return path
+
+
+def hf_dir_with(tensor_header):
+    def make(tmp):
+        d = tmp / "hf"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
+                                                   "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                   "intermediate_size": 8}))
+        blob = json.dumps(tensor_header).encode()
+        (d / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + b"\0" * 64)
+        return d
+    return make
+
+
+CONVERT_CASES = [
+    ("truncated GGUF", truncated_smollm2, ["SmolLM2.gguf: tensor", "the data section has"]),
+    ("GGUF claims a 1 TB tensor", gguf(tensors=[("w", "F32", (2**20, 2**18))], data=False),
+     ["tensor 'w': F32[1048576, 262144] needs 1,099,511,627,776 bytes"]),
+    ("GGUF claims 10^12 tensors", gguf(n_tensors=10**12), ["header claims 1,000,000,000,000 tensors"]),
+    ("GGUF cut inside its header", lambda tmp: cut(gguf()(tmp), 100),
+     ["model.gguf: tensor 'w' needs 4 bytes at offset 98, the file has 100"]),
+    ("not a GGUF file", junk("m.gguf", b"PK\3\4" + bytes(64)), ["m.gguf: not a GGUF file"]),
+    ("unsupported GGUF quant type", gguf(tensors=[("blk.0.ffn_up.weight", "Q2_K", (256, 4))]),
+     ["tensor 'blk.0.ffn_up.weight': GGUF type Q2_K not supported", "Q4_K"]),
+    ("unsupported GGUF architecture", gguf(arch="gpt2"), ["GGUF architecture 'gpt2' not supported (llama)"]),
+    ("safetensors claims a 1 TB tensor",
+     hf_dir_with({"model.embed_tokens.weight": {"dtype": "F32", "shape": [2**18, 2**20], "data_offsets": [0, 2**40]}}),
+     ["tensor 'model.embed_tokens.weight': F32[262144, 1048576] needs 1,099,511,627,776 bytes"]),
+    ("safetensors shorter than its header", lambda tmp: cut(hf_dir_with({})(tmp) / "model.safetensors", 3).parent,
+     ["model.safetensors: not a safetensors file"]),
+]
+
+
+@pytest.mark.parametrize("make, words", [c[1:] for c in CONVERT_CASES], ids=[c[0] for c in CONVERT_CASES])
+def test_convert_refuses(make, words, tmp_path):
+    src = make(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    stops(lambda: convert.main([str(src), str(tmp_path / "out")]), *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no OUT, no temporary directory
+
+
+def test_convert_refuses_a_malicious_pickle(tmp_path):
+    """A pytorch_model.bin whose unpickling would run a command: refused, the command never runs."""
+    d = hf_dir_with({})(tmp_path)
+    (d / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    torch.save({"model.embed_tokens.weight": Evil()}, d / "pytorch_model.bin")
+    stops(lambda: convert.main([str(d), str(tmp_path / "out")]), "pytorch_model.bin: refused", "it would call",
+          "system")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_convert_does_not_replace_out_without_force(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("mine")
+    stops(lambda: convert.main([str(gguf()(tmp_path)), str(tmp_path / "out")]), "out: already exists", "--force")
+    assert (tmp_path / "out" / "keep").read_text() == "mine"
