@@ -90,6 +90,12 @@ def junk(name, data):
     return make
 
 
+def raw_safetensors(path, header: dict, data=bytes(64)):
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
+    return path
+
+
 def cut(path, keep):
     path.write_bytes(path.read_bytes()[:keep])
     return path
@@ -145,6 +151,9 @@ TRAIN_CASES = [
      ["init_from:", "p.safetensors: not a readable safetensors file"]),
     ("truncated prompt file", dict(init_from=lambda t: cut(prompt_file(t, t.llama), 200)),
      ["init_from:", "prompt.safetensors: not a readable safetensors file"]),
+    ("prompt file claims a 1 TB tensor", dict(init_from=lambda t: raw_safetensors(
+        t.tmp / "big.safetensors", {"prompt": {"dtype": "F32", "shape": [2**20, 2**18], "data_offsets": [0, 2**40]}})),
+     ["big.safetensors: not a readable safetensors file", "incomplete metadata"]),
     ("missing prompt file", dict(init_from=lambda t: t.tmp / "none.safetensors"), ["none.safetensors: no such prompt file"]),
     ("checkpoint directory without config", dict(base=base_copy(lambda d: (d / "config.json").unlink())),
      ["config.json: not found", "a minipt checkpoint?"]),
@@ -316,8 +325,7 @@ def hf_dir_with(tensor_header):
         (d / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
                                                    "num_hidden_layers": 1, "num_attention_heads": 2,
                                                    "intermediate_size": 8}))
-        blob = json.dumps(tensor_header).encode()
-        (d / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + b"\0" * 64)
+        raw_safetensors(d / "model.safetensors", tensor_header)
         return d
     return make
 
