@@ -19,13 +19,34 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from test_mixed import bank, prompt_files  # noqa: F401  (fixtures: five mixable prompt files, a bank of them)
 
+from minipt.checkpoint import load_model
+from minipt.config import GPTConfig
 from minipt.fetch import fetch
+from minipt.gpt import GPT
+from minipt.prompts import METHODS, PromptConfig, attach, load
+from minipt.prompts.mixed import MIXABLE
 from minipt.tokenizer import BPETokenizer, SentencePieceTokenizer, _spell, load_tokenizer
 
 # modest counts: the whole file runs in well under a minute on two cores
 FEW = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MANY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is ~100x faster than several fighting over a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def close(a, b) -> bool:
+    """Equal up to float32 rounding (a few ulps of the largest logit): batching and padding
+    change the order of sums, a bug changes the values."""
+    return bool((a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item()))
 
 
 # ==== 1. tokenizer round trips ================================================================
@@ -184,3 +205,102 @@ def test_t5_round_trip_with_sentinels(t5, pieces, sentinels):
         normal = t5_normal_form(t5, piece)
         expected += sentinel + (" " + normal if normal else "")
     assert t5.decode(ids) == expected
+
+
+# ==== 2. padding invariance of the decoder's logits ==========================================
+
+FAMILIES = {
+    "gpt2": dict(norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True, proj_bias=True, tie_embeddings=True,
+                 n_kv_head=4, source="gpt2"),
+    "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, proj_bias=False, tie_embeddings=False,
+                  n_kv_head=2, source="llama"),
+}
+PAD_METHODS = [None, *METHODS]
+VOCAB = 100
+
+
+@pytest.fixture(scope="module")
+def decoders():
+    """(family, method or None) -> a tiny random decoder, the method attached with weights
+    far from their init (LoRA's B and the adapter gates start at zero)."""
+    made = {}
+
+    def get(family, method):
+        if (family, method) not in made:
+            torch.manual_seed(0)
+            cfg = GPTConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, head_dim=8, intermediate_size=48,
+                            max_seq_len=64, **FAMILIES[family])
+            model = GPT(cfg)
+            if method:
+                model = attach(model, PromptConfig(method=method, num_virtual_tokens=3, init="random", encoder_hidden=16,
+                                                   projection_hidden=24, adapter_layers=2, lora_r=2))
+                with torch.no_grad():
+                    for p in model.method.parameters():
+                        p.add_(torch.randn_like(p) * 0.5)
+            made[family, method] = model.eval()
+        return made[family, method]
+    return get
+
+
+def left_padded(rows, extra_pad, pad_values):
+    """Rows of ids -> (B, T) ids left-padded with arbitrary ids, and the 1/0 mask."""
+    T = max(map(len, rows)) + extra_pad
+    ids = torch.tensor([[pad_values[(b + j) % len(pad_values)] for j in range(T - len(r))] + r
+                        for b, r in enumerate(rows)])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+TOKEN_ROWS = st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8), min_size=1, max_size=4)
+PADDING = dict(extra_pad=st.integers(0, 3), pad_values=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=3))
+
+
+@pytest.mark.parametrize("method", PAD_METHODS, ids=lambda m: m or "bare")
+@given(family=st.sampled_from(list(FAMILIES)), rows=TOKEN_ROWS, **PADDING)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@torch.no_grad()
+def test_left_padding_leaves_the_real_tokens_logits_alone(decoders, family, method, rows, extra_pad, pad_values):
+    """Whatever the padding's length and ids, each row's real tokens get the logits they get
+    with the row alone and unpadded: masks hide the pads, positions count real tokens only,
+    and a prompt's virtual tokens go after the padding."""
+    model = decoders(family, method)
+    ids, mask = left_padded(rows, extra_pad, pad_values)
+    logits, _ = model(ids, attention_mask=mask)
+    for b, row in enumerate(rows):
+        alone, _ = model(torch.tensor([row]))
+        assert close(logits[b, -len(row):], alone[0]), (b, row)
+
+
+# ==== 3. mixed-prompt batches ================================================================
+
+BANK_NAMES = [*MIXABLE, "soft_b", "prefix_b"]   # the prompt files of test_mixed's fixture
+ROW_SPEC = st.one_of(st.sampled_from([None, ""]), st.sampled_from(BANK_NAMES),
+                     st.lists(st.sampled_from(BANK_NAMES), min_size=2, max_size=3).map("+".join))
+
+
+@pytest.fixture(scope="module")
+def single_prompt_models(llama_dir, prompt_files):
+    """name -> its prompt file loaded alone through PromptedModel (None -> the bare base)."""
+    return {name: load(prompt_files[name], load_model(llama_dir)) if name else load_model(llama_dir)
+            for name in [None, *BANK_NAMES]}
+
+
+@given(rows=st.lists(st.tuples(ROW_SPEC, st.lists(st.integers(3, 119), min_size=1, max_size=9)), min_size=1, max_size=5),
+       pad=st.integers(0, 119))
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@torch.no_grad()
+def test_mixed_batch_rows_equal_each_row_alone(bank, single_prompt_models, rows, pad):
+    """A drawn prompt per row (none, one, or a composition "a+b[+c]", repeats allowed) and
+    ragged lengths: every row's logits are those of the row alone, unpadded: through its own
+    prompt file (PromptedModel) for a single prompt, through the bank with a batch of one for
+    a composition (test_mixed checks compositions against a joined prompt)."""
+    specs, token_rows = [s for s, _ in rows], [r for _, r in rows]
+    ids, mask = left_padded(token_rows, 0, [pad])
+    logits, _ = bank(ids, rows=specs, attention_mask=mask)
+    for b, (spec, row) in enumerate(rows):
+        x = torch.tensor([row])
+        if spec and "+" in spec:
+            alone, _ = bank(x, rows=[spec])
+        else:
+            alone, _ = single_prompt_models[spec or None](x)
+        assert close(logits[b, -len(row):], alone[0]), (b, spec, row)
