@@ -1,0 +1,79 @@
+"""The memory-saving autograd functions of layers.py against autograd through the plain
+formulas they replace: same outputs, same gradients, for every input that needs one."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minipt.layers import _ExplicitAttention, _RMSNormFunction, _SiluMulFunction
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def grads_of(fn, inputs, seed=0):
+    """(output, gradients of every input that requires grad) for a fixed random upstream gradient."""
+    inputs = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
+    out = fn(*inputs)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    grads = torch.autograd.grad(out, [x for x in inputs if x.requires_grad], upstream)
+    return out, grads
+
+
+def assert_same(ours, ref, dtype):
+    (out, grads), (ref_out, ref_grads) = ours, ref
+    scale = lambda t: max(1.0, t.abs().max().item())
+    assert (out.float() - ref_out.float()).abs().max() <= TOL[dtype] * scale(ref_out)
+    assert len(grads) == len(ref_grads)
+    for g, r in zip(grads, ref_grads):
+        assert g.shape == r.shape
+        assert (g.float() - r.float()).abs().max() <= TOL[dtype] * scale(r.float())
+
+
+def rand(*shape, dtype, seed, grad=True):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).requires_grad_(grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_trained", [False, True])
+def test_rms_norm(dtype, weight_trained):
+    x, w = rand(3, 5, 16, dtype=dtype, seed=0), rand(16, dtype=dtype, seed=1, grad=weight_trained)
+    plain = lambda x, w: w * F.rms_norm(x.float(), (16,), eps=1e-6).to(x.dtype)
+    assert_same(grads_of(lambda x, w: _RMSNormFunction.apply(x, w, 1e-6), [x, w]), grads_of(plain, [x, w]), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul(dtype):
+    gate, up = rand(4, 7, 32, dtype=dtype, seed=2), rand(4, 7, 32, dtype=dtype, seed=3)
+    assert_same(grads_of(_SiluMulFunction.apply, [gate, up]), grads_of(lambda g, u: F.silu(g) * u, [gate, up]), dtype)
+
+
+def plain_attention(q, k, v, mask, scale):
+    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+    v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(-1).to(q.dtype) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["gqa-causal-padded", "mha-no-mask", "trained-bias", "per-head-mask"])
+def test_explicit_attention(dtype, case):
+    B, H, T, S, hs = 2, 6, 5, 8, 4
+    nkv = 2 if case.startswith("gqa") else H
+    q, k, v = rand(B, H, T, hs, dtype=dtype, seed=4), rand(B, nkv, S, hs, dtype=dtype, seed=5), rand(B, nkv, S, hs, dtype=dtype, seed=6)
+    mask = None
+    if case == "gqa-causal-padded":  # a prefix of 3 columns, then causal text; row 1 has 2 padded keys
+        keep = torch.ones(B, 1, T, S, dtype=torch.bool)
+        keep[:, :, :, 3:] = torch.ones(T, T, dtype=torch.bool).tril()
+        keep[1, :, :, 3:5] = False
+        keep[1, :, :2, 3:5] = torch.eye(2, dtype=torch.bool)  # a padded query still sees itself
+        mask = keep
+    elif case == "trained-bias":  # T5's relative position bias under full fine-tuning
+        mask = rand(1, H, T, S, dtype=torch.float32, seed=7)
+    elif case == "per-head-mask":
+        mask = torch.rand(B, H, T, S, generator=torch.Generator().manual_seed(8)) > 0.3
+        mask[..., 0] = True
+    inputs = [q, k, v] + ([mask] if mask is not None else [])
+    ours = lambda q, k, v, m=None: _ExplicitAttention.apply(q, k, v, m, 0.5)
+    plain = lambda q, k, v, m=None: plain_attention(q, k, v, m, 0.5)
+    assert_same(grads_of(ours, inputs), grads_of(plain, inputs), dtype)
