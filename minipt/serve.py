@@ -599,6 +599,9 @@ class Handler(BaseHTTPRequestHandler):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver listens with a backlog of 5: a burst of more clients connecting at once
+    # overflowed the accept queue and some got "connection reset" (tests/test_serve_load.py)
+    request_queue_size = 1024
 
     def __init__(self, address, app: App):
         self.app = app
