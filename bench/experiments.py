@@ -84,8 +84,8 @@ class Size:
     lengths: tuple = LENGTHS
 
 
-FULL = Size(seeds=3, ensemble=5, steps={"sentiment": 30, "boolq": 30}, batch_size={"sentiment": 8, "boolq": 4},
-            test_rows={"sentiment": 250, "boolq": 120})
+FULL = Size(seeds=3, ensemble=5, steps={"sentiment": 60, "boolq": 30}, batch_size={"sentiment": 8, "boolq": 4},
+            test_rows={"sentiment": 200, "boolq": 120})
 QUICK = Size(seeds=2, ensemble=3, steps={"sentiment": 3, "boolq": 3}, batch_size={"sentiment": 2, "boolq": 2},
              test_rows={"sentiment": 16, "boolq": 16}, warmup_steps=1, lengths=(5, 20))
 
@@ -109,13 +109,12 @@ def make_run(task, method, seed, size: Size, init="text", length=None) -> Run:
                     eval_interval=0, ckpt_interval=0, log_interval=10)  # test only at the end; no checkpoints
     settings.update(METHODS[method])
     name = f"{task}-{method}-s{seed}"
-    if method == "prompt_tuning" and (init, length) != ("text", None):
-        settings["init"] = init
+    length = length or settings.get("num_virtual_tokens")
+    if method == "prompt_tuning" and (init, length) != ("text", settings["num_virtual_tokens"]):
+        settings.update(init=init, num_virtual_tokens=length)
         if init == "labels":
             settings["init_labels"] = BUILTIN[task][2]
-        if length is not None:
-            settings["num_virtual_tokens"] = length
-        name = f"{task}-{method}-{init}{settings['num_virtual_tokens']}-s{seed}"
+        name = f"{task}-{method}-{init}{length}-s{seed}"
     return Run(name, task, settings)
 
 
