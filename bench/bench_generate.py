@@ -52,7 +52,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per side and case")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     ap.add_argument("--batch-sizes", default="1,8", help="comma-separated, from 1 and 8")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     return ap.parse_args(argv)

@@ -62,3 +62,18 @@ def test_chat_answer(smollm2_dir):
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     (out,) = generate(model, [tok.encode(prompt)], 40, eos_id=tok.eos_id)
     assert "Paris" in tok.decode(out)
+
+
+def test_float16_decoding_tracks_float32(smollm2_dir):
+    """fp16 weights (the fast one-row path, see gpt._store_wide_weights_transposed) stay close to
+    fp32: logits within 0.5 (their range is ~50) and the first 16 greedy tokens the same."""
+    m32, tok = load_base(smollm2_dir)
+    m16, _ = load_base(smollm2_dir, dtype=torch.float16)
+    assert m16.lm_head.weight.is_contiguous() and not m32.lm_head.weight.is_contiguous()
+    for text in TEXTS:
+        prompt = tok.encode(text)
+        with torch.no_grad():
+            ids = torch.tensor([prompt])
+            assert (m32(ids)[0] - m16(ids)[0].float()).abs().max() <= 0.5, text
+        (ours32,), (ours16,) = (generate(m, [prompt], 16, eos_id=tok.eos_id) for m in (m32, m16))
+        assert ours16 == ours32, text
