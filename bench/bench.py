@@ -15,7 +15,9 @@ Sections (`--only`, comma-separated; default train,generate):
   generate  greedy decoding, 128 new tokens, batch 1 and 8, with the same 20-token soft prompt on
             both sides (minipt `PromptedModel`; transformers `generate` with peft's prompt, see
             `SoftPromptGenerate` for why not peft's own `generate`); bench_generate.py's
-            measurement, and whether the tokens are identical (fp32 by default).
+            measurement, and whether the tokens are identical. One table per `--gen-dtypes`,
+            both sides in that dtype (fp32: the tokens must be identical; fp16: both sides'
+            fastest at batch 1 here; bf16 is slower than fp32 at batch 1 on CPUs without AMX).
   scaling   soft-prompt step time against sequence length and batch size (synthetic token
             batches), minipt bf16 against peft's faster dtype in the train section (else
             `--peft-dtype`, default fp32); a log-log plot to `--plot`.
@@ -87,7 +89,8 @@ def parse_args(argv=None):
     ap.add_argument("--gen-repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--gen-batch-sizes", default="1,8")
-    ap.add_argument("--gen-dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--gen-dtypes", default="float32,float16",
+                    help="generate section: one table per dtype, both sides in it (float32, float16, bfloat16)")
     ap.add_argument("--peft-generate", choices=["embeds", "peft"], default="embeds",
                     help="peft side: transformers generate with peft's prompt as input embeddings (default), "
                          "or peft's own generate (see SoftPromptGenerate)")
@@ -163,15 +166,17 @@ def train_flops(cfg, lengths, n_targets: int, method: str, P: int = N_VIRTUAL, r
     used for both sides (they get the same batch).
 
     lengths: real (non-pad) text tokens of each row; n_targets: positions with a loss.
-    A matmul of (m x k) by (k x n) is 2mkn FLOPs. Per layer, at every position that is
-    computed (the real text tokens, plus the P virtual tokens of a soft prompt; no padding):
+    A matmul of (m x k) by (k x n) is 2mkn FLOPs. Per layer, at every position that must be
+    computed (the real text tokens, no padding, plus the P virtual tokens of a soft prompt
+    once per batch: they precede the text under causal attention, so every row shares them;
+    peft runs them in every row, which counts as waste):
 
         linear = 2 (d*q + 2*d*kv + q*d + 3*d*ffn)      q = n_head*head_dim, kv = n_kv_head*head_dim
         lora   = 2 r (d + q) + 2 r (d + kv)             LoRA on q_proj and v_proj only
 
     Attention (scores Q K^T and the weighted sum A V), causal, per layer: 2 * 2 * q FLOPs per
-    (query, key) pair it attends to; a row of m computed positions has m(m+1)/2 such pairs,
-    plus m*P with a P-token prefix in front of every layer's keys.
+    (query, key) pair it attends to; a row of m text tokens has m(m+1)/2 such pairs, plus
+    m*P with P virtual tokens or a P-token prefix in front of its keys.
     LM head: 2 * d * vocab at the n_targets positions only (minipt's `loss_only`; peft computes
     it everywhere, which counts as waste).
 
@@ -187,10 +192,9 @@ def train_flops(cfg, lengths, n_targets: int, method: str, P: int = N_VIRTUAL, r
     d, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
     q, kv, ffn = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.intermediate_size
     virtual = P if method == "prompt_tuning" else 0
-    prefix = P if method == "p_tuning_v2" else 0
-    rows = [n + virtual for n in lengths]
-    positions = sum(rows)
-    pairs = sum(m * (m + 1) // 2 + m * prefix for m in rows)
+    prefix = P if method in ("prompt_tuning", "p_tuning_v2") else 0
+    positions = sum(lengths) + virtual
+    pairs = virtual * (virtual + 1) // 2 + sum(m * (m + 1) // 2 + m * prefix for m in lengths)
     linear = 2 * (d * q + 2 * d * kv + q * d + 3 * d * ffn)
     lora = 2 * r * (d + q) + 2 * r * (d + kv) if method == "lora" else 0
     attention = 2 * 2 * q * pairs
@@ -509,11 +513,11 @@ class SoftPromptGenerate:
         return torch.cat([ids, new], dim=1)   # what bench_generate.runners slices: the prompt ids, then the new ones
 
 
-def generate_section(args) -> dict:
-    """bench_generate's cases with the same 20-token soft prompt on both sides."""
+def generate_section(args, dtype_name: str) -> dict:
+    """bench_generate's cases with the same 20-token soft prompt on both sides, both in one dtype."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
-    dtype = getattr(torch, args.gen_dtype)
+    dtype = getattr(torch, dtype_name)
     base, tok = load_base(convert_smollm2(), dtype=dtype)
     ours = attach(base, prompt_config("prompt_tuning"), tok).eval()
     gguf = fetch("smollm2-gguf")
@@ -541,11 +545,11 @@ def generate_section(args) -> dict:
         cases.append(bench_case(name, run_minipt, run_peft, b * args.new_tokens, args.gen_repeats))
     how = "peft's generate" if args.peft_generate == "peft" else "transformers generate + peft's prompt as embeddings"
     print(f"\ngreedy generation with a {N_VIRTUAL}-token soft prompt, {args.new_tokens} new tokens per row, "
-          f"{args.gen_dtype}, median of {args.gen_repeats}; peft side: {how}")
+          f"{dtype_name}, median of {args.gen_repeats}; peft side: {how}")
     print_cases(cases, "peft")
     print(f"text init: max difference between the two prompts before copying {init_diff:.1e}; peft's own generate "
           f"gives minipt's tokens (batch 1, 8 tokens): {peft_native_ok}")
-    return {"dtype": args.gen_dtype, "new_tokens": args.new_tokens, "repeats": args.gen_repeats,
+    return {"dtype": dtype_name, "new_tokens": args.new_tokens, "repeats": args.gen_repeats,
             "peft_side": how, "prompt_init_max_diff": init_diff, "peft_native_generate_identical": peft_native_ok,
             "peft_native_probe": {"minipt": ours_probe, "peft": peft_probe}, "cases": cases}
 
@@ -648,7 +652,7 @@ def main(argv=None):
               f"fp32 {info['fp32_peak_flops'] / 1e9:.0f} GFLOP/s", flush=True)
         results["train"] = train_section(args, info)
     if "generate" in args.sections:
-        results["generate"] = generate_section(args)
+        results["generate"] = [generate_section(args, d) for d in args.gen_dtypes.split(",")]
     if "scaling" in args.sections:
         peft_dtype = args.peft_dtype or "float32"
         if args.peft_dtype is None and "train" in results and "prompt_tuning" in results["train"]["ratios"]:

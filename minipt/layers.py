@@ -190,9 +190,13 @@ EXPLICIT_ATTENTION_MAX_KEYS = 256
 
 
 def _sdpa(q, k, v, mask, scale, gqa):
-    if q.device.type == "cpu" and torch.is_grad_enabled() and k.size(2) <= EXPLICIT_ATTENTION_MAX_KEYS:
-        scale = q.size(-1) ** -0.5 if scale is None else scale
-        return _ExplicitAttention.apply(q, k, v, mask, scale)
+    if q.device.type == "cpu":
+        explicit_scale = q.size(-1) ** -0.5 if scale is None else scale
+        if torch.is_grad_enabled() and k.size(2) <= EXPLICIT_ATTENTION_MAX_KEYS:
+            return _ExplicitAttention.apply(q, k, v, mask, explicit_scale)
+        if q.size(2) == 1 and q.dtype in (torch.float16, torch.bfloat16):
+            # one query (decoding) in 16 bits: SDPA's CPU kernel takes 2-3x as long as this
+            return _grouped_matmul(_attention_probs(q, k, mask, explicit_scale).to(q.dtype), v, q.shape)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 

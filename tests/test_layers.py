@@ -77,3 +77,16 @@ def test_explicit_attention(dtype, case):
     ours = lambda q, k, v, m=None: _ExplicitAttention.apply(q, k, v, m, 0.5)
     plain = lambda q, k, v, m=None: plain_attention(q, k, v, m, 0.5)
     assert_same(grads_of(ours, inputs), grads_of(plain, inputs), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_one_query_decoding_path_equals_sdpa(dtype):
+    """16-bit decoding (one query, no grad) skips SDPA on CPU; same result, padded keys masked."""
+    from minipt.layers import attend
+    q, k, v = rand(2, 6, 1, 8, dtype=dtype, seed=9), rand(2, 2, 7, 8, dtype=dtype, seed=10), rand(2, 2, 7, 8, dtype=dtype, seed=11)
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[1, ..., :3] = False
+    with torch.no_grad():
+        ours = attend(q, k, v, mask, None)
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    assert (ours.float() - ref).abs().max() <= TOL[torch.bfloat16]
