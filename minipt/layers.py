@@ -91,7 +91,8 @@ class SwiGLU(nn.Module):
 
 
 class _SiluMulFunction(torch.autograd.Function):
-    """silu(gate) * up, saving gate and up only (not silu(gate) as well); backward in fp32."""
+    """silu(gate) * up, saving gate and up only (not silu(gate) as well). Backward does what
+    autograd would, in the same order and dtype, recomputing silu(gate) once."""
 
     @staticmethod
     def forward(ctx, gate, up):
@@ -101,11 +102,8 @@ class _SiluMulFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        g, sig = gate.float(), torch.sigmoid(gate.float())
-        grad = grad.float()
-        d_gate = grad * up.float() * sig * (1 + g * (1 - sig))      # d silu(g) / dg = s (1 + g (1 - s))
-        d_up = grad * g * sig
-        return d_gate.to(gate.dtype), d_up.to(up.dtype)
+        d_gate = torch.ops.aten.silu_backward(grad * up, gate)    # silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)
+        return d_gate, grad * F.silu(gate)
 
 
 def rope_cos_sin(positions, head_dim: int, base: float, dtype):
