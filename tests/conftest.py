@@ -107,3 +107,11 @@ def greedy_by_full_forwards(model, prompt, n):
         seq.append(logits[0, -1].argmax().item())
     return seq
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors: one thread is ~100x faster than several fighting over a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

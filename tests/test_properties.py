@@ -13,7 +13,6 @@ The real vocabularies come from minipt.fetch (cached in weights/downloads, fetch
 use), as in test_tokenizer.py: a missing file is an error, never a skip.
 """
 import re
-import unicodedata
 
 import pytest
 import torch
@@ -34,13 +33,7 @@ FEW = settings(max_examples=30, deadline=None, suppress_health_check=[HealthChec
 MANY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is ~100x faster than several fighting over a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def close(a, b) -> bool:

@@ -23,7 +23,6 @@ from pathlib import Path
 import openai
 import psutil
 import pytest
-import torch
 from test_serve import TEXTS, base_dir, oracle, prompt_dir  # noqa: F401  (fixtures: tiny base, three prompts)
 
 from minipt.checkpoint import load_base
@@ -43,13 +42,7 @@ MAX_TOKENS = (3, 8)
 RSS_GROWTH_BOUND = 6 << 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The oracle's tiny forwards: one thread is far faster than several fighting over a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
