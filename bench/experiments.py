@@ -436,8 +436,9 @@ def plots(report: dict, folder: Path) -> list:
         save(fig, "length.png")
     if "ensemble" in report:
         e = report["ensemble"]
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        names = [f"seed {i}" for i in range(len(e["members"]))] + ["mean member", "best member", "ensemble\n(mean)", "ensemble\n(vote)"]
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        names = [f"seed {i}" for i in range(len(e["members"]))] + ["mean\nmember", "best\nmember", "ensemble\n(mean)",
+                                                                   "ensemble\n(vote)"]
         values = e["members"] + [e["member_mean"], e["member_best"], e["ensemble_mean_logprob"], e["ensemble_vote"]]
         ax.bar(names, [100 * v for v in values], color=["tab:blue"] * len(e["members"]) + ["tab:gray"] * 2 + ["tab:orange"] * 2)
         ax.set(ylim=(max(0, 100 * min(values) - 5), 100), ylabel="test accuracy (%)", title="prompt ensemble")
