@@ -5,13 +5,13 @@ on SmolLM2 is 20 x 576 fp32 values, about 46 kB.
 """
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from ..training import atomic_write
 
 FORMAT = "minipt-prompt/1"
 
@@ -38,15 +38,7 @@ def save_prompt(path, model, tokenizer=None) -> Path:
     meta = {"format": FORMAT, "config": method.config.to_dict(), "trainable_parameters": model.num_trainable(),
             "base": base_fingerprint(model.base, tokenizer)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_for_saving().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"minipt": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"minipt": json.dumps(meta)}))
     return path
 
 
