@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
-from .layers import GeluMLP, KVCache, RMSNorm, SelfAttention, SwiGLU, rope_cos_sin
+from .layers import GeluMLP, KVCache, RMSNorm, SelfAttention, SwiGLU, Unpadded, rope_cos_sin
 
 
 class Block(nn.Module):
@@ -31,8 +31,8 @@ class Block(nn.Module):
         else:
             self.mlp = GeluMLP(cfg.n_embd, cfg.intermediate_size, cfg.proj_bias)
 
-    def forward(self, x, mask, rope, cache_pos, prefix):
-        x = x + self.attn(self.attn_norm(x), mask, rope, cache_pos, prefix)
+    def forward(self, x, mask, rope, cache_pos, prefix, unpadded=None):
+        x = x + self.attn(self.attn_norm(x), mask, rope, cache_pos, prefix, unpadded)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -96,7 +96,8 @@ class GPT(nn.Module):
     # ---- forward -----------------------------------------------------------------------
 
     def forward(self, idx=None, targets=None, *, inputs_embeds=None, attention_mask=None,
-                position_ids=None, prefixes=None, cache_pos=None, last_only=False, loss_only=False):
+                position_ids=None, prefixes=None, cache_pos=None, last_only=False, loss_only=False,
+                layers_only=False):
         """
         idx: (B, T) token ids, or inputs_embeds: (B, T, C) instead (soft prompts go here).
         targets: (B, T) next-token labels aligned with the inputs, -100 where ignored.
@@ -111,6 +112,8 @@ class GPT(nn.Module):
         loss_only: with targets, apply the LM head only where a target is set and return
             (None, loss): in prompt tuning the head over every position can cost a fifth
             of the step, for logits nobody reads.
+        layers_only: stop after the layers and return (None, None), for a caller that wants
+            only the keys/values they wrote to their caches.
         Returns (logits, loss); loss is None without targets.
         """
         x = self.embed(idx) if inputs_embeds is None else inputs_embeds     # (B, T, C)
@@ -119,6 +122,11 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = self._positions(attention_mask, start, T, B, x.device)
         mask = self._mask(attention_mask, start, T, B, x.device)
+        unpadded = None
+        if cache_pos is None and attention_mask is not None and not attention_mask.all():
+            # outside attention, the layers see only the real tokens (see layers.Unpadded)
+            unpadded = Unpadded(attention_mask.flatten().nonzero().squeeze(1), B, T)
+            x, position_ids = unpadded.unpad(x), unpadded.unpad(position_ids)
         rope = None
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
@@ -127,10 +135,14 @@ class GPT(nn.Module):
         prefixes = prefixes or [None] * len(self.layers)
         for layer, prefix in zip(self.layers, prefixes):
             if self.grad_checkpointing and self.training:
-                x = checkpoint(layer, x, mask, rope, cache_pos, prefix, use_reentrant=False)
+                x = checkpoint(layer, x, mask, rope, cache_pos, prefix, unpadded, use_reentrant=False)
             else:
-                x = layer(x, mask, rope, cache_pos, prefix)
+                x = layer(x, mask, rope, cache_pos, prefix, unpadded)
+        if layers_only:
+            return None, None
         x = self.norm(x)
+        if unpadded is not None:
+            x = unpadded.pad(x)                                              # (B, T, C)
         if loss_only and targets is not None:
             keep = targets != -100                                           # (B, T)
             logits = self.lm_head(x[keep])                                   # (N, V)

@@ -107,12 +107,13 @@ class _SiluMulFunction(torch.autograd.Function):
 
 
 def rope_cos_sin(positions, head_dim: int, base: float, dtype):
-    """cos/sin tables for rotary embeddings at integer positions (B, T) -> (B, 1, T, hs).
+    """cos/sin tables for rotary embeddings at integer positions (B, T) -> (B, T, 1, hs), or
+    (N,) -> (N, 1, hs) for unpadded tokens: they broadcast over the heads of (..., nh, hs).
     Frequencies in fp32 so long positions keep their precision."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    angles = positions.float()[..., None] * inv_freq                 # (B, T, hs/2)
-    angles = torch.cat([angles, angles], dim=-1)                      # (B, T, hs)
-    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+    angles = positions.float()[..., None] * inv_freq                 # (..., hs/2)
+    angles = torch.cat([angles, angles], dim=-1)[..., None, :]        # (..., 1, hs)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -120,6 +121,29 @@ def apply_rope(x, cos, sin):
     of the Hugging Face checkpoints; GGUF's interleaved layout is undone at conversion)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+@dataclass
+class Unpadded:
+    """The real tokens of a padded (B, T) batch, packed into one (N, ...) stack: `index`
+    holds their places among the B*T flattened positions, in order.
+
+    A training batch of varied lengths is a fifth padding or more (the sentiment task's:
+    21 %). Norms, projections and MLPs treat every token alone, so they run on the N real
+    tokens only; attention, which mixes tokens, puts them back in the (B, T) layout (`pad`),
+    where the usual mask hides the zeros in the padding."""
+    index: torch.Tensor
+    B: int
+    T: int
+
+    def pad(self, x):
+        """(N, ...) -> (B, T, ...), zeros at the padding."""
+        rest = x.shape[1:]
+        return x.new_zeros(self.B * self.T, *rest).index_copy(0, self.index, x).view(self.B, self.T, *rest)
+
+    def unpad(self, x):
+        """(B, T, ...) -> (N, ...)."""
+        return x.flatten(0, 1)[self.index]
 
 
 @dataclass
@@ -278,14 +302,19 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(n_head * head_dim, n_embd, bias=out_bias)
         self.cache: "KVCache | None" = None
 
-    def forward(self, x, mask, rope=None, cache_pos=None, prefix=None):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+    def forward(self, x, mask, rope=None, cache_pos=None, prefix=None, unpadded: "Unpadded | None" = None):
+        """x: (B, T, C), or (N, C) real tokens with `unpadded` saying where they belong."""
+        lead = x.shape[:-1]
+        q = self.q_proj(x).view(*lead, self.n_head, self.head_dim)                   # (B, T, nh, hs)
+        k = self.k_proj(x).view(*lead, self.n_kv_head, self.head_dim)                # (B, T, nkv, hs)
+        v = self.v_proj(x).view(*lead, self.n_kv_head, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if unpadded is not None:
+            q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)            # (B, heads, T, hs)
         if cache_pos is not None:
             k, v = self.cache.update(cache_pos, k, v)                                 # (B, nkv, S, hs)
-        y = attend(q, k, v, mask, prefix)                                             # (B, nh, T, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = attend(q, k, v, mask, prefix).transpose(1, 2)                             # (B, T, nh, hs)
+        y = y.reshape(*y.shape[:2], -1)
+        return self.o_proj(y if unpadded is None else unpadded.unpad(y))

@@ -64,6 +64,32 @@ def test_loss_matches_transformers(pair):
     assert no_logits is None and torch.allclose(head_where_needed, ref, atol=1e-5)
 
 
+def test_padding_is_left_out_of_all_but_attention(pair):
+    """A left-padded batch runs its norms, projections and MLPs on the real tokens only
+    (layers.Unpadded); loss and input gradients still match transformers on the padded batch."""
+    hf, model = pair
+    ids, mask = batch()
+    real = mask.bool()
+    no_target = torch.full((ids.size(0), 1), -100)
+    targets = torch.cat([ids[:, 1:], no_target], 1).masked_fill(~real, -100)
+    labels = torch.cat([no_target, targets[:, :-1]], 1)                  # HF shifts labels itself
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    seen = []
+    hook = model.layers[0].mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    grads, losses = [], []
+    for run in (lambda e: model(inputs_embeds=e, targets=targets, attention_mask=mask)[1],
+                lambda e: hf(inputs_embeds=e, attention_mask=mask, position_ids=positions, labels=labels).loss):
+        emb = model.embed(ids).detach().requires_grad_()
+        loss = run(emb)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(emb.grad[real])
+    hook.remove()
+    assert seen == [(int(mask.sum()), model.config.n_embd)]
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[1].abs().max()
+
+
 @torch.no_grad()
 def test_cached_decoding_equals_full_forward(pair):
     hf, model = pair
