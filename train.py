@@ -83,6 +83,8 @@ def train(argv):
         with bad_input_exits("init_from: "):
             init_from(model, cfg.init_from, tok)
     model.base.grad_checkpointing = cfg.grad_checkpointing
+    if cfg.compile:
+        model.base.compile_layers()  # compiles at the first step
     params = model.trainable_parameters()
     for p in params:
         p.data = p.data.float()
@@ -235,6 +237,8 @@ def check_task(cfg, task, tok, model_config, world: int) -> None:
             raise ValueError(f"{cfg.data}: labels {seen[ids]!r} and {label!r} are the same tokens {list(ids)}; "
                              "rank classification could not tell them apart")
         seen[ids] = label
+    if cfg.compile and model_config.model_type != "gpt":
+        raise ValueError(f"compile=true: compiled blocks are for decoder models; {cfg.base} is {model_config.model_type}")
     if model_config.model_type == "gpt":
         # positions the method puts before the text (PromptedModel.extra_positions), known before attaching
         virtual = cfg.num_virtual_tokens if cfg.method in ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2") else 0

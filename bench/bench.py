@@ -9,7 +9,8 @@ Sections (`--only`, comma-separated; default train,generate):
             indices, so both sides get the same token ids), loss on the label token only.
             Soft prompt (20 tokens, text init), P-tuning v2 / prefix without projection (20
             tokens) and LoRA (r 8, alpha 16, q_proj + v_proj). Configurations: minipt bf16 (its
-            default: bf16 frozen weights, fp32 method parameters and AdamW state), peft fp32,
+            default: bf16 frozen weights, fp32 method parameters and AdamW state), the same with
+            torch.compile'd blocks (`--compile=true`; compiled in the warm-up), peft fp32,
             peft bf16; each runs in its own subprocess, so its peak RSS is its own. Median step
             time, tokens/s (non-pad text tokens / s), peak RSS, MFU (see `train_flops`).
   generate  greedy decoding, 128 new tokens, batch 1 and 8, with the same 20-token soft prompt on
@@ -69,7 +70,7 @@ from weights.smollm2 import main as convert_smollm2  # noqa: E402
 
 SECTIONS = ("train", "generate", "scaling", "accuracy")
 METHODS = {"prompt_tuning": "soft prompt", "p_tuning_v2": "prefix (v2)", "lora": "LoRA"}
-TRAIN_CONFIGS = [("minipt", "bfloat16"), ("peft", "float32"), ("peft", "bfloat16")]
+TRAIN_CONFIGS = [("minipt", "bfloat16"), ("minipt-compiled", "bfloat16"), ("peft", "float32"), ("peft", "bfloat16")]
 N_VIRTUAL = 20
 LORA_R, LORA_ALPHA, LORA_TARGETS = 8, 16.0, ["q_proj", "v_proj"]
 DEFAULTS = TrainConfig()               # train.py's defaults: the recipe both sides follow
@@ -109,7 +110,7 @@ def parse_args(argv=None):
     ap.add_argument("--test-rows", type=int, default=None, help="evaluate on the first N test rows (default all 800)")
     # one configuration in a subprocess (used by the sections above)
     ap.add_argument("--worker", choices=["train", "scaling", "accuracy"], default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--side", choices=["minipt", "peft"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=["minipt", "minipt-compiled", "peft"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--method", choices=list(METHODS), default="prompt_tuning", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -271,8 +272,10 @@ def peft_loss(model, batch, n_virtual: int):
 def build_side(side: str, method: str, dtype):
     """(loss_fn(batch), trainable params, base config) for one configuration."""
     cfg_dir = convert_smollm2()
-    if side == "minipt":
+    if side.startswith("minipt"):
         model, params, _ = build_minipt(method, dtype)
+        if side == "minipt-compiled":
+            model.base.compile_layers()       # train.py --compile=true
         return (lambda b: minipt_loss(model, b)), params, model.config
     model, params = build_peft(method, dtype)
     from minipt.config import load_config
@@ -310,12 +313,14 @@ def train_worker(args) -> dict:
         seconds = time.perf_counter() - t0
         if i == 0:
             initial_loss = loss.item()   # before any update: the same batch and prompt on both sides
+            first_step_s = seconds       # includes torch.compile's compilation
         if i >= args.warmup:
             lengths = batch["attention_mask"].sum(1).tolist()
             n_targets = int((batch["targets"] != -100).sum())
             steps.append({"seconds": seconds, "tokens": sum(lengths), "loss": loss.item(),
                           "flops": train_flops(cfg, lengths, n_targets, args.method)})
-    return {"side": args.side, "method": args.method, "dtype": args.dtype, "initial_loss": initial_loss, "steps": steps,
+    return {"side": args.side, "method": args.method, "dtype": args.dtype, "initial_loss": initial_loss, "first_step_s": first_step_s,
+            "steps": steps,
             "trainable": sum(p.numel() for p in params), "param_dtypes": sorted({str(p.dtype) for p in params}),
             "peak_rss_gb": peak_rss_gb(), "peak_rss_after_load_gb": load_peak}
 
@@ -457,6 +462,7 @@ def train_section(args, info) -> dict:
         steps = [s for res in results for s in res["steps"]]
         rows.append({"method": m, "side": side, "dtype": dtype,
                      "step_s": statistics.median(s["seconds"] for s in steps),
+                     "first_step_s": statistics.median(res["first_step_s"] for res in results),
                      "tokens_per_s": statistics.median(s["tokens"] / s["seconds"] for s in steps),
                      "flops_per_s": statistics.median(s["flops"] / s["seconds"] for s in steps),
                      "peak_rss_gb": max(res["peak_rss_gb"] for res in results),
@@ -467,25 +473,27 @@ def train_section(args, info) -> dict:
         row["mfu_own_dtype"] = row["flops_per_s"] / info[f"{'bf16' if row['dtype'] == 'bfloat16' else 'fp32'}_peak_flops"]
     ratios = {}
     for m in methods:
-        ours = next(r for r in rows if r["method"] == m and r["side"] == "minipt")
+        ours = max((r for r in rows if r["method"] == m and r["side"].startswith("minipt")),
+                   key=lambda r: r["tokens_per_s"])
         peft_rows = [r for r in rows if r["method"] == m and r["side"] == "peft"]
         best = max(peft_rows, key=lambda r: r["tokens_per_s"])
-        ratios[m] = {"peft_best_dtype": best["dtype"], "speed": ours["tokens_per_s"] / best["tokens_per_s"],
+        ratios[m] = {"minipt_best": ours["side"], "peft_best_dtype": best["dtype"], "speed": ours["tokens_per_s"] / best["tokens_per_s"],
                      "rss_vs_best": ours["peak_rss_gb"] / best["peak_rss_gb"],
                      **{f"rss_vs_{r['dtype']}": ours["peak_rss_gb"] / r["peak_rss_gb"] for r in peft_rows}}
 
     print(f"\ntraining step, sentiment batches of {DEFAULTS.batch_size}, loss on the label token, "
           f"median of {args.steps} steps x {args.rounds} round(s) after {args.warmup} warm-up")
-    print(f"{'method':<13}{'config':<15}{'step s':>8}{'tok/s':>9}{'RSS GB':>8}{'MFU':>7}{'MFU own':>9}"
+    print(f"{'method':<13}{'config':<25}{'step 1 s':>9}{'step s':>8}{'tok/s':>9}{'RSS GB':>8}{'MFU':>7}{'MFU own':>9}"
           f"{'loss 0':>10}{'trainable':>11}")
     for r in rows:
-        print(f"{METHODS[r['method']]:<13}{r['side'] + ' ' + r['dtype']:<15}{r['step_s']:>8.3f}"
+        print(f"{METHODS[r['method']]:<13}{r['side'] + ' ' + r['dtype']:<25}{r['first_step_s']:>9.1f}{r['step_s']:>8.3f}"
               f"{r['tokens_per_s']:>9.0f}{r['peak_rss_gb']:>8.2f}{100 * r['mfu']:>6.1f}%{100 * r['mfu_own_dtype']:>8.1f}%"
               f"{r['initial_loss']:>10.4f}{r['trainable']:>11,}")
-    print("MFU: useful FLOPs (bench.train_flops) / step time / bf16 matmul peak; 'own': of the config's dtype peak")
+    print("MFU: useful FLOPs (bench.train_flops) / step time / bf16 matmul peak; 'own': of the config's dtype peak; "
+          "step 1: the first step alone (compilation included)")
     for m, q in ratios.items():
         rss = ", ".join(f"{q[k]:.2f}x vs peft {k[7:]}" for k in q if k.startswith("rss_vs_") and k != "rss_vs_best")
-        print(f"{METHODS[m]:<13}minipt tok/s / peft {q['peft_best_dtype']} (its faster dtype): {q['speed']:.2f}x; "
+        print(f"{METHODS[m]:<13}{q['minipt_best']} tok/s / peft {q['peft_best_dtype']} (its faster dtype): {q['speed']:.2f}x; "
               f"RSS {rss}")
     return {"rows": rows, "ratios": ratios}
 

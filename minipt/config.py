@@ -124,6 +124,7 @@ class TrainConfig(PromptConfig):
     dtype: str = "bfloat16"          # frozen weights' dtype; method params and optimizer stay fp32
     device: str = "cpu"              # cpu | cuda
     grad_checkpointing: bool = False
+    compile: bool = False            # torch.compile the blocks: faster steps after a 20-60 s first one
     eval_interval: int = 50          # validation every N steps (0: only at the end)
     eval_examples: int = 200         # validation examples per evaluation
     log_interval: int = 10

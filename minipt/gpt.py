@@ -73,12 +73,21 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.grad_checkpointing = False
+        self.compiled_layers = None
         _store_wide_weights_transposed(self)
         self.register_load_state_dict_post_hook(_store_wide_weights_transposed)
 
     def tie_weights(self):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    def compile_layers(self):
+        """torch.compile the blocks for training steps. A bf16 step on CPU spends a third of
+        its time outside the matmuls, in norms, RoPE, SwiGLU and softmax, each a few passes
+        over memory with a dispatch per op; the compiled block fuses them. The layers share
+        the compiled code, and it serves every batch shape (dynamic); inference and the
+        KV-cache path stay eager, so evaluation and generation compile nothing."""
+        self.compiled_layers = [torch.compile(layer, dynamic=True) for layer in self.layers]
 
     # ---- KV cache ----------------------------------------------------------------------
 
@@ -133,7 +142,10 @@ class GPT(nn.Module):
         else:
             rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_base, x.dtype)
         prefixes = prefixes or [None] * len(self.layers)
-        for layer, prefix in zip(self.layers, prefixes):
+        layers = self.layers
+        if self.compiled_layers and self.training and torch.is_grad_enabled() and cache_pos is None:
+            layers = self.compiled_layers
+        for layer, prefix in zip(layers, prefixes):
             if self.grad_checkpointing and self.training:
                 x = checkpoint(layer, x, mask, rope, cache_pos, prefix, unpadded, use_reentrant=False)
             else:

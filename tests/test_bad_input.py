@@ -129,6 +129,8 @@ TRAIN_CASES = [
     ("empty validation split", dict(data=rows(5), batch_size=2), ["the validation split is empty", "0 validation"]),
     ("labels that are the same tokens", dict(base=lambda t: t.t5, data=rows(12, ("positive", " positive", " negative"))),
      ["labels ' positive' and 'positive' are the same tokens [1465]"]),
+    ("compile with an encoder-decoder", dict(base=lambda t: t.t5, compile=True),
+     ["compile=true: compiled blocks are for decoder models", "is t5"]),
     ("max_len beyond the context", dict(max_len=200, num_virtual_tokens=4),
      ["max_len=200 + num_virtual_tokens=4 = 204 positions", "context of 128"]),
     ("virtual tokens push past the context", dict(max_len=100, num_virtual_tokens=40),
