@@ -36,9 +36,15 @@ def parse_args(argv=None):
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--lookup", type=int, default=0,
+                    help="greedy, one text: check up to N prompt-lookup draft tokens per forward (same tokens, "
+                         "faster when the text repeats itself)")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     ap.add_argument("--device", default="cpu")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.lookup < 0 or (args.lookup and (args.temperature > 0 or len(args.text) > 1)):
+        ap.error("--lookup takes a count >= 0 and works on one --text, greedy (--temperature 0)")
+    return args
 
 
 def classify(model, tok, args):
@@ -81,7 +87,7 @@ def main(argv=None):
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
     t0 = time.perf_counter()
     outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_id=tok.eos_id, pad_id=pad or 0, seed=args.seed)
+                       top_p=args.top_p, eos_id=tok.eos_id, pad_id=pad or 0, seed=args.seed, lookup=args.lookup)
     seconds = time.perf_counter() - t0
     for text, out in zip(args.text, outputs):
         if len(outputs) > 1:

@@ -16,7 +16,8 @@ Sections (`--only`, comma-separated; default train,generate):
   generate  greedy decoding, 128 new tokens, batch 1 and 8, with the same 20-token soft prompt on
             both sides (minipt `PromptedModel`; transformers `generate` with peft's prompt, see
             `SoftPromptGenerate` for why not peft's own `generate`); bench_generate.py's
-            measurement, and whether the tokens are identical. One table per `--gen-dtypes`,
+            measurement, and whether the tokens are identical; and batch 1 with prompt-lookup
+            drafts on both sides (`--gen-lookup`). One table per `--gen-dtypes`,
             both sides in that dtype (fp32: the tokens must be identical; fp16: both sides'
             fastest at batch 1 here; bf16 is slower than fp32 at batch 1 on CPUs without AMX).
   scaling   soft-prompt step time against sequence length and batch size (synthetic token
@@ -92,6 +93,9 @@ def parse_args(argv=None):
     ap.add_argument("--gen-batch-sizes", default="1,8")
     ap.add_argument("--gen-dtypes", default="float32,float16",
                     help="generate section: one table per dtype, both sides in it (float32, float16, bfloat16)")
+    ap.add_argument("--gen-lookup", type=int, default=8,
+                    help="generate section: also batch 1 with prompt-lookup drafts of this many tokens on both "
+                         "sides (minipt generate(lookup=), transformers prompt_lookup_num_tokens); 0: skip")
     ap.add_argument("--peft-generate", choices=["embeds", "peft"], default="embeds",
                     help="peft side: transformers generate with peft's prompt as input embeddings (default), "
                          "or peft's own generate (see SoftPromptGenerate)")
@@ -551,6 +555,12 @@ def generate_section(args, dtype_name: str) -> dict:
         run_minipt, run_peft = runners(ours, peft_side, prompts, args.new_tokens, tok.pad_id)
         name = f"batch {b}" + (" (left padded)" if b > 1 else "")
         cases.append(bench_case(name, run_minipt, run_peft, b * args.new_tokens, args.gen_repeats))
+    if args.gen_lookup:
+        print(f"generate: batch 1, prompt lookup {args.gen_lookup}", file=sys.stderr, flush=True)
+        run_minipt, run_peft = runners(ours, peft_side, [tok.encode(PROMPT)], args.new_tokens, tok.pad_id,
+                                       lookup=args.gen_lookup)
+        cases.append(bench_case(f"batch 1, lookup {args.gen_lookup}", run_minipt, run_peft, args.new_tokens,
+                                args.gen_repeats))
     how = "peft's generate" if args.peft_generate == "peft" else "transformers generate + peft's prompt as embeddings"
     print(f"\ngreedy generation with a {N_VIRTUAL}-token soft prompt, {args.new_tokens} new tokens per row, "
           f"{dtype_name}, median of {args.gen_repeats}; peft side: {how}")

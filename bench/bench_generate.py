@@ -66,17 +66,19 @@ def load_models(dtype):
     return ours, hf, tok
 
 
-def runners(ours, hf, prompts, new_tokens, pad_id):
-    """Two zero-argument callables returning the new tokens of every row as lists."""
+def runners(ours, hf, prompts, new_tokens, pad_id, lookup=0):
+    """Two zero-argument callables returning the new tokens of every row as lists.
+    lookup: prompt-lookup drafts of up to this many tokens on both sides (minipt's `lookup`,
+    transformers' `prompt_lookup_num_tokens`)."""
     from transformers import GenerationConfig
     ids, mask = pad_batch(prompts, pad_id)
     # eos_token_id=None: transformers must not stop early nor mask EOS (min_new_tokens would
     # change the logits), so both sides run the same argmax for the same number of steps.
     cfg = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=None,
-                           pad_token_id=pad_id, bos_token_id=None)
+                           pad_token_id=pad_id, bos_token_id=None, prompt_lookup_num_tokens=lookup or None)
 
     def run_minipt():
-        return generate(ours, prompts, new_tokens, eos_id=None, pad_id=pad_id)
+        return generate(ours, prompts, new_tokens, eos_id=None, pad_id=pad_id, lookup=lookup)
 
     def run_hf():
         with torch.no_grad():

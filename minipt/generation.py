@@ -2,7 +2,8 @@
 sampling, stopping at EOS, batches of prompts of different lengths.
 
 Decoder batches are left-padded so every row's next token sits in the last column; the
-model's static KV cache is filled once by the prompt (prefill) and then one token per step.
+model's static KV cache is filled once by the prompt (prefill) and then one token per step,
+or, greedy with `lookup`, several: prompt-lookup drafts checked in one forward.
 """
 import torch
 
@@ -41,14 +42,20 @@ def pad_batch(rows: list[list[int]], pad_id: int, left: bool = True):
 # tracking (~2% a step). Nothing created in here outlives the call.
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
-             top_p=None, eos_id=None, pad_id=0, seed=None) -> list[list[int]]:
-    """New tokens for each prompt (EOS excluded). `prompts` are lists of token ids."""
+             top_p=None, eos_id=None, pad_id=0, seed=None, lookup=0) -> list[list[int]]:
+    """New tokens for each prompt (EOS excluded). `prompts` are lists of token ids.
+    lookup: greedy decoding of one prompt (decoder models) with drafts of up to this many
+    tokens by prompt lookup (see `_lookup_steps`); 0 decodes one token per forward."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
+    if lookup and (temperature > 0 or len(prompts) > 1 or not isinstance(model.config, GPTConfig)):
+        raise ValueError("generate: lookup is for greedy decoding of one prompt with a decoder model")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     pick = lambda logits: sample_next(logits[:, -1], temperature, top_k, top_p, gen)
     device = next(model.parameters()).device
-    if isinstance(model.config, GPTConfig):
+    if lookup:
+        steps = _lookup_steps(model, prompts[0], max_new_tokens, lookup, device)
+    elif isinstance(model.config, GPTConfig):
         steps = _decoder_steps(model, prompts, max_new_tokens, pad_id, device, pick)
     else:
         steps = _encoder_decoder_steps(model, prompts, max_new_tokens, device, pick)
@@ -70,15 +77,19 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     return out
 
 
+def _check_context(model, T: int, max_new_tokens: int):
+    extra = getattr(model, "extra_positions", 0)  # a prompt method's virtual tokens / prefix
+    if extra + T + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"generate: {extra} virtual + {T} prompt + {max_new_tokens} new tokens exceed the context "
+                         f"of {model.config.max_seq_len}")
+
+
 def _decoder_steps(model, prompts, max_new_tokens, pad_id, device, pick):
     """Yield the next token of every row, max_new_tokens times."""
     ids, mask = pad_batch(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     B, T = ids.shape
-    extra = getattr(model, "extra_positions", 0)  # a prompt method's virtual tokens / prefix
-    if extra + T + max_new_tokens > model.config.max_seq_len:
-        raise ValueError(f"generate: {extra} virtual + {T} prompt + {max_new_tokens} new tokens exceed the context "
-                         f"of {model.config.max_seq_len}")
+    _check_context(model, T, max_new_tokens)
     padded = bool((mask == 0).any())
     model.setup_cache(B, T + max_new_tokens)
     logits, _ = model(ids, attention_mask=mask if padded else None, cache_pos=0, last_only=True)
@@ -90,6 +101,54 @@ def _decoder_steps(model, prompts, max_new_tokens, pad_id, device, pick):
         if padded:
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         logits, _ = model(nxt[:, None], attention_mask=mask if padded else None, cache_pos=pos, last_only=True)
+
+
+def _lookup_steps(model, prompt, max_new_tokens, k, device):
+    """Greedy decoding of one prompt, yielding (1,) tokens, with prompt-lookup drafts
+    (Saxena 2023): the tokens that followed the latest earlier occurrence of the text's last
+    few tokens are guessed to follow again, and one forward over the last token plus up to
+    k guesses checks them all. The guesses the model agrees with, and its own next token
+    after them, are kept; the KV cache positions of rejected guesses are simply written over.
+    A one-row forward is bound by reading the weights, so checking k+1 tokens costs about as
+    much as one: text that repeats itself (a prompt's phrases, code, a small model's loops)
+    comes several tokens a forward. The tokens are plain greedy decoding's, up to rounding:
+    a product of k+1 rows may round differently from one row's, which can flip a near-tie."""
+    T = len(prompt)
+    _check_context(model, T, max_new_tokens)
+    model.setup_cache(1, T + max_new_tokens)
+    logits, _ = model(torch.tensor([prompt], device=device), cache_pos=0, last_only=True)
+    seq = list(prompt) + [int(logits[0, -1].argmax())]
+    yield torch.tensor(seq[-1:])
+    pos = T                                                   # where seq[-1] goes in the cache
+    size = k                                                  # draft length, halved after misses
+    while len(seq) - T < max_new_tokens:
+        draft = _lookup_draft(seq, min(size, max_new_tokens - (len(seq) - T) - 1))
+        logits, _ = model(torch.tensor([seq[-1:] + draft], device=device), cache_pos=pos)
+        greedy = logits[0].argmax(-1).tolist()                # the model's token after each input
+        m = 0
+        while m < len(draft) and draft[m] == greedy[m]:
+            m += 1
+        for t in greedy[:m + 1]:
+            seq.append(t)
+            yield torch.tensor([t])
+        pos += m + 1
+        if draft:
+            size = min(k, size * 2) if m == len(draft) else max(1, size // 2)
+
+
+def _lookup_draft(seq: list[int], n_max: int) -> list[int]:
+    """n_max tokens that followed the latest earlier occurrence of seq's last 3 tokens (else
+    its last 2), copied as LZ77 copies: a copy that reaches the end of seq goes on with its
+    own first tokens, so a loop of period p drafts n_max tokens, not p."""
+    for n in (3, 2):
+        tail = seq[-n:]
+        for start in range(len(seq) - n - 1, -1, -1):
+            if seq[start:start + n] == tail:
+                draft = []
+                for j in range(start + n, start + n + n_max):
+                    draft.append(seq[j] if j < len(seq) else draft[j - len(seq)])
+                return draft
+    return []
 
 
 def _encoder_decoder_steps(model, prompts, max_new_tokens, device, pick):

@@ -64,3 +64,19 @@ def test_missing_prompt_file_is_a_one_line_error(setup, tmp_path):
     with pytest.raises(SystemExit, match="no such prompt file"):
         generate_cli.main(["--base", str(base_dir), "--prompt", f"{soft}+{tmp_path / 'nope.safetensors'}",
                            "--text", TEXT])
+
+
+def test_lookup_gives_the_greedy_tokens(setup, capsys):
+    """generate.py --lookup gives plain greedy decoding's text, and refuses sampling."""
+    directory, files = setup
+    base, tok = load_base(directory)
+    model = load(files[0], base, tok)
+    text = "the cat sat on the mat, the cat sat on the mat, the cat"
+    ids = tok.encode(text)
+    plain = generate(model, [ids], 40)
+    assert generate(model, [ids], 40, lookup=6) == plain
+    generate_cli.main(["--base", str(directory), "--prompt", str(files[0]), "--text", text, "--max-new-tokens", "40",
+                       "--lookup", "6"])
+    assert capsys.readouterr().out.strip() == tok.decode(plain[0], skip_special=True).strip()
+    with pytest.raises(SystemExit):
+        generate_cli.main(["--base", str(directory), "--text", text, "--lookup", "4", "--temperature", "0.7"])

@@ -201,3 +201,29 @@ def test_compiled_blocks_train_like_eager(method):
     with torch.no_grad():
         model(ids, attention_mask=mask)
     assert not calls
+
+
+def test_lookup_decoding_equals_greedy(pair, monkeypatch):
+    """Prompt-lookup drafts, right or wrong, leave greedy decoding's tokens unchanged. These
+    random models loop, so drafts are found and accepted; every other draft gets its second
+    token spoiled, so drafts are also cut short and their cache positions written over."""
+    _, model = pair
+    from minipt import generation
+    assert generation._lookup_draft([5, 6, 7, 8, 5, 6, 7], 3) == [8, 5, 6]    # after the last [5, 6, 7]
+    assert generation._lookup_draft([9, 1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]     # a loop goes on
+    assert generation._lookup_draft([1, 2, 3, 4], 3) == []
+    real, drafts = generation._lookup_draft, []
+
+    def spoiled(seq, n_max):
+        draft = real(seq, n_max)
+        if len(draft) > 1 and len(drafts) % 2:
+            draft = [draft[0], (draft[1] + 1) % model.config.vocab_size, *draft[2:]]
+        drafts.append(draft)
+        return draft
+
+    monkeypatch.setattr(generation, "_lookup_draft", spoiled)
+    prompt = [3, 4, 5, 6] * 4
+    plain = generate(model, [prompt], 30)
+    for k in (2, 5):
+        assert generate(model, [prompt], 30, lookup=k) == plain
+    assert sum(len(d) > 1 for d in drafts) >= 4
