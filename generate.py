@@ -41,10 +41,7 @@ def parse_args(argv=None):
                          "faster when the text repeats itself)")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     ap.add_argument("--device", default="cpu")
-    args = ap.parse_args(argv)
-    if args.lookup < 0 or (args.lookup and (args.temperature > 0 or len(args.text) > 1)):
-        ap.error("--lookup takes a count >= 0 and works on one --text, greedy (--temperature 0)")
-    return args
+    return ap.parse_args(argv)
 
 
 def classify(model, tok, args):
@@ -86,8 +83,11 @@ def main(argv=None):
     prompts = [tok.encode(t) for t in texts]
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
     t0 = time.perf_counter()
-    outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_id=tok.eos_id, pad_id=pad or 0, seed=args.seed, lookup=args.lookup)
+    try:  # bad settings (--lookup with sampling, a context overflow) are generate's ValueErrors
+        outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, eos_id=tok.eos_id, pad_id=pad or 0, seed=args.seed, lookup=args.lookup)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     seconds = time.perf_counter() - t0
     for text, out in zip(args.text, outputs):
         if len(outputs) > 1:

@@ -238,7 +238,8 @@ def check_task(cfg, task, tok, model_config, world: int) -> None:
                              "rank classification could not tell them apart")
         seen[ids] = label
     if cfg.compile and model_config.model_type != "gpt":
-        raise ValueError(f"compile=true: compiled blocks are for decoder models; {cfg.base} is {model_config.model_type}")
+        raise ValueError(f"compile=true: compiled blocks are for decoder models; "
+                         f"{cfg.base} is {model_config.model_type}")
     if model_config.model_type == "gpt":
         # positions the method puts before the text (PromptedModel.extra_positions), known before attaching
         virtual = cfg.num_virtual_tokens if cfg.method in ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2") else 0

@@ -323,8 +323,8 @@ def train_worker(args) -> dict:
             n_targets = int((batch["targets"] != -100).sum())
             steps.append({"seconds": seconds, "tokens": sum(lengths), "loss": loss.item(),
                           "flops": train_flops(cfg, lengths, n_targets, args.method)})
-    return {"side": args.side, "method": args.method, "dtype": args.dtype, "initial_loss": initial_loss, "first_step_s": first_step_s,
-            "steps": steps,
+    return {"side": args.side, "method": args.method, "dtype": args.dtype, "initial_loss": initial_loss,
+            "first_step_s": first_step_s, "steps": steps,
             "trainable": sum(p.numel() for p in params), "param_dtypes": sorted({str(p.dtype) for p in params}),
             "peak_rss_gb": peak_rss_gb(), "peak_rss_after_load_gb": load_peak}
 
@@ -481,7 +481,8 @@ def train_section(args, info) -> dict:
                    key=lambda r: r["tokens_per_s"])
         peft_rows = [r for r in rows if r["method"] == m and r["side"] == "peft"]
         best = max(peft_rows, key=lambda r: r["tokens_per_s"])
-        ratios[m] = {"minipt_best": ours["side"], "peft_best_dtype": best["dtype"], "speed": ours["tokens_per_s"] / best["tokens_per_s"],
+        ratios[m] = {"minipt_best": ours["side"], "peft_best_dtype": best["dtype"],
+                     "speed": ours["tokens_per_s"] / best["tokens_per_s"],
                      "rss_vs_best": ours["peak_rss_gb"] / best["peak_rss_gb"],
                      **{f"rss_vs_{r['dtype']}": ours["peak_rss_gb"] / r["peak_rss_gb"] for r in peft_rows}}
 
@@ -490,14 +491,16 @@ def train_section(args, info) -> dict:
     print(f"{'method':<13}{'config':<25}{'step 1 s':>9}{'step s':>8}{'tok/s':>9}{'RSS GB':>8}{'MFU':>7}{'MFU own':>9}"
           f"{'loss 0':>10}{'trainable':>11}")
     for r in rows:
-        print(f"{METHODS[r['method']]:<13}{r['side'] + ' ' + r['dtype']:<25}{r['first_step_s']:>9.1f}{r['step_s']:>8.3f}"
+        print(f"{METHODS[r['method']]:<13}{r['side'] + ' ' + r['dtype']:<25}"
+              f"{r['first_step_s']:>9.1f}{r['step_s']:>8.3f}"
               f"{r['tokens_per_s']:>9.0f}{r['peak_rss_gb']:>8.2f}{100 * r['mfu']:>6.1f}%{100 * r['mfu_own_dtype']:>8.1f}%"
               f"{r['initial_loss']:>10.4f}{r['trainable']:>11,}")
     print("MFU: useful FLOPs (bench.train_flops) / step time / bf16 matmul peak; 'own': of the config's dtype peak; "
           "step 1: the first step alone (compilation included)")
     for m, q in ratios.items():
         rss = ", ".join(f"{q[k]:.2f}x vs peft {k[7:]}" for k in q if k.startswith("rss_vs_") and k != "rss_vs_best")
-        print(f"{METHODS[m]:<13}{q['minipt_best']} tok/s / peft {q['peft_best_dtype']} (its faster dtype): {q['speed']:.2f}x; "
+        print(f"{METHODS[m]:<13}{q['minipt_best']} tok/s / peft {q['peft_best_dtype']} (its faster dtype): "
+              f"{q['speed']:.2f}x; "
               f"RSS {rss}")
     return {"rows": rows, "ratios": ratios}
 

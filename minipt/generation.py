@@ -48,8 +48,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     tokens by prompt lookup (see `_lookup_steps`); 0 decodes one token per forward."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
-    if lookup and (temperature > 0 or len(prompts) > 1 or not isinstance(model.config, GPTConfig)):
-        raise ValueError("generate: lookup is for greedy decoding of one prompt with a decoder model")
+    if lookup < 0 or (lookup and (temperature > 0 or len(prompts) > 1 or not isinstance(model.config, GPTConfig))):
+        raise ValueError(f"generate: lookup={lookup}: a count >= 0, for greedy decoding of one prompt with a "
+                         "decoder model")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     pick = lambda logits: sample_next(logits[:, -1], temperature, top_k, top_p, gen)
     device = next(model.parameters()).device

@@ -78,5 +78,5 @@ def test_lookup_gives_the_greedy_tokens(setup, capsys):
     generate_cli.main(["--base", str(directory), "--prompt", str(files[0]), "--text", text, "--max-new-tokens", "40",
                        "--lookup", "6"])
     assert capsys.readouterr().out.strip() == tok.decode(plain[0], skip_special=True).strip()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="lookup=4: a count >= 0, for greedy decoding of one prompt"):
         generate_cli.main(["--base", str(directory), "--text", text, "--lookup", "4", "--temperature", "0.7"])

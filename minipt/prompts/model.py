@@ -145,7 +145,8 @@ class PromptedModel(nn.Module):
             attn.cache = rec
         base.grad_checkpointing = False
         try:
-            base(inputs_embeds=self.method.input_prompt()[None].to(base.embed.weight.dtype), cache_pos=0, layers_only=True)
+            prompt = self.method.input_prompt()[None].to(base.embed.weight.dtype)
+            base(inputs_embeds=prompt, cache_pos=0, layers_only=True)
         finally:
             for attn, cache in zip(layers, caches):
                 attn.cache = cache
