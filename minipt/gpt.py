@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
-from .layers import GeluMLP, KVCache, RMSNorm, SelfAttention, SwiGLU, Unpadded, rope_cos_sin
+from .layers import GeluMLP, KVCache, Linear, RMSNorm, SelfAttention, SwiGLU, Unpadded, rope_cos_sin
 
 
 class Block(nn.Module):
@@ -36,30 +36,6 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-def _store_wide_weights_transposed(model, _incompatible_keys=None):
-    """Keep each fp32 linear weight with out_features >= in_features in (in, out) memory
-    order, as a strided (out, in) view: values, shapes and state-dict keys stay the same.
-
-    Decoding one token multiplies a single row by every weight matrix, so it is bound by
-    reading the weights. On the machines we measured (AMD EPYC, MKL) a 1-2 row fp32 product
-    streams a wide matrix (q, o, gate, up, the LM head) 1.2-2x faster in this order; narrow
-    ones (k, v, down) are faster as they are, and with 4+ rows (batched decoding) the usual
-    order is ~10% faster. Products of many rows (prefill, training) give the same bits in
-    either order; only products of 1-3 rows round differently.
-    fp16 and bf16 weights keep the usual order: PyTorch's reduced-precision one-row kernel
-    (fp32 accumulation) needs it, and in fp16 it reads half the bytes of fp32 at the same
-    speed per byte, so it decodes SmolLM2 ~1.5x faster than fp32 in (in, out) order.
-    Runs at construction and after every load_state_dict (as a post-hook), which may
-    replace the weights."""
-    head = [model.embed.weight] if model.config.tie_embeddings else []  # tied: the embedding is the head
-    wide = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.out_features >= m.in_features]
-    for w in wide + head:
-        if w.dtype == torch.float32 and w.is_contiguous():
-            w.data = w.data.t().contiguous().t()
-        elif w.dtype != torch.float32 and not w.is_contiguous():
-            w.data = w.data.contiguous()
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -70,12 +46,10 @@ class GPT(nn.Module):
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.n_embd) if cfg.pos == "learned" else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.grad_checkpointing = False
         self.compiled_layers = None
-        _store_wide_weights_transposed(self)
-        self.register_load_state_dict_post_hook(_store_wide_weights_transposed)
 
     def tie_weights(self):
         if self.config.tie_embeddings:

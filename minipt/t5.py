@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import T5Config
-from .layers import KVCache, RMSNorm, attend
+from .layers import KVCache, Linear, RMSNorm, attend, linear
 
 
 class RelativePositionBias(nn.Module):
@@ -74,10 +74,10 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, n_head: int, d_kv: int):
         super().__init__()
         self.n_head, self.d_kv = n_head, d_kv
-        self.q_proj = nn.Linear(d_model, n_head * d_kv, bias=False)
-        self.k_proj = nn.Linear(d_model, n_head * d_kv, bias=False)
-        self.v_proj = nn.Linear(d_model, n_head * d_kv, bias=False)
-        self.o_proj = nn.Linear(n_head * d_kv, d_model, bias=False)
+        self.q_proj = Linear(d_model, n_head * d_kv, bias=False)
+        self.k_proj = Linear(d_model, n_head * d_kv, bias=False)
+        self.v_proj = Linear(d_model, n_head * d_kv, bias=False)
+        self.o_proj = Linear(n_head * d_kv, d_model, bias=False)
         self.cache: "KVCache | None" = None  # decoder self-attention during generation
         self.source_kv = None                # cross-attention keys/values, fixed for a generation
 
@@ -109,8 +109,8 @@ class ReluFF(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
-        self.in_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.out_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.in_proj = Linear(d_model, d_ff, bias=False)
+        self.out_proj = Linear(d_ff, d_model, bias=False)
 
     def forward(self, x):
         return self.out_proj(F.relu(self.in_proj(x)))
@@ -121,9 +121,9 @@ class GatedGeluFF(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.gate_proj = Linear(d_model, d_ff, bias=False)
+        self.up_proj = Linear(d_model, d_ff, bias=False)
+        self.down_proj = Linear(d_ff, d_model, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
@@ -184,7 +184,7 @@ class T5(nn.Module):
             norm=RMSNorm(cfg.d_model, cfg.norm_eps),
         ))
         # v1.0 reads logits off the embedding matrix itself, so there is no head to save
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False
 
     def tie_weights(self):
@@ -256,7 +256,7 @@ class T5(nn.Module):
             x = self._run(layer, x, bias, encoder_out, cross_mask, cache_pos, sp, cp)
         x = self.decoder.norm(x)
         if self.lm_head is None:
-            return F.linear(x * self.config.d_model ** -0.5, self.embed.weight)  # (B, T, V)
+            return linear(x * self.config.d_model ** -0.5, self.embed.weight)    # (B, T, V)
         return self.lm_head(x)                                                    # (B, T, V)
 
     def forward(self, input_ids=None, decoder_input_ids=None, targets=None, *, inputs_embeds=None,

@@ -1,5 +1,6 @@
 """The memory-saving autograd functions of layers.py against autograd through the plain
-formulas they replace: same outputs, same gradients, for every input that needs one."""
+formulas they replace: same outputs, same gradients, for every input that needs one; and the
+decoding shortcuts (few-row products, one-query attention) against the plain ops."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,3 +91,20 @@ def test_one_query_decoding_path_equals_sdpa(dtype):
         ours = attend(q, k, v, mask, None)
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
     assert (ours.float() - ref).abs().max() <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (3, 1), (8,), (2, 5)])
+@pytest.mark.parametrize("out_features", [192, 6, 7])
+def test_few_row_linear_equals_f_linear(lead, out_features, monkeypatch):
+    """The row-block product of a few fp32 rows (decoding) gives F.linear's values, bias
+    included, for 8, 2 or 1 (indivisible) blocks, and is really taken up to FEW_ROWS rows."""
+    from minipt import layers
+    x, w, b = rand(*lead, 24, dtype=torch.float32, seed=12), rand(out_features, 24, dtype=torch.float32, seed=13), \
+        rand(out_features, dtype=torch.float32, seed=14)
+    calls = []
+    monkeypatch.setattr(layers.torch, "bmm", lambda *a: calls.append(1) or torch.matmul(*a))
+    with torch.no_grad():
+        ours, ref = layers.linear(x, w, b), F.linear(x, w, b)
+    assert ours.shape == ref.shape and (ours - ref).abs().max() <= TOL[torch.float32] * ref.abs().max()
+    rows = x.numel() // 24
+    assert len(calls) == (rows <= layers.FEW_ROWS and out_features % 2 == 0)

@@ -65,11 +65,10 @@ def test_chat_answer(smollm2_dir):
 
 
 def test_float16_decoding_tracks_float32(smollm2_dir):
-    """fp16 weights (the fast one-row path, see gpt._store_wide_weights_transposed) stay close to
-    fp32: logits within 0.5 (their range is ~50) and the first 16 greedy tokens the same."""
+    """fp16 weights stay close to fp32: logits within 0.5 (their range is ~50) and the first
+    16 greedy tokens the same."""
     m32, tok = load_base(smollm2_dir)
     m16, _ = load_base(smollm2_dir, dtype=torch.float16)
-    assert m16.lm_head.weight.is_contiguous() and not m32.lm_head.weight.is_contiguous()
     for text in TEXTS:
         prompt = tok.encode(text)
         with torch.no_grad():
