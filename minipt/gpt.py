@@ -80,7 +80,7 @@ class GPT(nn.Module):
 
     def forward(self, idx=None, targets=None, *, inputs_embeds=None, attention_mask=None,
                 position_ids=None, prefixes=None, cache_pos=None, last_only=False, loss_only=False,
-                layers_only=False):
+                shared=None):
         """
         idx: (B, T) token ids, or inputs_embeds: (B, T, C) instead (soft prompts go here).
         targets: (B, T) next-token labels aligned with the inputs, -100 where ignored.
@@ -95,8 +95,11 @@ class GPT(nn.Module):
         loss_only: with targets, apply the LM head only where a target is set and return
             (None, loss): in prompt tuning the head over every position can cost a fifth
             of the step, for logits nobody reads.
-        layers_only: stop after the layers and return (None, None), for a caller that wants
-            only the keys/values they wrote to their caches.
+        shared: (P, C) embeddings of tokens that every row sees before its own (a soft
+            prompt), without a cache. They come first and attention is causal, so their
+            keys/values are the same in every row: they run once for the whole batch, at
+            positions 0..P-1 (position_ids must count the text from P), packed with the
+            rows' tokens, and every row attends to them as a prefix (see layers.Unpadded).
         Returns (logits, loss); loss is None without targets.
         """
         x = self.embed(idx) if inputs_embeds is None else inputs_embeds     # (B, T, C)
@@ -106,10 +109,18 @@ class GPT(nn.Module):
             position_ids = self._positions(attention_mask, start, T, B, x.device)
         mask = self._mask(attention_mask, start, T, B, x.device)
         unpadded = None
-        if cache_pos is None and attention_mask is not None and not attention_mask.all():
+        padded = attention_mask is not None and not attention_mask.all()
+        if cache_pos is None and (padded or shared is not None):
             # outside attention, the layers see only the real tokens (see layers.Unpadded)
-            unpadded = Unpadded(attention_mask.flatten().nonzero().squeeze(1), B, T)
+            keep = attention_mask.flatten() if padded else torch.ones(B * T, dtype=torch.bool, device=x.device)
+            unpadded = Unpadded(keep.nonzero().squeeze(1), B, T)
             x, position_ids = unpadded.unpad(x), unpadded.unpad(position_ids)
+            if shared is not None:
+                P = shared.size(0)
+                unpadded.shared = P
+                unpadded.shared_mask = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()[None, None]
+                x = torch.cat([shared.to(x.dtype), x])
+                position_ids = torch.cat([torch.arange(P, device=x.device), position_ids])
         rope = None
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
@@ -124,8 +135,6 @@ class GPT(nn.Module):
                 x = checkpoint(layer, x, mask, rope, cache_pos, prefix, unpadded, use_reentrant=False)
             else:
                 x = layer(x, mask, rope, cache_pos, prefix, unpadded)
-        if layers_only:
-            return None, None
         x = self.norm(x)
         if unpadded is not None:
             x = unpadded.pad(x)                                              # (B, T, C)

@@ -161,14 +161,21 @@ class Unpadded:
     A training batch of varied lengths is a fifth padding or more (the sentiment task's:
     21 %). Norms, projections and MLPs treat every token alone, so they run on the N real
     tokens only; attention, which mixes tokens, puts them back in the (B, T) layout (`pad`),
-    where the usual mask hides the zeros in the padding."""
+    where the usual mask hides the zeros in the padding.
+
+    shared: that many tokens in front of the stack (shared + N in all) that every row sees
+    before its own: a soft prompt run once for the whole batch (see GPT.forward). They
+    attend causally among themselves; every row attends to their keys/values as a prefix.
+    shared_mask: their (1, 1, shared, shared) causal keep-mask."""
     index: torch.Tensor
     B: int
     T: int
+    shared: int = 0
+    shared_mask: "torch.Tensor | None" = None
 
     def pad(self, x):
-        """(N, ...) -> (B, T, ...), zeros at the padding."""
-        rest = x.shape[1:]
+        """(shared + N, ...) -> the rows' tokens (B, T, ...), zeros at the padding."""
+        x, rest = x[self.shared:], x.shape[1:]
         return x.new_zeros(self.B * self.T, *rest).index_copy(0, self.index, x).view(self.B, self.T, *rest)
 
     def unpad(self, x):
@@ -333,18 +340,29 @@ class SelfAttention(nn.Module):
         self.cache: "KVCache | None" = None
 
     def forward(self, x, mask, rope=None, cache_pos=None, prefix=None, unpadded: "Unpadded | None" = None):
-        """x: (B, T, C), or (N, C) real tokens with `unpadded` saying where they belong."""
+        """x: (B, T, C), or (shared + N, C) packed tokens with `unpadded` saying where they belong."""
         lead = x.shape[:-1]
         q = self.q_proj(x).view(*lead, self.n_head, self.head_dim)                   # (B, T, nh, hs)
         k = self.k_proj(x).view(*lead, self.n_kv_head, self.head_dim)                # (B, T, nkv, hs)
         v = self.v_proj(x).view(*lead, self.n_kv_head, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        shared_y = None
+        if unpadded is not None and unpadded.shared:
+            # the shared tokens attend among themselves, and are every row's prefix
+            P, B = unpadded.shared, unpadded.B
+            sq, sk, sv = (t[:P].transpose(0, 1)[None] for t in (q, k, v))           # (1, heads, P, hs)
+            shared_y = attend(sq, sk, sv, unpadded.shared_mask, None)[0].transpose(0, 1)  # (P, nh, hs)
+            shared_prefix = LayerPrefix(sk.expand(B, -1, -1, -1), sv.expand(B, -1, -1, -1))
+            prefix = [shared_prefix] + ([] if prefix is None else prefix if isinstance(prefix, list) else [prefix])
         if unpadded is not None:
             q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)            # (B, heads, T, hs)
         if cache_pos is not None:
             k, v = self.cache.update(cache_pos, k, v)                                 # (B, nkv, S, hs)
         y = attend(q, k, v, mask, prefix).transpose(1, 2)                             # (B, T, nh, hs)
-        y = y.reshape(*y.shape[:2], -1)
-        return self.o_proj(y if unpadded is None else unpadded.unpad(y))
+        if unpadded is not None:
+            y = unpadded.unpad(y)                                                     # (N, nh, hs)
+            if shared_y is not None:
+                y = torch.cat([shared_y, y])
+        return self.o_proj(y.flatten(-2))

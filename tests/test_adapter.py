@@ -3,6 +3,7 @@ it, gradients reach gates then prompts (also from a bf16 base), cached generatio
 and prompt files, on Llama (grouped-query), GPT-2 and both T5 variants."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from minipt.checkpoint import load_model
 from minipt.prompts import PromptConfig, attach, load, save
@@ -87,8 +88,8 @@ def test_top_layers_only(kind, converted):
     attn = (model.base.decoder.layers if kind.startswith("t5") else model.base.layers)[1].attn
     with torch.no_grad():
         heads = lambda y: y.view(P, n_kv, -1).transpose(0, 1)
-        assert torch.equal(site[1].k[2], heads(attn.k_proj(model.method.prompts[0])))
-        assert torch.equal(site[1].v[2], heads(attn.v_proj(model.method.prompts[0])))
+        assert torch.equal(site[1].k[2], heads(F.linear(model.method.prompts[0], attn.k_proj.weight)))
+        assert torch.equal(site[1].v[2], heads(F.linear(model.method.prompts[0], attn.v_proj.weight)))
     with pytest.raises(ValueError, match="adapter_layers"):
         attach(converted(kind), config(layers=3))
 

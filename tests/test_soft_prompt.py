@@ -96,17 +96,19 @@ def test_prompt_goes_after_left_padding(tmp_path):
     assert (batch[1, 4:] - alone[0]).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_prompt_run_once_per_batch_equals_prompt_in_every_row(method, checkpointing, tmp_path):
-    """Training runs the virtual tokens once per batch (`_prompt_keys_values`); the loss
-    and gradient must equal those of the prompt inserted into each left-padded row."""
-    model = attach(converted(tiny_hf_model("llama"), tmp_path), PromptConfig(method=method, num_virtual_tokens=P, init="random"))
+@pytest.mark.parametrize("family,method,checkpointing,padded", [
+    ("llama", "prompt_tuning", False, True), ("llama", "prompt_tuning", True, True), ("llama", "p_tuning", False, True),
+    ("llama", "p_tuning", True, True), ("llama", "prompt_tuning", False, False), ("gpt2", "prompt_tuning", False, True)])
+def test_prompt_run_once_per_batch_equals_prompt_in_every_row(family, method, checkpointing, padded, tmp_path):
+    """Training runs the virtual tokens once per batch (GPT.forward's `shared`); the loss
+    and gradient must equal those of the prompt inserted into each (left-padded) row."""
+    model = attach(converted(tiny_hf_model(family), tmp_path), PromptConfig(method=method, num_virtual_tokens=P, init="random"))
     model.base.grad_checkpointing = checkpointing
     model.train()
     ids = torch.randint(0, 120, (3, 9), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
-    mask[1, :3] = mask[2, :6] = 0
+    if padded:
+        mask[1, :3] = mask[2, :6] = 0
     targets = torch.where(mask.bool(), ids.roll(-1, 1), -100)
     targets[:, -1] = -100
 

@@ -11,12 +11,11 @@ This is where the method-independent bookkeeping lives, written once:
   - with the KV cache, the prompt enters once, at prefill, and later positions shift by P;
   - without it (training, ranking), the virtual tokens run through the model once per batch,
     not once per row: they come first and attention is causal, so their keys and values are
-    the same for every row, and the text attends to them as a prefix (see `_prompt_keys_values`).
+    the same for every row, and the text attends to them as a prefix (GPT.forward's `shared`).
 """
 import torch
 import torch.nn as nn
 
-from ..layers import LayerPrefix
 from .base import PromptMethod
 
 
@@ -47,15 +46,6 @@ def insert_at(x, rows, at):
     gather = lambda t, idx: t.gather(1, idx.reshape(B, T + P, *([1] * len(trail))).expand(B, T + P, *trail))
     keep = in_prompt.reshape(B, T + P, *([1] * len(trail)))
     return torch.where(keep, gather(rows.to(x.dtype), from_rows), gather(x, from_x))
-
-
-class KVRecorder(nn.Module):
-    """Stands in for a layer's KV cache during one forward and keeps its keys and values,
-    graph and all, so gradients flow back through them."""
-
-    def update(self, pos: int, k, v):
-        self.k, self.v = k, v
-        return k, v
 
 
 class PromptedModel(nn.Module):
@@ -112,7 +102,7 @@ class PromptedModel(nn.Module):
             # the text attends to the prompt's keys/values, computed once for the whole batch
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + P
             return base(inputs_embeds=x, targets=targets, attention_mask=mask, position_ids=positions,
-                        prefixes=self._prompt_keys_values(B), last_only=last_only, loss_only=loss_only)
+                        shared=self.method.input_prompt(), last_only=last_only, loss_only=loss_only)
         if P:
             at = leading_pads(mask)
             if not cache_pos:  # prefill or plain forward: the prompt enters here
@@ -130,28 +120,6 @@ class PromptedModel(nn.Module):
         if P and not cache_pos and not last_only and logits is not None:
             logits = remove_at(logits, at, P)
         return logits, loss
-
-    def _prompt_keys_values(self, B: int):
-        """Run the P virtual tokens alone (batch 1, positions 0..P-1) and return each layer's
-        keys/values as a LayerPrefix broadcast to B rows. A row's prompt sees only itself,
-        whatever the row holds, so this equals inserting it into every row, at 1/B the cost;
-        the gradient of the B rows sums through the broadcast. Never checkpointed: a
-        recomputation in backward would find the recorders gone (and one row is cheap)."""
-        base = self.base
-        layers = [layer.attn for layer in base.layers]
-        caches, checkpointing = [attn.cache for attn in layers], base.grad_checkpointing
-        recorders = [KVRecorder() for _ in layers]
-        for attn, rec in zip(layers, recorders):
-            attn.cache = rec
-        base.grad_checkpointing = False
-        try:
-            prompt = self.method.input_prompt()[None].to(base.embed.weight.dtype)
-            base(inputs_embeds=prompt, cache_pos=0, layers_only=True)
-        finally:
-            for attn, cache in zip(layers, caches):
-                attn.cache = cache
-            base.grad_checkpointing = checkpointing
-        return [LayerPrefix(r.k.expand(B, -1, -1, -1), r.v.expand(B, -1, -1, -1)) for r in recorders]
 
     # ---- T5 ----------------------------------------------------------------------------
 
