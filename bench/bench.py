@@ -274,17 +274,18 @@ def peft_loss(model, batch, n_virtual: int):
 
 
 def build_side(side: str, method: str, dtype):
-    """(loss_fn(batch), trainable params, base config) for one configuration."""
+    """(loss_fn(batch), trainable params, base config, minipt tokenizer) for one configuration.
+    Both sides batch the data with minipt's tokenizer, so both hold one: minipt its own."""
     cfg_dir = convert_smollm2()
     if side.startswith("minipt"):
-        model, params, _ = build_minipt(method, dtype)
+        model, params, tok = build_minipt(method, dtype)
         if side == "minipt-compiled":
             model.base.compile_layers()       # train.py --compile=true
-        return (lambda b: minipt_loss(model, b)), params, model.config
+        return (lambda b: minipt_loss(model, b)), params, model.config, tok
     model, params = build_peft(method, dtype)
     from minipt.config import load_config
     n_virtual = N_VIRTUAL if method == "prompt_tuning" else 0
-    return (lambda b: peft_loss(model, b, n_virtual)), params, load_config(cfg_dir)
+    return (lambda b: peft_loss(model, b, n_virtual)), params, load_config(cfg_dir), load_tokenizer_only()
 
 
 def sentiment_batches(tok, n: int, cfg=DEFAULTS):
@@ -303,9 +304,9 @@ def sentiment_batches(tok, n: int, cfg=DEFAULTS):
 def train_worker(args) -> dict:
     """Warm-up steps, then timed steps: forward + backward + AdamW step + zero_grad."""
     torch.manual_seed(0)
-    loss_fn, params, cfg = build_side(args.side, args.method, getattr(torch, args.dtype))
+    loss_fn, params, cfg, tok = build_side(args.side, args.method, getattr(torch, args.dtype))
     load_peak = peak_rss_gb()            # loading alone (minipt reads fp32 and casts; transformers dequantizes)
-    batches = sentiment_batches(load_tokenizer_only(), args.warmup + args.steps)
+    batches = sentiment_batches(tok, args.warmup + args.steps)
     optimizer = make_optimizer(DEFAULTS, params)   # AdamW, lr 3e-2, weight decay 0.01
     steps, initial_loss = [], None
     for i, batch in enumerate(batches):
@@ -341,7 +342,7 @@ def synthetic_batch(B: int, T: int, vocab: int, seed: int = 0) -> dict:
 def scaling_worker(args) -> dict:
     """Median soft-prompt step time at each (batch, length) point of both sweeps."""
     torch.manual_seed(0)
-    loss_fn, params, cfg = build_side(args.side, "prompt_tuning", getattr(torch, args.dtype))
+    loss_fn, params, cfg, _ = build_side(args.side, "prompt_tuning", getattr(torch, args.dtype))
     optimizer = make_optimizer(DEFAULTS, params)
     points = [(args.scaling_batch, int(T)) for T in args.scaling_lengths.split(",")]
     points += [(int(B), args.scaling_len) for B in args.scaling_batches.split(",")]

@@ -34,7 +34,7 @@ def load_model(directory, dtype=None, device="cpu"):
     with torch.device("meta"):
         model = build_model(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    del state  # it still holds the weights a load hook re-laid out
+    del state
     model.tie_weights()  # assign=True replaced the shared Parameter: share it again
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)]
     if missing or unexpected:
@@ -45,7 +45,7 @@ def load_model(directory, dtype=None, device="cpu"):
 
 def _return_freed_memory():
     """glibc keeps the buffers loading freed (each tensor's read buffer, the fp32 originals of
-    cast or re-laid-out weights) in its heap, ~0.15 GB for SmolLM2 that would count in the
+    cast weights) in its heap, ~0.15 GB for SmolLM2 that would count in the
     process's memory until exit; malloc_trim hands them back to the OS."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

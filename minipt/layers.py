@@ -176,7 +176,8 @@ class Unpadded:
     def pad(self, x):
         """(shared + N, ...) -> the rows' tokens (B, T, ...), zeros at the padding."""
         x, rest = x[self.shared:], x.shape[1:]
-        return x.new_zeros(self.B * self.T, *rest).index_copy(0, self.index, x).view(self.B, self.T, *rest)
+        # index_put, not index_copy: autograd keeps only the index for its backward, not x too
+        return x.new_zeros(self.B * self.T, *rest).index_put((self.index,), x).view(self.B, self.T, *rest)
 
     def unpad(self, x):
         """(B, T, ...) -> (N, ...)."""
@@ -351,7 +352,8 @@ class SelfAttention(nn.Module):
         if unpadded is not None and unpadded.shared:
             # the shared tokens attend among themselves, and are every row's prefix
             P, B = unpadded.shared, unpadded.B
-            sq, sk, sv = (t[:P].transpose(0, 1)[None] for t in (q, k, v))           # (1, heads, P, hs)
+            # copies, so that what attention saves for backward does not hold all of q, k, v
+            sq, sk, sv = (t[:P].transpose(0, 1)[None].contiguous() for t in (q, k, v))  # (1, heads, P, hs)
             shared_y = attend(sq, sk, sv, unpadded.shared_mask, None)[0].transpose(0, 1)  # (P, nh, hs)
             shared_prefix = LayerPrefix(sk.expand(B, -1, -1, -1), sv.expand(B, -1, -1, -1))
             prefix = [shared_prefix] + ([] if prefix is None else prefix if isinstance(prefix, list) else [prefix])

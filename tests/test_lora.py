@@ -65,6 +65,30 @@ def test_logits_and_gradients_match_peft(llama_dir):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_bf16_base_keeps_no_fp32_copy_of_the_input():
+    """On a bf16 base the update runs in fp32, as peft's does: outputs and gradients (x, A, B)
+    equal autograd through the plain formula, but backward keeps x in bf16, not its fp32 copy."""
+    from minipt.layers import Linear
+    g = torch.Generator().manual_seed(5)
+    wrapper = LoRALinear(Linear(24, 16).to(torch.bfloat16).requires_grad_(False), R, ALPHA, 0.0, generator=g)
+    with torch.no_grad():
+        wrapper.lora_B.copy_(torch.randn(wrapper.lora_B.shape, generator=g))
+    x = torch.randn(3, 7, 24, generator=g).to(torch.bfloat16).requires_grad_()
+    upstream = torch.randn(3, 7, 16, generator=g).to(torch.bfloat16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = wrapper(x)
+    grads = torch.autograd.grad(out, [x, wrapper.lora_A, wrapper.lora_B], upstream)
+    assert not any(t.dtype == torch.float32 and t.numel() == x.numel() for t in saved)
+
+    xr, A, B = (t.detach().clone().requires_grad_() for t in (x, wrapper.lora_A, wrapper.lora_B))
+    ref = wrapper.base(xr) + (xr.float() @ A.t() @ B.t() * wrapper.scale).to(torch.bfloat16)
+    ref_grads = torch.autograd.grad(ref, [xr, A, B], upstream)
+    assert torch.equal(out, ref)
+    for ours, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 @torch.no_grad()
 def test_zero_B_start_merge_and_detach(t5_dir):
     base = load_model(t5_dir)
