@@ -108,3 +108,19 @@ def test_few_row_linear_equals_f_linear(lead, out_features, monkeypatch):
     assert ours.shape == ref.shape and (ours - ref).abs().max() <= TOL[torch.float32] * ref.abs().max()
     rows = x.numel() // 24
     assert len(calls) == (rows <= layers.FEW_ROWS and out_features % 2 == 0)
+
+
+def test_unpadded_pad_keeps_only_the_index_for_backward():
+    """Padding the packed tokens back to (B, T) puts them where `index` says, zeros
+    elsewhere, and the gradient flows back to them; backward keeps the index, not x."""
+    from minipt.layers import Unpadded
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    x = rand(5, 4, dtype=torch.float32, seed=15)
+    unpadded = Unpadded(mask.flatten().nonzero().squeeze(1), 2, 3)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        padded = unpadded.pad(x)
+    assert torch.equal(padded[mask], x) and not padded[~mask].any()
+    assert all(t.dtype == torch.long for t in saved)
+    (grad,) = torch.autograd.grad(padded, x, torch.arange(24.0).view(2, 3, 4))
+    assert torch.equal(grad, torch.arange(24.0).view(6, 4)[1:])
