@@ -109,16 +109,14 @@ class GPT(nn.Module):
             position_ids = self._positions(attention_mask, start, T, B, x.device)
         mask = self._mask(attention_mask, start, T, B, x.device)
         unpadded = None
-        padded = attention_mask is not None and not attention_mask.all()
-        if cache_pos is None and (padded or shared is not None):
+        if cache_pos is None and (shared is not None or (attention_mask is not None and not attention_mask.all())):
             # outside attention, the layers see only the real tokens (see layers.Unpadded)
-            keep = attention_mask.flatten() if padded else torch.ones(B * T, dtype=torch.bool, device=x.device)
-            unpadded = Unpadded(keep.nonzero().squeeze(1), B, T)
+            keep = attention_mask if attention_mask is not None else torch.ones(B, T, device=x.device)
+            P = 0 if shared is None else shared.size(0)
+            causal = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()[None, None]
+            unpadded = Unpadded(keep.flatten().nonzero().squeeze(1), B, T, P, causal)
             x, position_ids = unpadded.unpad(x), unpadded.unpad(position_ids)
-            if shared is not None:
-                P = shared.size(0)
-                unpadded.shared = P
-                unpadded.shared_mask = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()[None, None]
+            if P:
                 x = torch.cat([shared.to(x.dtype), x])
                 position_ids = torch.cat([torch.arange(P, device=x.device), position_ids])
         rope = None
