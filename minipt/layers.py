@@ -227,7 +227,7 @@ def attend(q, k, v, mask, prefix, scale=None):
     plus the layer's prefix: a LayerPrefix, a list of them (mixed-prompt batches: at most
     one joined, any number gated), or None. `mask` is a bool (B, 1, T, S) keep-mask or an
     additive float bias; grouped-query heads are expanded inside SDPA."""
-    prefixes = [] if prefix is None else prefix if isinstance(prefix, list) else [prefix]
+    prefixes = _as_list(prefix)
     gqa = q.size(1) != k.size(1)
     for p in prefixes:
         if p.gate is None:
@@ -242,6 +242,11 @@ def attend(q, k, v, mask, prefix, scale=None):
             gate = torch.tanh(p.gate).to(y.dtype)                     # (n_head,) or per row (B, n_head)
             y = y + gate.view(-1, gate.size(-1), 1, 1) * ya
     return y
+
+
+def _as_list(prefix) -> list:
+    """A layer's prefix argument (None, one LayerPrefix, or a list of them) as a list."""
+    return [] if prefix is None else prefix if isinstance(prefix, list) else [prefix]
 
 
 # PyTorch's CPU flash-attention backward is slow on short sequences: for a training batch of
@@ -357,7 +362,7 @@ class SelfAttention(nn.Module):
             sq, sk, sv = (t[:P].transpose(0, 1)[None].contiguous() for t in (q, k, v))  # (1, heads, P, hs)
             shared_y = attend(sq, sk, sv, unpadded.shared_mask, None)[0].transpose(0, 1)  # (P, nh, hs)
             shared_prefix = LayerPrefix(sk.expand(B, -1, -1, -1), sv.expand(B, -1, -1, -1))
-            prefix = [shared_prefix] + ([] if prefix is None else prefix if isinstance(prefix, list) else [prefix])
+            prefix = [shared_prefix] + _as_list(prefix)
         if unpadded is not None:
             q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)            # (B, heads, T, hs)
