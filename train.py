@@ -32,8 +32,8 @@ from minipt.data import Batches, TruncationWarning, collate, encode_text
 from minipt.evaluation import evaluate_generation, rank_classify
 from minipt.prompts import PromptConfig, attach, init_from, save
 from minipt.tasks import load_task
-from minipt.training import (MetricsLog, all_sum, atomic_write, keep_freed_memory, load_checkpoint, lr_at,
-                             make_optimizer, peak_rss_gb, plot_metrics, save_checkpoint, setup_distributed)
+from minipt.training import (MetricsLog, all_sum, atomic_write, load_checkpoint, lr_at, make_optimizer, peak_rss_gb,
+                             plot_metrics, save_checkpoint, setup_distributed)
 
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", "prompt.safetensors", "plot.png")  # what a run leaves
 
@@ -58,7 +58,6 @@ def train(argv):
         # -- the frozen base model and the task --
         dtype = torch.float32 if cfg.method == "full" else getattr(torch, cfg.dtype)  # full FT keeps fp32 master weights
         base, tok = load_base(cfg.base, dtype=dtype, device=cfg.device)
-        keep_freed_memory()
         is_t5 = base.config.model_type == "t5"
         task = load_task(cfg.data, seed=cfg.seed)
         check_task(cfg, task, tok, base.config, world)

@@ -66,7 +66,7 @@ from minipt.fetch import fetch  # noqa: E402
 from minipt.generation import pad_batch  # noqa: E402
 from minipt.prompts import PromptConfig, attach  # noqa: E402
 from minipt.tasks import load_task  # noqa: E402
-from minipt.training import keep_freed_memory, lr_at, make_optimizer  # noqa: E402
+from minipt.training import lr_at, make_optimizer  # noqa: E402
 from weights.smollm2 import main as convert_smollm2  # noqa: E402
 
 SECTIONS = ("train", "generate", "scaling", "accuracy")
@@ -240,7 +240,6 @@ def load_tokenizer_only():
 def build_minipt(method: str, dtype):
     """(PromptedModel in train mode, trainable params in fp32, tokenizer), as train.py builds them."""
     base, tok = load_base(convert_smollm2(), dtype=dtype)
-    keep_freed_memory()
     model = attach(base, prompt_config(method), tok)
     params = model.trainable_parameters()
     for p in params:
