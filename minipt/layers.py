@@ -66,10 +66,10 @@ class _RMSNormFunction(torch.autograd.Function):
 # reading the weights. For fp32 MKL does such a product on one thread, at a third of the
 # machine's memory bandwidth; cut into row blocks, the same product is a batched one, which
 # torch spreads over the threads: the fp32 weight chain of SmolLM2 reads in ~25 ms instead of
-# ~55 ms on 2 cores at 1 row, and still ~20 % faster at 8-9 rows (a batch of 8; one token and
-# 8 lookup drafts); from ~10 rows the two are even. fp16/bf16 products (whose one-row kernel
-# is already threaded) keep F.linear.
-FEW_ROWS = 9
+# ~55 ms on 2 cores at 1 row, and still faster at 8 rows (a batch of 8); from ~9-10 rows the
+# two are about even. fp16/bf16 products (whose one-row kernel is already threaded) keep
+# F.linear.
+FEW_ROWS = 8
 
 
 def linear(x, weight, bias=None):
