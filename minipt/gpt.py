@@ -113,7 +113,7 @@ class GPT(nn.Module):
             # outside attention, the layers see only the real tokens (see layers.Unpadded)
             keep = attention_mask if attention_mask is not None else torch.ones(B, T, device=x.device)
             P = 0 if shared is None else shared.size(0)
-            causal = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()[None, None]
+            causal = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()[None, None] if P else None
             unpadded = Unpadded(keep.flatten().nonzero().squeeze(1), B, T, P, causal)
             x, position_ids = unpadded.unpad(x), unpadded.unpad(position_ids)
             if P:

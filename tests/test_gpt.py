@@ -175,8 +175,8 @@ def test_gradient_checkpointing_gives_same_gradients(pair):
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "lora"])
 def test_compiled_blocks_train_like_eager(method):
-    """GPT.compile_layers (train.py --compile=true) on a padded batch, with the soft prompt as a
-    prefix computed once per batch, or LoRA inside the projections: the same loss and
+    """GPT.compile_layers (train.py --compile=true) on a padded batch, with the soft prompt
+    packed in front of the batch's tokens, or LoRA inside the projections: the same loss and
     gradients as eager, in fp32; inference stays eager (the compiled blocks are not called)."""
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=120, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, intermediate_size=64,
