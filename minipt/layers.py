@@ -63,13 +63,21 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 # Decoding multiplies a few rows (one per sequence) by every weight matrix, so it is bound by
-# reading the weights. For fp32 MKL does such a product on one thread, at a third of the
-# machine's memory bandwidth; cut into row blocks, the same product is a batched one, which
+# reading the weights. On AMD CPUs MKL does such an fp32 product on one thread, at a third of
+# the machine's memory bandwidth; cut into row blocks, the same product is a batched one, which
 # torch spreads over the threads: the fp32 weight chain of SmolLM2 reads in ~25 ms instead of
-# ~55 ms on 2 cores at 1 row, and still faster at 8 rows (a batch of 8); from ~9-10 rows the
-# two are about even. fp16/bf16 products (whose one-row kernel is already threaded) keep
-# F.linear.
-FEW_ROWS = 8
+# ~55 ms on 2 EPYC cores at 1 row, and still faster at 8 rows (a batch of 8). On Intel CPUs
+# MKL's own product is threaded and reads at full bandwidth (17 ms), and the blocks would
+# only slow it (45 ms), so there FEW_ROWS is 0. fp16/bf16 products keep F.linear.
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+FEW_ROWS = 8 if _cpu_vendor() == "AuthenticAMD" else 0
 
 
 def linear(x, weight, bias=None):
