@@ -126,3 +126,16 @@ def test_unpadded_pad_keeps_only_the_index_for_backward():
     assert all(t.dtype == torch.long for t in saved)
     (grad,) = torch.autograd.grad(padded, x, torch.arange(24.0).view(2, 3, 4))
     assert torch.equal(grad, torch.arange(24.0).view(6, 4)[1:])
+
+
+def test_unpad_backward_stores_the_gradient_rows_back():
+    """Unpadded.unpad's backward (a plain store, for an index without repeats) gives the
+    gradient autograd gives x[index]: the rows' gradients in place, zeros at the padding."""
+    from minipt.layers import Unpadded
+    mask = torch.tensor([[0, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    unpadded = Unpadded(mask.flatten().nonzero().squeeze(1), 2, 3)
+    x = rand(2, 3, 4, dtype=torch.float32, seed=16).requires_grad_(True)
+    g = rand(4, 4, dtype=torch.float32, seed=17)
+    (ours,) = torch.autograd.grad(unpadded.unpad(x), x, g)
+    (ref,) = torch.autograd.grad(x.flatten(0, 1)[unpadded.index], x, g)
+    assert torch.equal(ours, ref) and not ours[~mask].any()
