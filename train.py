@@ -11,7 +11,7 @@ behind the prompt file, `config.json`, `metrics.jsonl` and `plot.png` in `out_di
 Bad input (a config value, a data file, a base directory, a prompt file) stops the run
 before anything is written, with one line `error: ...` naming the cause and exit status 1.
 A run in `out_dir` is continued with `--resume` or replaced with `--overwrite`, never
-silently. A non-finite loss or an out-of-memory stops the run and names the step, leaving
+silently. A non-finite loss or gradient, or an out-of-memory, stops the run and names the step, leaving
 the last checkpoint as it was.
 """
 import dataclasses
@@ -139,8 +139,11 @@ def train(argv):
         loss = all_sum(loss_sum, world) / n_targets
         if not math.isfinite(loss):  # every rank sees the same sum, so all stop here together
             sys.exit(f"error: loss is {loss} at step {done}, stopped before the update; {kept(out, last_saved)}")
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        # a finite loss can still have inf/NaN gradients (an overflow in backward), which the
+        # update would spread into every trained parameter; with max_norm inf the norm only measures
+        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+        if not math.isfinite(norm):
+            sys.exit(f"error: gradient norm is {norm} at step {done}, stopped before the update; {kept(out, last_saved)}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

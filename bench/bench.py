@@ -18,8 +18,8 @@ Sections (`--only`, comma-separated; default train,generate):
             `SoftPromptGenerate` for why not peft's own `generate`); bench_generate.py's
             measurement, and whether the tokens are identical; and batch 1 with prompt-lookup
             drafts on both sides (`--gen-lookup`). One table per `--gen-dtypes`,
-            both sides in that dtype (fp32: the tokens must be identical; fp16: both sides'
-            fastest at batch 1 here; bf16 is slower than fp32 at batch 1 on CPUs without AMX).
+            both sides in that dtype (fp32: the tokens must be identical; which dtype decodes
+            fastest depends on the CPU's one-row kernels: see the README's Benchmarks).
   scaling   soft-prompt step time against sequence length and batch size (synthetic token
             batches), minipt bf16 against peft's faster dtype in the train section (else
             `--peft-dtype`, default fp32); a log-log plot to `--plot`.

@@ -244,6 +244,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(llama_dir, task_file,
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
 
 
+def test_nan_gradient_with_a_finite_loss_stops_before_the_update(llama_dir, task_file, tmp_path, monkeypatch):
+    # the value is the loss; the gradient of sqrt at 0 is inf, times 0 a NaN
+    fail_training_forward(monkeypatch, 3, lambda loss: loss + 0 * torch.sqrt(loss - loss))
+    out = tmp_path / "out"
+    stops(lambda: train.main(args(llama_dir, task_file, out, steps=6, ckpt_interval=2, eval_interval=0)),
+          "gradient norm is nan at step 3", "stopped before the update", "checkpoint.pt (step 2) is the last good checkpoint")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
                                    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1e12 bytes")],
                          ids=["OutOfMemoryError", "cpu allocator"])
