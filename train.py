@@ -11,8 +11,8 @@ behind the prompt file, `config.json`, `metrics.jsonl` and `plot.png` in `out_di
 Bad input (a config value, a data file, a base directory, a prompt file) stops the run
 before anything is written, with one line `error: ...` naming the cause and exit status 1.
 A run in `out_dir` is continued with `--resume` or replaced with `--overwrite`, never
-silently. A non-finite loss or gradient, or an out-of-memory, stops the run and names the step, leaving
-the last checkpoint as it was.
+silently. A non-finite loss or gradient, or an out-of-memory, stops the run and names the
+step, leaving the last checkpoint as it was.
 """
 import dataclasses
 from contextlib import contextmanager, nullcontext
