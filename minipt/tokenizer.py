@@ -303,7 +303,9 @@ class BPETokenizer:
     def from_gguf(cls, path):
         """The tokenizer stored in a GGUF file's `tokenizer.ggml.*` metadata (llama.cpp's names)."""
         import gguf  # only this constructor needs it
+        from .tensorfile import check_gguf
 
+        check_gguf(path)  # every length and offset in the header against the file, before gguf maps any of it
         try:
             reader = gguf.GGUFReader(path)
         except FileNotFoundError:

@@ -341,6 +341,13 @@ def hf_dir_with(tensor_header):
     return make
 
 
+def test_gguf_tokenizer_header_is_checked_before_reading(tmp_path):
+    """load_tokenizer(.gguf) walks the header as the converter does, and names the bad entry."""
+    from minipt.tokenizer import load_tokenizer
+    with pytest.raises(ValueError, match="header claims 1,000,000,000,000 tensors"):
+        load_tokenizer(gguf(n_tensors=10**12)(tmp_path))
+
+
 CONVERT_CASES = [
     ("truncated GGUF", truncated_smollm2, ["SmolLM2.gguf: tensor", "the data section has"]),
     ("GGUF claims a 1 TB tensor", gguf(tensors=[("w", "F32", (2**20, 2**18))], data=False),

@@ -374,7 +374,7 @@ def test_missing_files(tmp_path):
 def test_garbage_files(tmp_path):
     garbage = bytes(random.Random(0).randrange(256) for _ in range(4096))
     cases = {"tokenizer.json": "not valid JSON", "spiece.model": "not a sentencepiece model",
-             "model.gguf": "not a readable GGUF file"}
+             "model.gguf": "not a GGUF file"}
     for name, message in cases.items():
         directory = tmp_path / name.replace(".", "_")
         directory.mkdir()
