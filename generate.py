@@ -19,6 +19,7 @@ from minipt.checkpoint import load_base
 from minipt.config import T5Config
 from minipt.evaluation import rank_classify
 from minipt.generation import generate
+from minipt.packed import pack_for_decoding
 from minipt.prompts import load as load_prompt
 from minipt.prompts.mixed import PromptBank
 
@@ -40,6 +41,9 @@ def parse_args(argv=None):
                     help="greedy, one text: check up to N prompt-lookup draft tokens per forward (same tokens, "
                          "faster when the text repeats itself)")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    ap.add_argument("--packed", action="store_true",
+                    help="CPU: decode from the 4-bit codes of a checkpoint converted from GGUF Q4_1 (minipt.packed), "
+                         "~2x faster; the projections' inputs are rounded to bf16")
     ap.add_argument("--device", default="cpu")
     return ap.parse_args(argv)
 
@@ -73,6 +77,11 @@ def main(argv=None):
             model = with_prompt(model, args.prompt, tok)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if args.packed:
+        if args.device != "cpu":
+            sys.exit(f"error: --packed is for CPU decoding, not --device {args.device}")
+        if pack_for_decoding(model) == 0:
+            print(f"warning: {args.base} holds no exact 4-bit codes; decoding in {args.dtype}", file=sys.stderr)
     if args.labels:
         return classify(model, tok, args)
     texts = args.text
@@ -95,7 +104,8 @@ def main(argv=None):
         print(tok.decode(out, skip_special=True).strip())
     n = sum(len(o) for o in outputs)
     kind = "t5" if isinstance(model.config, T5Config) else model.config.source
-    print(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s, {kind}, {args.dtype}]", file=sys.stderr)
+    how = args.dtype + (", packed" if args.packed else "")
+    print(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s, {kind}, {how}]", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from minipt.checkpoint import load_base  # noqa: E402
 from minipt.generation import generate, pad_batch  # noqa: E402
 from minipt.fetch import fetch  # noqa: E402
+from minipt.packed import pack_for_decoding  # noqa: E402
 from weights.smollm2 import main as convert_smollm2  # noqa: E402
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
@@ -54,6 +55,8 @@ def parse_args(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     ap.add_argument("--batch-sizes", default="1,8", help="comma-separated, from 1 and 8")
+    ap.add_argument("--packed", action="store_true",
+                    help="minipt decodes with the checkpoint's 4-bit codes (minipt.packed; fp32 activations)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     return ap.parse_args(argv)
 
@@ -134,6 +137,8 @@ def main(argv=None):
     args = parse_args(argv)
     dtype = getattr(torch, args.dtype)
     ours, hf, tok = load_models(dtype)
+    if args.packed:
+        pack_for_decoding(ours)
     cases = []
     for b in (int(s) for s in args.batch_sizes.split(",")):
         prompts = [tok.encode(PROMPT)] if b == 1 else [tok.encode(t) for t in BATCH_PROMPTS[:b]]

@@ -95,10 +95,23 @@ def linear(x, weight, bias=None):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict keys) through `linear`."""
+    """nn.Linear (same parameters and state-dict keys) through `linear`, or, for a few rows
+    in decoding, through the 4-bit codes `packed.pack_for_decoding` may attach."""
+    packed = None
 
     def forward(self, x):
+        if self.packed is not None and self.packed.applies(x):
+            return self.packed(x)
         return linear(x, self.weight, self.bias)
+
+
+def project(module, x, names):
+    """[module.<name>(x) for name in names], as one product when `packed.pack_for_decoding` has
+    stacked those layers' weights (and none has since been wrapped, by LoRA say)."""
+    stacked = getattr(module, "packed_projections", None)
+    if stacked is not None and stacked.applies(x) and all(type(getattr(module, n)) is Linear for n in names):
+        return stacked(x).split(stacked.sizes, dim=-1)
+    return [getattr(module, name)(x) for name in names]
 
 
 class GeluMLP(nn.Module):
@@ -122,8 +135,10 @@ class SwiGLU(nn.Module):
         self.up_proj = Linear(dim, hidden, bias=bias)
         self.down_proj = Linear(hidden, dim, bias=bias)
 
+    fusable_projections = ("gate_proj", "up_proj")
+
     def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = project(self, x, self.fusable_projections)
         if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
             return self.down_proj(_SiluMulFunction.apply(gate, up))
         return self.down_proj(F.silu(gate) * up)
@@ -372,12 +387,15 @@ class SelfAttention(nn.Module):
         self.o_proj = Linear(n_head * head_dim, n_embd, bias=out_bias)
         self.cache: "KVCache | None" = None
 
+    fusable_projections = ("q_proj", "k_proj", "v_proj")
+
     def forward(self, x, mask, rope=None, cache_pos=None, prefix=None, unpadded: "Unpadded | None" = None):
         """x: (B, T, C), or (shared + N, C) packed tokens with `unpadded` saying where they belong."""
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, self.n_head, self.head_dim)                   # (B, T, nh, hs)
-        k = self.k_proj(x).view(*lead, self.n_kv_head, self.head_dim)                # (B, T, nkv, hs)
-        v = self.v_proj(x).view(*lead, self.n_kv_head, self.head_dim)
+        q, k, v = project(self, x, self.fusable_projections)
+        q = q.view(*lead, self.n_head, self.head_dim)                                # (B, T, nh, hs)
+        k = k.view(*lead, self.n_kv_head, self.head_dim)                             # (B, T, nkv, hs)
+        v = v.view(*lead, self.n_kv_head, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         shared_y = None
