@@ -15,6 +15,11 @@ load better), and how many rows of greedy tokens the two sides share exactly.
 
     python bench/bench_generate.py                       # fp32, 5 repeats
     python bench/bench_generate.py --dtype bfloat16 --repeats 9 --json bench.json
+    python bench/bench_generate.py --packed      # minipt decodes from the GGUF's 4-bit codes
+
+With --packed, the packed model's fidelity is measured first: its next-token distributions
+along fp32 greedy continuations of the batch prompts, one token a forward through the KV
+cache (what decoding computes), against the fp32 model's, next to the bf16 model's.
 
 Threads are torch's defaults; the count is printed with the results.
 """
@@ -133,12 +138,44 @@ def print_cases(cases, peer: str) -> None:
               f"{c['ratio']:>7.2f}x{c['paired_ratio']:>7.2f}x{same:>11}")
 
 
+def next_token_logprobs(model, seqs):
+    """Teacher-forced log-probabilities (positions, V), one token a forward through the cache."""
+    out = []
+    with torch.no_grad():
+        for seq in seqs:
+            model.setup_cache(1, len(seq))
+            for i, t in enumerate(seq):
+                out.append(model(torch.tensor([[t]]), cache_pos=i, last_only=True)[0][0, -1].float())
+            model.clear_cache()
+    return torch.stack(out).log_softmax(-1)
+
+
+def packed_fidelity(model, tok, new_tokens=96):
+    """Mean KL from fp32 and top-1 agreement with fp32, for the bf16 model and for `model`
+    (fp32) once packed; packs `model`."""
+    prompts = [tok.encode(t) for t in BATCH_PROMPTS]
+    seqs = [p + out for p, out in zip(prompts, generate(model, prompts, new_tokens, eos_id=None, pad_id=tok.pad_id))]
+    fp32 = next_token_logprobs(model, seqs)
+    bf16 = next_token_logprobs(load_base(convert_smollm2(), dtype=torch.bfloat16)[0], seqs)
+    n_packed = pack_for_decoding(model)
+    packed = next_token_logprobs(model, seqs)
+    result = {"positions": fp32.size(0), "linear_layers_packed": n_packed}
+    for name, logp in (("bf16", bf16), ("packed", packed)):
+        kl = torch.nn.functional.kl_div(logp, fp32, log_target=True, reduction="batchmean").item()
+        result[name] = {"mean_kl": kl, "top1_agreement": (logp.argmax(-1) == fp32.argmax(-1)).float().mean().item()}
+    print(f"fidelity to fp32 over {result['positions']} positions ({n_packed} layers packed): "
+          + "; ".join(f"{name} mean KL {result[name]['mean_kl']:.1e}, top-1 {100 * result[name]['top1_agreement']:.1f} %"
+                      for name in ("bf16", "packed")), flush=True)
+    return result
+
+
 def main(argv=None):
     args = parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    if args.packed and args.dtype != "float32":
+        raise SystemExit("--packed: decoding from 4-bit codes keeps the model in float32; drop --dtype")
     ours, hf, tok = load_models(dtype)
-    if args.packed:
-        pack_for_decoding(ours)
+    fidelity = packed_fidelity(ours, tok) if args.packed else None
     cases = []
     for b in (int(s) for s in args.batch_sizes.split(",")):
         prompts = [tok.encode(PROMPT)] if b == 1 else [tok.encode(t) for t in BATCH_PROMPTS[:b]]
@@ -149,10 +186,11 @@ def main(argv=None):
         cases.append(bench_case(name, run_minipt, run_hf, b * args.new_tokens, args.repeats))
 
     import transformers
-    info = {"dtype": args.dtype, "new_tokens": args.new_tokens, "repeats": args.repeats,
+    info = {"dtype": args.dtype, "packed": fidelity, "new_tokens": args.new_tokens, "repeats": args.repeats,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
-    print(f"\ngreedy, {args.new_tokens} new tokens per row, {args.dtype}, median of {args.repeats}, "
+    how = args.dtype + (", minipt packed" if args.packed else "")
+    print(f"\ngreedy, {args.new_tokens} new tokens per row, {how}, median of {args.repeats}, "
           f"{info['threads']} threads (torch {info['torch']}, transformers {info['transformers']})\n")
     print_cases(cases, "transformers")
     if args.json:
