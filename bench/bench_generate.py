@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from minipt.checkpoint import load_base  # noqa: E402
-from minipt.generation import generate, pad_batch  # noqa: E402
+from minipt.generation import generate, pad_batch, stepwise_logits  # noqa: E402
 from minipt.fetch import fetch  # noqa: E402
 from minipt.packed import pack_for_decoding  # noqa: E402
 from weights.smollm2 import main as convert_smollm2  # noqa: E402
@@ -139,15 +139,7 @@ def print_cases(cases, peer: str) -> None:
 
 
 def next_token_logprobs(model, seqs):
-    """Teacher-forced log-probabilities (positions, V), one token a forward through the cache."""
-    out = []
-    with torch.no_grad():
-        for seq in seqs:
-            model.setup_cache(1, len(seq))
-            for i, t in enumerate(seq):
-                out.append(model(torch.tensor([[t]]), cache_pos=i, last_only=True)[0][0, -1].float())
-            model.clear_cache()
-    return torch.stack(out).log_softmax(-1)
+    return torch.cat([stepwise_logits(model, seq) for seq in seqs]).log_softmax(-1)
 
 
 def packed_fidelity(model, tok, new_tokens=96):

@@ -78,6 +78,19 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     return out
 
 
+@torch.inference_mode()
+def stepwise_logits(model, ids: list[int]):
+    """(T, V) fp32 logits of a decoder after each token of `ids`, fed one token a forward
+    through the KV cache: what decoding computes at every step, along a given text."""
+    device = next(model.parameters()).device
+    model.setup_cache(1, len(ids))
+    try:
+        return torch.cat([model(torch.tensor([[t]], device=device), cache_pos=i, last_only=True)[0][0].float()
+                          for i, t in enumerate(ids)])
+    finally:
+        model.clear_cache()
+
+
 def _check_context(model, T: int, max_new_tokens: int):
     extra = getattr(model, "extra_positions", 0)  # a prompt method's virtual tokens / prefix
     if extra + T + max_new_tokens > model.config.max_seq_len:

@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType, quants
 import generate as generate_cli
 from minipt import packed
 from minipt.checkpoint import load_base
-from minipt.generation import generate
+from minipt.generation import generate, stepwise_logits
 from minipt.layers import Linear, SelfAttention, project
 from minipt.prompts.lora import LoRALinear
 
@@ -96,16 +96,8 @@ def test_stacked_projections_and_a_lora_wrapped_after_packing():
         assert torch.equal(q, attn.q_proj(x)) and torch.equal(k, attn.k_proj(x))
 
 
-def next_token_logits(model, seqs):
-    """Teacher-forced, one token a forward through the KV cache: what decoding computes."""
-    out = []
-    with torch.no_grad():
-        for seq in seqs:
-            model.setup_cache(1, len(seq))
-            for i, t in enumerate(seq):
-                out.append(model(torch.tensor([[t]]), cache_pos=i, last_only=True)[0][0, -1].float())
-            model.clear_cache()
-    return torch.stack(out)
+def next_token_logprobs(model, seqs):
+    return torch.cat([stepwise_logits(model, seq) for seq in seqs]).log_softmax(-1)
 
 
 def test_smollm2_packed_decoding_stays_closer_to_fp32_than_bf16(smollm2_dir):
@@ -114,10 +106,10 @@ def test_smollm2_packed_decoding_stays_closer_to_fp32_than_bf16(smollm2_dir):
     texts = ["The capital of France is", "def fibonacci(n):\n    if n < 2:\n        return n\n"]
     seqs = [tok.encode(t) + out for t, out in zip(texts, generate(model, [tok.encode(t) for t in texts], 24,
                                                                      pad_id=tok.pad_id))]
-    fp32 = next_token_logits(model, seqs).log_softmax(-1)
-    bf16 = next_token_logits(load_base(smollm2_dir, dtype=torch.bfloat16)[0], seqs).log_softmax(-1)
+    fp32 = next_token_logprobs(model, seqs)
+    bf16 = next_token_logprobs(load_base(smollm2_dir, dtype=torch.bfloat16)[0], seqs)
     assert packed.pack_for_decoding(model) == n_linear              # Q4_1 projections, Q8_0 embedding/head
-    ours = next_token_logits(model, seqs).log_softmax(-1)
+    ours = next_token_logprobs(model, seqs)
     kl = lambda logp: F.kl_div(logp, fp32, log_target=True, reduction="batchmean").item()
     assert kl(ours) < kl(bf16)
     assert (ours.argmax(-1) == fp32.argmax(-1)).float().mean() >= 0.95
