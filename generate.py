@@ -71,17 +71,19 @@ def with_prompt(base, spec, tok):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.packed and args.device != "cpu":
+        sys.exit(f"error: --packed is for CPU decoding, not --device {args.device}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"error: --device {args.device}: this torch build sees no CUDA device")
     try:
         model, tok = load_base(args.base, dtype=getattr(torch, args.dtype), device=args.device)
         if args.prompt:
             model = with_prompt(model, args.prompt, tok)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if args.packed:
-        if args.device != "cpu":
-            sys.exit(f"error: --packed is for CPU decoding, not --device {args.device}")
-        if pack_for_decoding(model) == 0:
-            print(f"warning: {args.base} holds no exact 4-bit codes; decoding in {args.dtype}", file=sys.stderr)
+    packed = args.packed and pack_for_decoding(model) > 0
+    if args.packed and not packed:
+        print(f"warning: {args.base} holds no exact 4-bit codes; decoding in {args.dtype}", file=sys.stderr)
     if args.labels:
         return classify(model, tok, args)
     texts = args.text
@@ -104,7 +106,7 @@ def main(argv=None):
         print(tok.decode(out, skip_special=True).strip())
     n = sum(len(o) for o in outputs)
     kind = "t5" if isinstance(model.config, T5Config) else model.config.source
-    how = args.dtype + (", packed" if args.packed else "")
+    how = args.dtype + (", packed" if packed else "")
     print(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s, {kind}, {how}]", file=sys.stderr)
 
 

@@ -80,3 +80,12 @@ def test_lookup_gives_the_greedy_tokens(setup, capsys):
     assert capsys.readouterr().out.strip() == tok.decode(plain[0], skip_special=True).strip()
     with pytest.raises(SystemExit, match="lookup=4: a count >= 0, for greedy decoding of one prompt"):
         generate_cli.main(["--base", str(directory), "--text", text, "--lookup", "4", "--temperature", "0.7"])
+
+
+def test_packed_without_4bit_codes_warns_and_packed_on_cuda_is_refused(setup, capsys):
+    directory, _ = setup                                             # random fp32 weights: no 4-bit codes
+    generate_cli.main(["--base", str(directory), "--text", TEXT, "--max-new-tokens", "2", "--packed"])
+    err = capsys.readouterr().err
+    assert "holds no exact 4-bit codes" in err and ", packed]" not in err
+    with pytest.raises(SystemExit, match="--packed is for CPU decoding"):
+        generate_cli.main(["--base", str(directory), "--text", TEXT, "--packed", "--device", "cuda"])
