@@ -142,9 +142,9 @@ def next_token_logprobs(model, seqs):
     return torch.cat([stepwise_logits(model, seq) for seq in seqs]).log_softmax(-1)
 
 
-def packed_fidelity(model, tok, new_tokens=96):
+def pack_and_measure_fidelity(model, tok, new_tokens=96):
     """Mean KL from fp32 and top-1 agreement with fp32, for the bf16 model and for `model`
-    (fp32) once packed; packs `model`."""
+    (fp32) once packed: packs `model` after measuring it unpacked."""
     prompts = [tok.encode(t) for t in BATCH_PROMPTS]
     seqs = [p + out for p, out in zip(prompts, generate(model, prompts, new_tokens, eos_id=None, pad_id=tok.pad_id))]
     fp32 = next_token_logprobs(model, seqs)
@@ -167,7 +167,7 @@ def main(argv=None):
     if args.packed and args.dtype != "float32":
         raise SystemExit("--packed: decoding from 4-bit codes keeps the model in float32; drop --dtype")
     ours, hf, tok = load_models(dtype)
-    fidelity = packed_fidelity(ours, tok) if args.packed else None
+    fidelity = pack_and_measure_fidelity(ours, tok) if args.packed else None
     cases = []
     for b in (int(s) for s in args.batch_sizes.split(",")):
         prompts = [tok.encode(PROMPT)] if b == 1 else [tok.encode(t) for t in BATCH_PROMPTS[:b]]
