@@ -72,9 +72,10 @@ class PackedWeight:
     @classmethod
     def from_linears(cls, *linears):
         """The packed weight of these layers (all fed the same input), or None unless every
-        weight holds exact codes of the same kind, and all or none have a bias."""
-        if len({lin.bias is None for lin in linears}) > 1:
-            return None
+        weight holds exact codes of the same kind, all or none have a bias, and the rows
+        come in multiples of 16."""
+        if len({lin.bias is None for lin in linears}) > 1 or sum(lin.out_features for lin in linears) % 16:
+            return None                                         # the kernel packs output rows by 16
         weights = [lin.weight.detach() for lin in linears]
         q4 = [q4_1_codes(w) for w in weights]
         if all(found is not None for found in q4):

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_base
+from .packed import pack_for_decoding
 from .generation import decode_steps
 from .prompts.mixed import PromptBank
 
@@ -317,10 +318,13 @@ class Scheduler:
 class App:
     """The base model, its tokenizer and the PromptBank of the prompt folder's files."""
 
-    def __init__(self, base_dir, prompt_dir, dtype=torch.float32, device="cpu", max_batch=16, window=0.005):
+    def __init__(self, base_dir, prompt_dir, dtype=torch.float32, device="cpu", max_batch=16, window=0.005,
+                 packed=False):
         self.base, self.tokenizer = load_base(base_dir, dtype=dtype, device=device)
         if self.base.config.model_type != "gpt":
             raise ValueError(f"{base_dir}: serving needs a decoder-only model")
+        if packed and pack_for_decoding(self.base) == 0:
+            log.warning("%s holds no exact 4-bit codes: decoding in %s", base_dir, dtype)
         self.model_config = self.base.config
         self.bank = PromptBank(self.base)
         self.prompt_dir = Path(prompt_dir)
@@ -618,9 +622,9 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(base_dir, prompt_dir, host="127.0.0.1", port=8000, dtype=torch.float32, device="cpu",
-                max_batch=16, window=0.005) -> Server:
+                max_batch=16, window=0.005, packed=False) -> Server:
     """The server, bound and ready for serve_forever() (port 0 picks a free port; see .url)."""
-    return Server((host, port), App(base_dir, prompt_dir, dtype, device, max_batch, window))
+    return Server((host, port), App(base_dir, prompt_dir, dtype, device, max_batch, window, packed))
 
 
 def parse_args(argv=None):
@@ -629,7 +633,10 @@ def parse_args(argv=None):
     ap.add_argument("--prompts", required=True, help="folder of prompt files, watched: NAME.safetensors is model NAME")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="default bfloat16, or float32 with --packed")
+    ap.add_argument("--packed", action="store_true",
+                    help="CPU: decode from the 4-bit codes of a checkpoint converted from GGUF Q4_1 (minipt.packed)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-batch", type=int, default=16, help="most rows decoded in one batch")
     ap.add_argument("--batch-window-ms", type=float, default=5.0,
@@ -642,9 +649,12 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not Path(args.prompts).is_dir():
         raise SystemExit(f"error: {args.prompts}: not a folder")
+    if args.packed and (args.dtype == "bfloat16" or args.device != "cpu"):
+        raise SystemExit("error: --packed decodes on the CPU from float32 weights (drop --dtype/--device)")
+    dtype = args.dtype or ("float32" if args.packed else "bfloat16")
     try:
-        server = make_server(args.base, args.prompts, args.host, args.port, getattr(torch, args.dtype), args.device,
-                             args.max_batch, args.batch_window_ms / 1000)
+        server = make_server(args.base, args.prompts, args.host, args.port, getattr(torch, dtype), args.device,
+                             args.max_batch, args.batch_window_ms / 1000, args.packed)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     log.info("serving %s on %s/v1", ", ".join(server.app.model_ids()), server.url)

@@ -363,3 +363,42 @@ def test_a_client_leaving_mid_stream_does_not_stall_the_others(server, client, o
         time.sleep(0.05)
     assert stats(server)["cancelled_rows"] == before + 1
     assert time.monotonic() - t0 < 30
+
+
+# ---- packed decoding -------------------------------------------------------------------------
+
+def test_packed_server_answers_as_generate_on_the_packed_model(tmp_path):
+    """A base whose weights are 4-bit grids, as converted from a Q4_1 GGUF, served with
+    packed=True: every projection runs on its codes (the 120-row head cannot), and the
+    answers are `generate`'s on the same base packed."""
+    from minipt.layers import Linear
+    from minipt.packed import pack_for_decoding
+    from test_packed import gguf_blocks
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=120, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_dim=16, intermediate_size=96,
+                    max_seq_len=256, norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, proj_bias=False,
+                    tie_embeddings=False, source="llama")
+    state = {k: gguf_blocks(v, "Q4_1")[1] if v.dim() == 2 and "embed" not in k else v
+             for k, v in GPT(cfg).state_dict().items()}
+    (tmp_path / "base").mkdir()
+    save_config(cfg, tmp_path / "base")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "base" / "model.safetensors")
+    tiny_tokenizer().save(tmp_path / "base")
+    (tmp_path / "prompts").mkdir()
+    server = make_server(tmp_path / "base", tmp_path / "prompts", port=0, packed=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = server.app.base
+        assert all(m.packed is not None for m in base.modules() if isinstance(m, Linear) and m is not base.lm_head)
+        assert base.lm_head.packed is None                       # 120 rows: the kernel takes multiples of 16
+        status, body = raw(server, "POST", "/v1/completions",
+                           {"model": "base", "prompt": TEXTS[1], "max_tokens": 12, "temperature": 0})
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    model, tok = load_base(tmp_path / "base")
+    pack_for_decoding(model)
+    expected = generate(model, [tok.encode(TEXTS[1])], 12, eos_id=tok.eos_id, pad_id=tok.eos_id)[0]
+    assert status == 200 and body["choices"][0]["text"] == tok.decode(expected, skip_special=True)
