@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_base
-from .packed import pack_for_decoding
 from .generation import decode_steps
+from .packed import pack_for_decoding
 from .prompts.mixed import PromptBank
 
 log = logging.getLogger("minipt.serve")
