@@ -7,7 +7,7 @@ read once per token. But they came from a GGUF file that stores them in ~0.6 byt
 The converter expands them to fp32, bit for bit. `pack_for_decoding` finds the codes again in
 those fp32 weights, and keeps them only where d*q + m rebuilds every weight exactly, so a
 checkpoint that never was 4-bit (an fp32 or bf16 one) is left as it is. Products of a few
-rows then go to PyTorch's int4 CPU kernel, which reads ~7x fewer bytes; prefill, training
+rows then go to PyTorch's int4 CPU kernel, which reads ~6x fewer bytes; prefill, training
 and everything else keep the fp32 weights.
 
 The kernel's inputs are bf16: each projection's input is rounded to bf16, and so are d and
