@@ -53,6 +53,23 @@ def q8_0_codes(w):
     return q.view_as(w).to(torch.int32), d.squeeze(-1)
 
 
+def planes_of(weight):
+    """[(q, scale, zero), ...]: uint8 4-bit codes (N, K) and per-block (N, K/32) scale and zero
+    of planes whose (q - 8) * scale + zero add up to `weight`, from the GGUF codes it holds
+    exactly; None if it holds none."""
+    found = q4_1_codes(weight)
+    if found is not None:
+        q, d, m = found
+        return [(q.to(torch.uint8), d, m + 8 * d)]                # d*q + m = (q - 8)*d + (m + 8d)
+    found = q8_0_codes(weight)
+    if found is not None:
+        # q + 128 = 16h + l with h, l in 0..15: d*q = 16d*(h - 8) + d*(l - 8) + 8d
+        q, d = found
+        u = (q + 128).to(torch.uint8)
+        return [(u >> 4, 16 * d, torch.zeros_like(d)), (u & 15, d, 8 * d)]
+    return None
+
+
 class PackedWeight:
     """The weights of one or more Linear layers that read the same input, stacked and stored
     as 4-bit planes, each (codes packed for the CPU kernel, per-block scale and zero), whose
@@ -60,7 +77,7 @@ class PackedWeight:
     made from, so that a later update of a weight is noticed (`applies`)."""
 
     def __init__(self, linears, planes):
-        self.planes = [(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
+        self.planes = [(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
                         torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16())   # (K/32, N, 2)
                        for q, scale, zero in planes]
         self.sizes = [lin.out_features for lin in linears]
@@ -70,24 +87,14 @@ class PackedWeight:
         self.sources = [(w.data_ptr(), w._version) for w in self.weights]
 
     @classmethod
-    def from_linears(cls, *linears):
-        """The packed weight of these layers (all fed the same input), or None unless every
-        weight holds exact codes of the same kind, all or none have a bias, and the rows
-        come in multiples of 16."""
-        if len({lin.bias is None for lin in linears}) > 1 or sum(lin.out_features for lin in linears) % 16:
+    def stack(cls, linears, planes):
+        """The packed weight of these layers (all fed the same input), given each one's
+        `planes_of`; None unless every weight has planes of the same kind, all or none have
+        a bias, and the rows come in multiples of 16."""
+        if (any(p is None for p in planes) or len({len(p) for p in planes}) > 1
+                or len({lin.bias is None for lin in linears}) > 1 or sum(lin.out_features for lin in linears) % 16):
             return None                                         # the kernel packs output rows by 16
-        weights = [lin.weight.detach() for lin in linears]
-        q4 = [q4_1_codes(w) for w in weights]
-        if all(found is not None for found in q4):
-            q, d, m = (torch.cat(parts) for parts in zip(*q4))
-            return cls(linears, [(q, d, m + 8 * d)])                # d*q + m = (q - 8)*d + (m + 8d)
-        q8 = [q8_0_codes(w) for w in weights]
-        if all(found is not None for found in q8):
-            # q + 128 = 16h + l with h, l in 0..15: d*q = 16d*(h - 8) + d*(l - 8) + 8d
-            q, d = (torch.cat(parts) for parts in zip(*q8))
-            u = q + 128
-            return cls(linears, [(u >> 4, 16 * d, torch.zeros_like(d)), (u & 15, d, 8 * d)])
-        return None
+        return cls(linears, [[torch.cat(parts) for parts in zip(*same)] for same in zip(*planes)])
 
     def applies(self, x) -> bool:
         """Whether to multiply x by this packed copy: a few rows on CPU without autograd, and
@@ -115,15 +122,14 @@ def pack_for_decoding(model) -> int:
     if not available():
         raise RuntimeError(f"pack_for_decoding: torch {torch.__version__} has no int4 CPU kernel "
                            "(aten._weight_int4pack_mm_for_cpu)")
-    n = 0
+    planes = {}                                                 # Linear -> planes_of its weight, found once
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, Linear) and module.weight.device.type == "cpu":
-                module.packed = PackedWeight.from_linears(module)
-                n += module.packed is not None
+                planes[module] = planes_of(module.weight.detach())
+                module.packed = PackedWeight.stack([module], [planes[module]])
         for module in model.modules():
-            names = getattr(module, "fusable_projections", ())
-            linears = [getattr(module, name) for name in names]
-            if names and all(isinstance(lin, Linear) and lin.packed is not None for lin in linears):
-                module.packed_projections = PackedWeight.from_linears(*linears)
-    return n
+            linears = [getattr(module, name) for name in getattr(module, "fusable_projections", ())]
+            if linears and all(planes.get(lin) is not None for lin in linears):
+                module.packed_projections = PackedWeight.stack(linears, [planes[lin] for lin in linears])
+    return sum(module.packed is not None for module in planes)
