@@ -21,7 +21,9 @@ Sections (`--only`, comma-separated; default train,generate):
             both sides in that dtype (fp32: the tokens must be identical; which dtype decodes
             fastest depends on the CPU's one-row kernels: see the README's Benchmarks).
             "float32+packed": minipt decodes from the checkpoint's 4-bit codes (minipt.packed,
-            bf16 products), against peft fp32; its tokens may differ from fp32's.
+            bf16 products), against peft fp32; its tokens may differ from fp32's. "+compiled":
+            minipt's one-token step is torch.compile'd (generation.compile_decoding), in the
+            warm-up calls; the table gives their time.
   scaling   soft-prompt step time against sequence length and batch size (synthetic token
             batches), minipt bf16 against peft's faster dtype in the train section (else
             `--peft-dtype`, default fp32); a log-log plot to `--plot`.
@@ -65,7 +67,7 @@ from minipt.config import TrainConfig, parse_train_config  # noqa: E402
 from minipt.data import Batches, collate, encode_text  # noqa: E402
 from minipt.evaluation import rank_classify  # noqa: E402
 from minipt.fetch import fetch  # noqa: E402
-from minipt.generation import pad_batch  # noqa: E402
+from minipt.generation import compile_decoding, pad_batch  # noqa: E402
 from minipt.packed import pack_for_decoding  # noqa: E402
 from minipt.prompts import PromptConfig, attach  # noqa: E402
 from minipt.tasks import load_task  # noqa: E402
@@ -94,9 +96,10 @@ def parse_args(argv=None):
     ap.add_argument("--gen-repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--gen-batch-sizes", default="1,8")
-    ap.add_argument("--gen-dtypes", default="float32,float32+packed,float16",
+    ap.add_argument("--gen-dtypes", default="float32,float32+packed+compiled,float16",
                     help="generate section: one table per dtype, both sides in it (float32, float16, bfloat16); "
-                         "+packed: minipt decodes from the checkpoint's 4-bit codes")
+                         "+packed: minipt decodes from the checkpoint's 4-bit codes; +compiled: its one-token "
+                         "step is compiled")
     ap.add_argument("--gen-lookup", type=int, default=8,
                     help="generate section: also batch 1 with prompt-lookup drafts of this many tokens on both "
                          "sides (minipt generate(lookup=), transformers prompt_lookup_num_tokens); 0: skip")
@@ -127,9 +130,11 @@ def parse_args(argv=None):
     if unknown:
         ap.error(f"unknown section or method {unknown[0]!r}")
     for entry in args.gen_dtypes.split(","):
-        name, _, mode = entry.partition("+")
-        if name not in ("float32", "float16", "bfloat16") or mode not in ("", "packed"):
-            ap.error(f"--gen-dtypes: {entry!r}: a dtype (float32, float16, bfloat16), optionally +packed")
+        name, *modes = entry.split("+")
+        if (name not in ("float32", "float16", "bfloat16") or not set(modes) <= {"packed", "compiled"}
+                or ("packed" in modes and name != "float32")):
+            ap.error(f"--gen-dtypes: {entry!r}: a dtype (float32, float16, bfloat16), optionally +compiled, "
+                     "and float32 optionally +packed")
     return args
 
 
@@ -541,12 +546,14 @@ def generate_section(args, dtype_name: str) -> dict:
     """bench_generate's cases with the same 20-token soft prompt on both sides, both in one dtype."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
-    name, _, mode = dtype_name.partition("+")
+    name, *modes = dtype_name.split("+")
     dtype = getattr(torch, name)
     base, tok = load_base(convert_smollm2(), dtype=dtype)
-    if mode == "packed":
+    if "packed" in modes:
         pack_for_decoding(base)
     ours = attach(base, prompt_config("prompt_tuning"), tok).eval()
+    if "compiled" in modes:
+        compile_decoding(ours)
     gguf = fetch("smollm2-gguf")
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     theirs = get_peft_model(hf, peft_config("prompt_tuning")).eval()

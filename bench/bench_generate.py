@@ -16,10 +16,13 @@ load better), and how many rows of greedy tokens the two sides share exactly.
     python bench/bench_generate.py                       # fp32, 5 repeats
     python bench/bench_generate.py --dtype bfloat16 --repeats 9 --json bench.json
     python bench/bench_generate.py --packed      # minipt decodes from the GGUF's 4-bit codes
+    python bench/bench_generate.py --packed --compile    # ... with its one-token step compiled
 
 With --packed, the packed model's fidelity is measured first: its next-token distributions
 along fp32 greedy continuations of the batch prompts, one token a forward through the KV
-cache (what decoding computes), against the fp32 model's, next to the bf16 model's.
+cache (what decoding computes), against the fp32 model's, next to the bf16 model's (and,
+with --compile, the compiled packed step's). Compiling happens in the warm-up calls, off
+the clock; the table gives each case's minipt warm-up time.
 
 Threads are torch's defaults; the count is printed with the results.
 """
@@ -36,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from minipt.checkpoint import load_base  # noqa: E402
-from minipt.generation import generate, pad_batch, stepwise_logits  # noqa: E402
+from minipt.generation import compile_decoding, generate, pad_batch, stepwise_logits  # noqa: E402
 from minipt.fetch import fetch  # noqa: E402
 from minipt.packed import pack_for_decoding  # noqa: E402
 from weights.smollm2 import main as convert_smollm2  # noqa: E402
@@ -62,6 +65,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch-sizes", default="1,8", help="comma-separated, from 1 and 8")
     ap.add_argument("--packed", action="store_true",
                     help="minipt decodes with the checkpoint's 4-bit codes (minipt.packed; fp32 activations)")
+    ap.add_argument("--compile", action="store_true",
+                    help="minipt's one-token step is torch.compile'd (minipt.generation.compile_decoding)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     return ap.parse_args(argv)
 
@@ -103,7 +108,8 @@ def timed(fn):
 
 
 def bench_case(name, run_minipt, run_hf, n_tokens, repeats):
-    ours_out, hf_out = run_minipt(), run_hf()  # warm-up; also the outputs we compare
+    warmup_s, ours_out = timed(run_minipt)     # warm-up (compiling, if any); also the outputs we compare
+    hf_out = run_hf()
     for rows in (ours_out, hf_out):
         assert all(len(r) == len(rows[0]) for r in rows), "a side stopped early"
     times = {"minipt": [], "transformers": []}
@@ -123,6 +129,7 @@ def bench_case(name, run_minipt, run_hf, n_tokens, repeats):
         "identical": ours_out == hf_out,
         "identical_rows": sum(a == b for a, b in zip(ours_out, hf_out)),
         "rows": len(ours_out),
+        "minipt_warmup_s": warmup_s,
         "minipt_tok_s_all": tps["minipt"],
         "transformers_tok_s_all": tps["transformers"],
     }
@@ -131,33 +138,40 @@ def bench_case(name, run_minipt, run_hf, n_tokens, repeats):
 def print_cases(cases, peer: str) -> None:
     """The table of bench_case results: tokens/s of both sides, ratios, identical rows."""
     head = f"{peer} tok/s"
-    print(f"{'case':<24}{'minipt tok/s':>14}{head:>{len(head) + 2}}{'ratio':>8}{'paired':>8}{'identical':>11}")
+    print(f"{'case':<24}{'minipt tok/s':>14}{head:>{len(head) + 2}}{'ratio':>8}{'paired':>8}{'identical':>11}"
+          f"{'minipt warm-up':>16}")
     for c in cases:
         same = f"{c['identical_rows']}/{c['rows']} rows" if c["rows"] > 1 else str(c["identical"])
         print(f"{c['case']:<24}{c['minipt_tok_s']:>14.1f}{c['transformers_tok_s']:>{len(head) + 2}.1f}"
-              f"{c['ratio']:>7.2f}x{c['paired_ratio']:>7.2f}x{same:>11}")
+              f"{c['ratio']:>7.2f}x{c['paired_ratio']:>7.2f}x{same:>11}{c['minipt_warmup_s']:>15.1f}s")
 
 
 def next_token_logprobs(model, seqs):
     return torch.cat([stepwise_logits(model, seq) for seq in seqs]).log_softmax(-1)
 
 
-def pack_and_measure_fidelity(model, tok, new_tokens=96):
+def pack_and_measure_fidelity(model, tok, new_tokens=96, compile=False):
     """Mean KL from fp32 and top-1 agreement with fp32, for the bf16 model and for `model`
-    (fp32) once packed: packs `model` after measuring it unpacked."""
+    (fp32) once packed, and with compile, once its one-token step is compiled too: packs (and
+    compiles) `model` after measuring it as it was."""
     prompts = [tok.encode(t) for t in BATCH_PROMPTS]
     seqs = [p + out for p, out in zip(prompts, generate(model, prompts, new_tokens, eos_id=None, pad_id=tok.pad_id))]
     fp32 = next_token_logprobs(model, seqs)
     bf16 = next_token_logprobs(load_base(convert_smollm2(), dtype=torch.bfloat16)[0], seqs)
     n_packed = pack_for_decoding(model)
-    packed = next_token_logprobs(model, seqs)
+    measured = {"bf16": bf16, "packed": next_token_logprobs(model, seqs)}
+    if compile:
+        compile_decoding(model)
+        t0 = time.perf_counter()
+        measured["packed, compiled"] = next_token_logprobs(model, seqs)
+        print(f"compiled the one-token step ({time.perf_counter() - t0:.0f} s with the fidelity check)", flush=True)
     result = {"positions": fp32.size(0), "linear_layers_packed": n_packed}
-    for name, logp in (("bf16", bf16), ("packed", packed)):
+    for name, logp in measured.items():
         kl = torch.nn.functional.kl_div(logp, fp32, log_target=True, reduction="batchmean").item()
         result[name] = {"mean_kl": kl, "top1_agreement": (logp.argmax(-1) == fp32.argmax(-1)).float().mean().item()}
     print(f"fidelity to fp32 over {result['positions']} positions ({n_packed} layers packed): "
           + "; ".join(f"{name} mean KL {result[name]['mean_kl']:.1e}, top-1 {100 * result[name]['top1_agreement']:.1f} %"
-                      for name in ("bf16", "packed")), flush=True)
+                      for name in measured), flush=True)
     return result
 
 
@@ -167,7 +181,9 @@ def main(argv=None):
     if args.packed and args.dtype != "float32":
         raise SystemExit("--packed: decoding from 4-bit codes keeps the model in float32; drop --dtype")
     ours, hf, tok = load_models(dtype)
-    fidelity = pack_and_measure_fidelity(ours, tok) if args.packed else None
+    fidelity = pack_and_measure_fidelity(ours, tok, compile=args.compile) if args.packed else None
+    if args.compile and not args.packed:
+        compile_decoding(ours)
     cases = []
     for b in (int(s) for s in args.batch_sizes.split(",")):
         prompts = [tok.encode(PROMPT)] if b == 1 else [tok.encode(t) for t in BATCH_PROMPTS[:b]]
@@ -178,10 +194,10 @@ def main(argv=None):
         cases.append(bench_case(name, run_minipt, run_hf, b * args.new_tokens, args.repeats))
 
     import transformers
-    info = {"dtype": args.dtype, "packed": fidelity, "new_tokens": args.new_tokens, "repeats": args.repeats,
+    info = {"dtype": args.dtype, "packed": fidelity, "compiled": args.compile, "new_tokens": args.new_tokens, "repeats": args.repeats,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
-    how = args.dtype + (", minipt packed" if args.packed else "")
+    how = args.dtype + (", minipt packed" if args.packed else "") + (", compiled" if args.compile else "")
     print(f"\ngreedy, {args.new_tokens} new tokens per row, {how}, median of {args.repeats}, "
           f"{info['threads']} threads (torch {info['torch']}, transformers {info['transformers']})\n")
     print_cases(cases, "transformers")

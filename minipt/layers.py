@@ -243,15 +243,16 @@ class LayerPrefix:
     gate: "torch.Tensor | None" = None
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Preallocated keys and values for incremental decoding. Writing in place avoids
-    the re-allocation a growing torch.cat cache pays at every generated token."""
+    the re-allocation a growing torch.cat cache pays at every generated token. Not a module
+    with buffers: torch.compile takes a module's buffers to be of fixed size, and would
+    compile the decoding step again for every cache length (generation.compile_decoding)."""
 
     def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
-        super().__init__()
         shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, pos: int, k, v):
         """Store k, v (B, nkv, T, hs) at positions pos..pos+T; return all keys/values so far."""

@@ -98,9 +98,13 @@ class PackedWeight:
 
     def applies(self, x) -> bool:
         """Whether to multiply x by this packed copy: a few rows on CPU without autograd, and
-        no weight changed since packing."""
+        no weight changed since packing. Compiled code cannot read a tensor's data_ptr or
+        version: `generation` checks `unchanged` before it runs a compiled step instead."""
         return (x.numel() // x.size(-1) <= MAX_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and all(src == (w.data_ptr(), w._version) for src, w in zip(self.sources, self.weights)))
+                and (torch.compiler.is_compiling() or self.unchanged()))
+
+    def unchanged(self) -> bool:
+        return all(src == (w.data_ptr(), w._version) for src, w in zip(self.sources, self.weights))
 
     def __call__(self, x):
         """x @ w.T (+ bias) for the stacked weights, in x's dtype."""
@@ -133,3 +137,9 @@ def pack_for_decoding(model) -> int:
             if linears and all(planes.get(lin) is not None for lin in linears):
                 module.packed_projections = PackedWeight.stack(linears, [planes[lin] for lin in linears])
     return sum(module.packed is not None for module in planes)
+
+
+def packs_unchanged(model) -> bool:
+    """Whether no weight of `model` that has a packed copy changed since packing."""
+    packs = (getattr(m, name, None) for m in model.modules() for name in ("packed", "packed_projections"))
+    return all(pack.unchanged() for pack in packs if pack is not None)

@@ -89,3 +89,15 @@ def test_packed_without_4bit_codes_warns_and_packed_on_cuda_is_refused(setup, ca
     assert "holds no exact 4-bit codes" in err and ", packed]" not in err
     with pytest.raises(SystemExit, match="--packed is for CPU decoding"):
         generate_cli.main(["--base", str(directory), "--text", TEXT, "--packed", "--device", "cuda"])
+
+
+def test_compile_gives_the_eager_text_and_is_refused_for_t5(setup, t5_dir, capsys):
+    directory, _ = setup
+    argv = ["--base", str(directory), "--text", TEXT, "--text", "Hello", "--max-new-tokens", "6"]
+    generate_cli.main(argv)
+    eager = capsys.readouterr().out
+    generate_cli.main(argv + ["--compile"])
+    out = capsys.readouterr()
+    assert out.out == eager and ", compiling included]" in out.err
+    with pytest.raises(SystemExit, match="--compile: compile_decoding: decoder models only"):
+        generate_cli.main(["--base", str(t5_dir), "--text", TEXT, "--compile"])
