@@ -1,6 +1,6 @@
 """generate.py on a tiny random Llama with SmolLM2's tokenizer: a prompt file and a
 composition "a+b" give what the Python API gives; rank classification prints one label per
-text; a missing prompt file is a one-line error."""
+text; a missing prompt file is a one-line error; --compile prints the eager text."""
 import pytest
 
 import generate as generate_cli
