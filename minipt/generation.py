@@ -87,8 +87,11 @@ def stepwise_logits(model, ids: list[int]):
     step = _one_token_forward(model)
     model.setup_cache(1, len(ids))
     try:
-        return torch.cat([(step if i else model)(torch.tensor([[t]], device=device), cache_pos=i, last_only=True)[0][0]
-                          .float() for i, t in enumerate(ids)])
+        logits = []
+        for i, t in enumerate(ids):
+            forward = step if i else model               # the first token is the prefill, as in generate
+            logits.append(forward(torch.tensor([[t]], device=device), cache_pos=i, last_only=True)[0][0].float())
+        return torch.cat(logits)
     finally:
         model.clear_cache()
 
@@ -127,8 +130,9 @@ def compile_decoding(model):
     ~12 ms of int4 products and ~6 ms of small ops around them (norms, RoPE, casts, residual
     adds), each a dispatch and a pass over memory, which the compiled graph fuses into a few
     loops. An fp32 token is bound by reading the weights and gains nothing. The first step
-    compiles (~1 minute on 2 cores, half that when inductor's cache has the kernels); the graph
-    has dynamic shapes, so it serves every position and batch size. Returns the model."""
+    compiles (~1 minute on 2 cores, under half that when inductor's on-disk cache has the
+    kernels). Shapes are dynamic, so one graph serves every position and prompt length; a
+    batch of one row, a larger one and a left-padded one compile once each. Returns the model."""
     if not isinstance(model.config, GPTConfig):
         raise ValueError("compile_decoding: decoder models only (an encoder-decoder decodes through model.decode)")
     model.compiled_step = torch.compile(model.forward, dynamic=True)
