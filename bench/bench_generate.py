@@ -194,8 +194,8 @@ def main(argv=None):
         cases.append(bench_case(name, run_minipt, run_hf, b * args.new_tokens, args.repeats))
 
     import transformers
-    info = {"dtype": args.dtype, "packed": fidelity, "compiled": args.compile, "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
+    info = {"dtype": args.dtype, "packed": fidelity, "compiled": args.compile, "new_tokens": args.new_tokens,
+            "repeats": args.repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
     how = args.dtype + (", minipt packed" if args.packed else "") + (", compiled" if args.compile else "")
     print(f"\ngreedy, {args.new_tokens} new tokens per row, {how}, median of {args.repeats}, "
