@@ -62,10 +62,10 @@ def test_compiled_decoding_gives_the_eager_tokens(method):
                                             projection_hidden=16)).eval()
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12]]
     eager = generate(model, prompts, 16, pad_id=0)
-    served = [out for out in decode_steps(model, prompts, 16, pad_id=0)]
+    served = list(decode_steps(model, prompts, 16, pad_id=0))
     calls = count_compiled_calls(compile_decoding(model))
     assert generate(model, prompts, 16, pad_id=0) == eager
-    assert [out for out in decode_steps(model, prompts, 16, pad_id=0)] == served
+    assert list(decode_steps(model, prompts, 16, pad_id=0)) == served
     assert len(calls) == 2 * 15
     generate(model, [[1, 2]], 4)                                      # one row: compiled once more
     graphs = counters["stats"]["unique_graphs"]
