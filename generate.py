@@ -45,8 +45,8 @@ def parse_args(argv=None):
                     help="CPU: decode from the 4-bit codes of a checkpoint converted from GGUF Q4_1 (minipt.packed), "
                          "~2x faster; the projections' inputs are rounded to bf16")
     ap.add_argument("--compile", action="store_true",
-                    help="decoder models: torch.compile the one-token step; with --packed ~1.3x faster per token, "
-                         "after ~1 minute of compiling (minipt.generation.compile_decoding)")
+                    help="decoder models: torch.compile the one-token step; with --packed 1.3-1.7x faster per "
+                         "token, after one to three minutes of compiling (minipt.generation.compile_decoding)")
     ap.add_argument("--device", default="cpu")
     return ap.parse_args(argv)
 

@@ -6,29 +6,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from minipt.config import GPTConfig
 from minipt.generation import compile_decoding, decode_steps, generate, stepwise_logits
-from minipt.gpt import GPT
 from minipt.packed import pack_for_decoding
 from minipt.prompts import PromptConfig, attach
 
-from test_packed import bf16_close, gguf_blocks
-
-
-def tiny_gpt(q4_1=False):
-    """A random 2-layer Llama-style model; with q4_1, its projections and head (128 rows, a
-    multiple of 16) hold Q4_1 grids, as converted from a GGUF file."""
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_dim=16, intermediate_size=96,
-                    max_seq_len=128, norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, proj_bias=False,
-                    tie_embeddings=False, source="llama")
-    model = GPT(cfg).eval()
-    if q4_1:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.dim() == 2 and name != "embed.weight":
-                    p.copy_(gguf_blocks(p.detach(), "Q4_1")[1])
-    return model
+from test_packed import bf16_close, q4_1_gpt
 
 
 def count_compiled_calls(model) -> list:
@@ -39,7 +21,7 @@ def count_compiled_calls(model) -> list:
 
 
 def test_compiled_packed_step_matches_the_eager_one_and_a_changed_weight_is_noticed():
-    model = tiny_gpt(q4_1=True)
+    model = q4_1_gpt()                                                # its 128-row head packs too
     assert pack_for_decoding(model) == 2 * 7 + 1
     ids = torch.randint(0, 128, (24,)).tolist()
     eager = stepwise_logits(model, ids)
@@ -57,8 +39,9 @@ def test_compiled_packed_step_matches_the_eager_one_and_a_changed_weight_is_noti
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
 def test_compiled_decoding_gives_the_eager_tokens(method):
-    """fp32, a left-padded batch: the graph's dynamic positions, mask and prompt must be right."""
-    model = attach(tiny_gpt(), PromptConfig(method=method, num_virtual_tokens=3, init="random", seed=0,
+    """fp32 (not packed), a left-padded batch: the graph's dynamic positions, mask and prompt
+    must be right."""
+    model = attach(q4_1_gpt(), PromptConfig(method=method, num_virtual_tokens=3, init="random", seed=0,
                                             projection_hidden=16)).eval()
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12]]
     eager = generate(model, prompts, 16, pad_id=0)

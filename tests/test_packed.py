@@ -10,7 +10,9 @@ from gguf import GGMLQuantizationType, quants
 import generate as generate_cli
 from minipt import packed
 from minipt.checkpoint import load_base
+from minipt.config import GPTConfig
 from minipt.generation import generate, stepwise_logits
+from minipt.gpt import GPT
 from minipt.layers import Linear, SelfAttention, project
 from minipt.prompts.lora import LoRALinear
 
@@ -28,6 +30,21 @@ def q4_1_like(*shape):
     w = torch.randn(*shape) * 0.05
     w[0, :32] = 0.01
     return gguf_blocks(w, "Q4_1")[1]
+
+
+def q4_1_gpt(vocab_size=128, max_seq_len=128):
+    """A random 2-layer Llama-style model whose projections and head hold Q4_1 grids, as
+    converted from a GGUF file (the embedding stays fp32)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_dim=16,
+                    intermediate_size=96, max_seq_len=max_seq_len, norm="rmsnorm", mlp="swiglu", pos="rope",
+                    qkv_bias=False, proj_bias=False, tie_embeddings=False, source="llama")
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and name != "embed.weight":
+                p.copy_(gguf_blocks(p.detach(), "Q4_1")[1])
+    return model
 
 
 def test_q4_1_codes_are_the_gguf_blocks():

@@ -373,16 +373,11 @@ def test_packed_server_answers_as_generate_on_the_packed_model(tmp_path):
     answers are `generate`'s on the same base packed."""
     from minipt.layers import Linear
     from minipt.packed import pack_for_decoding
-    from test_packed import gguf_blocks
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=120, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_dim=16, intermediate_size=96,
-                    max_seq_len=256, norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, proj_bias=False,
-                    tie_embeddings=False, source="llama")
-    state = {k: gguf_blocks(v, "Q4_1")[1] if v.dim() == 2 and "embed" not in k else v
-             for k, v in GPT(cfg).state_dict().items()}
+    from test_packed import q4_1_gpt
+    grid = q4_1_gpt(vocab_size=120, max_seq_len=256)
     (tmp_path / "base").mkdir()
-    save_config(cfg, tmp_path / "base")
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "base" / "model.safetensors")
+    save_config(grid.config, tmp_path / "base")
+    save_file({k: v.contiguous() for k, v in grid.state_dict().items()}, tmp_path / "base" / "model.safetensors")
     tiny_tokenizer().save(tmp_path / "base")
     (tmp_path / "prompts").mkdir()
     server = make_server(tmp_path / "base", tmp_path / "prompts", port=0, packed=True)
