@@ -77,8 +77,7 @@ def train(argv):
         say(f"zero-shot test {metric}: {zero_shot:.4f}")
 
     # -- attach the method; only its parameters train, in fp32 --
-    prompt_fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PromptConfig)}
-    model = attach(base, PromptConfig(**prompt_fields), tok)
+    model = attach(base, PromptConfig(**cfg.method_fields()), tok)
     if cfg.init_from:  # prompt transfer: begin where a prompt for another task ended
         with bad_input_exits("init_from: "):
             init_from(model, cfg.init_from, tok)

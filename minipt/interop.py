@@ -94,6 +94,8 @@ def _prefix_table(cfg: PromptConfig, model: dict, tensors: dict) -> torch.Tensor
     site = {k.removeprefix("sites.self."): v for k, v in tensors.items()}
     table = PrefixTable(cfg.num_virtual_tokens, model["n_layer"], _prefix_width(model), model["n_embd"],
                         "table" not in site, cfg.projection_hidden, torch.Generator())
+    if "table" not in site:
+        site.setdefault("anchor", torch.zeros_like(table.anchor))   # files from before the anchor
     table.load_state_dict(site, strict=True)
     return table().contiguous()
 
@@ -246,7 +248,8 @@ def _prompt_from_peft(d: Path, config: dict, tensors: dict, model) -> tuple:
                 raise ValueError(f"{d / CONFIG_FILE}: {key} {config.get(key)!r}, this base needs {ours}")
         expected = (P, model.n_layer * 2 * kv)
         method = "prefix_tuning" if config.get("prefix_projection") else "p_tuning_v2"
-        cfg, state = PromptConfig(method=method, num_virtual_tokens=P, prefix_projection=False), {"sites.self.table": emb}
+        cfg = PromptConfig(method=method, num_virtual_tokens=P, prefix_projection=False, init="random")
+        state = {"sites.self.table": emb}
     else:  # prompt tuning, or P-tuning's computed prompt: a soft prompt either way
         expected = (P, model.n_embd)
         cfg, state = PromptConfig(method="prompt_tuning", num_virtual_tokens=P, init="random"), {"prompt": emb}

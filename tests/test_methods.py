@@ -21,7 +21,7 @@ def base_dirs(converted_dir):
 
 
 def prompted(base_dirs, family, method):
-    cfg = PromptConfig(method=method, num_virtual_tokens=4, init="random", encoder_hidden=16,
+    cfg = PromptConfig.for_method(method, num_virtual_tokens=4, init="random", encoder_hidden=16,
                        projection_hidden=24, adapter_layers=1, lora_r=2)
     model = attach(load_model(base_dirs[family]), cfg)
     if method == "adapter":  # open the gates: a closed gate is the base model itself

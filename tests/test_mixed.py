@@ -22,7 +22,7 @@ def prompt_files(llama_dir, tmp_path_factory):
     files = {}
     for seed, (name, method, P) in enumerate([(m, m, LENGTHS[m]) for m in MIXABLE]
                                              + [("soft_b", "prompt_tuning", 2), ("prefix_b", "prefix_tuning", 3)]):
-        cfg = PromptConfig(method=method, num_virtual_tokens=P, init="random", seed=seed, encoder_hidden=16,
+        cfg = PromptConfig.for_method(method, num_virtual_tokens=P, init="random", seed=seed, encoder_hidden=16,
                            projection_hidden=24, adapter_layers=2)
         model = attach(load_model(llama_dir), cfg)
         with torch.no_grad():

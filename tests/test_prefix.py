@@ -21,6 +21,7 @@ def converted(converted_dir):
 
 def config(**kw):
     kw.setdefault("method", "prefix_tuning")
+    kw.setdefault("init", "random")     # peft's start: N(0, 1) (tests/test_init.py covers the others)
     return PromptConfig(num_virtual_tokens=P, projection_hidden=H, **kw)
 
 

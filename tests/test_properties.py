@@ -225,7 +225,7 @@ def decoders():
                             max_seq_len=64, **FAMILIES[family])
             model = GPT(cfg)
             if method:
-                model = attach(model, PromptConfig(method=method, num_virtual_tokens=3, init="random", encoder_hidden=16,
+                model = attach(model, PromptConfig.for_method(method, num_virtual_tokens=3, init="random", encoder_hidden=16,
                                                    projection_hidden=24, adapter_layers=2, lora_r=2))
                 with torch.no_grad():
                     for p in model.method.parameters():

@@ -102,7 +102,7 @@ def test_prompt_goes_after_left_padding(tmp_path):
 def test_prompt_run_once_per_batch_equals_prompt_in_every_row(family, method, checkpointing, padded, tmp_path):
     """Training runs the virtual tokens once per batch (GPT.forward's `shared`); the loss
     and gradient must equal those of the prompt inserted into each (left-padded) row."""
-    model = attach(converted(tiny_hf_model(family), tmp_path), PromptConfig(method=method, num_virtual_tokens=P, init="random"))
+    model = attach(converted(tiny_hf_model(family), tmp_path), PromptConfig.for_method(method, num_virtual_tokens=P, init="random"))
     model.base.grad_checkpointing = checkpointing
     model.train()
     ids = torch.randint(0, 120, (3, 9), generator=torch.Generator().manual_seed(4))

@@ -6,7 +6,6 @@
     save(model, "task.safetensors", tokenizer)
     model = load("task.safetensors", base, tokenizer)
 """
-import dataclasses
 import importlib
 
 from .base import METHODS, PromptConfig, PromptMethod
@@ -26,10 +25,14 @@ IMPLEMENTATIONS = {
 }
 
 
+def method_class(name: str) -> type:
+    module, cls = IMPLEMENTATIONS[name]
+    return getattr(importlib.import_module(f".{module}", __name__), cls)
+
+
 def build_method(config: PromptConfig, base, tokenizer=None) -> PromptMethod:
     """The method module for a config (not yet attached)."""
-    module, cls = IMPLEMENTATIONS[config.method]
-    return getattr(importlib.import_module(f".{module}", __name__), cls)(config, base, tokenizer)
+    return method_class(config.method)(config, base, tokenizer)
 
 
 def attach(base, config: PromptConfig, tokenizer=None) -> PromptedModel:
@@ -47,7 +50,7 @@ def load(path, base, tokenizer=None) -> PromptedModel:
     meta, tensors = read_prompt(path)
     check_base(path, meta, base, tokenizer)
     config = PromptConfig.from_dict(meta["config"])
-    model = attach(base, dataclasses.replace(config, init="random"))  # the values come from the file
+    model = attach(base, PromptConfig.for_method(**{**config.to_dict(), "init": "random"}))  # values from the file
     model.method.config = config
     _load_tensors(path, model.method, tensors)
     return model

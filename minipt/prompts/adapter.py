@@ -10,6 +10,12 @@ to the layer's attention output scaled by tanh(g_l), one zero-initialised gate p
 alone. In T5 the adapter sits in the decoder's self-attention, the place that corresponds
 to the decoder-only model's.
 
+Initialisation (`init`): "text" and "vocab" start A_l at what layer l's attention reads
+when the base reads P real tokens (the text's, or sampled common ones): its normed hidden
+states, so the prompt's keys and values are those tokens' own (unrotated). The zero gate
+keeps the output exact either way; the prompt starts where the gate's first opening adds
+information a hard prompt of those words would. "random" is N(0, 1).
+
 Trainable parameters = adapter_layers x (P x d_model + n_head).
 
 The prompt goes through k_proj / v_proj in every forward instead of being cached as keys
@@ -24,10 +30,13 @@ import torch
 import torch.nn as nn
 
 from ..layers import LayerPrefix
-from .base import PromptConfig, PromptMethod, model_dims
+from .base import PromptConfig, PromptMethod, model_dims, text_activations
+from .soft_prompt import initial_token_ids
 
 
 class PromptAdapter(PromptMethod):
+    uses = ("num_virtual_tokens", "init", "init_text", "adapter_layers")
+
     def __init__(self, config: PromptConfig, base, tokenizer=None):
         super().__init__(config)
         dims = model_dims(base)
@@ -44,8 +53,14 @@ class PromptAdapter(PromptMethod):
         # the adapted layers' attention, by reference: a plain list, so the base's frozen
         # projections are neither this module's parameters nor part of its saved state
         self.attention = [layer.attn for layer in layers[self.n_layers - self.n_adapted:]]
-        g = torch.Generator().manual_seed(config.seed)
-        self.prompts = nn.Parameter(torch.randn(self.n_adapted, self.P, self.d_model, generator=g))  # (A, P, C)
+        if config.init in ("text", "vocab"):
+            seen = text_activations(base, initial_token_ids(config, tokenizer, base.config.vocab_size, self.P))
+            start = torch.stack([x for x, _, _ in seen[self.site][self.n_layers - self.n_adapted:]])  # (A, P, C)
+        elif config.init == "random":
+            start = torch.randn(self.n_adapted, self.P, self.d_model, generator=torch.Generator().manual_seed(config.seed))
+        else:
+            raise ValueError(f"adapter: init {config.init!r} unknown; choose text, vocab or random")
+        self.prompts = nn.Parameter(start)                                                            # (A, P, C)
         self.gates = nn.Parameter(torch.zeros(self.n_adapted, self.n_head))                          # (A, nh)
 
     def prefixes(self, batch_size: int):

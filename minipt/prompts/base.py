@@ -12,6 +12,7 @@ once, for all methods, by `PromptedModel` in `model.py`.
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora", "full")
@@ -29,6 +30,7 @@ class PromptConfig:
     # P-tuning v1 prompt encoder (Liu et al. 2021)
     encoder_type: str = "lstm"            # lstm (bidirectional LSTM + MLP) | mlp
     encoder_hidden: int = 256
+    encoder_residual: bool = True         # prompt = embeddings + encoder output (last layer zero at start)
     # prefix tuning / P-tuning v2 (Li & Liang 2021; Liu et al. 2022)
     prefix_projection: "bool | None" = None   # MLP reparameterisation; None: on for prefix_tuning, off for v2
     projection_hidden: int = 512
@@ -47,6 +49,32 @@ class PromptConfig:
             raise ValueError(f"PromptConfig: method {self.method!r} unknown; choose one of {', '.join(METHODS)}")
         if self.num_virtual_tokens < 0:
             raise ValueError(f"PromptConfig: num_virtual_tokens must be >= 0, got {self.num_virtual_tokens}")
+        self._refuse_unused()
+
+    def _refuse_unused(self):
+        """A field set away from its default that the method never reads is an error, not a
+        silent no-op: the run would not be the one its config describes."""
+        defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(self)}
+        reads = fields_read(self.method, self.init)
+        for f in dataclasses.fields(PromptConfig):
+            value = getattr(self, f.name)
+            if f.name not in reads and value != defaults[f.name]:
+                why = (f"it is read only with init={f.name[5:]}" if f.name in fields_read(self.method, f.name[5:])
+                       else f"{self.method} does not use it")
+                raise ValueError(f"{f.name}={value!r}: {why}")
+
+    def method_fields(self) -> dict:
+        """The fields the method reads (with this init), as keyword arguments of PromptConfig."""
+        reads = fields_read(self.method, self.init)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(PromptConfig) if f.name in reads}
+
+    @classmethod
+    def for_method(cls, method: str, **fields) -> "PromptConfig":
+        """A PromptConfig for `method` out of a superset of fields, keeping those it reads: one
+        set of settings serves every method (a sweep, a test, a file from an older version)."""
+        reads = fields_read(method, fields.get("init", PromptConfig.init))
+        return PromptConfig(method=method, **{k: v for k, v in fields.items() if k in reads})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -57,11 +85,26 @@ class PromptConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"PromptConfig: unknown keys {', '.join(unknown)}")
-        return cls(**d)
+        if d.get("method", PromptConfig.method) not in METHODS:
+            return cls(**d)                               # refused in __post_init__, by name
+        return cls.for_method(**d)
+
+
+def fields_read(method: str, init: str) -> set:
+    """The PromptConfig fields `method` reads when initialised by `init`."""
+    from . import method_class
+    reads = {"method", "seed", *method_class(method).uses}
+    if init != "text":
+        reads.discard("init_text")
+    if init != "labels":
+        reads.discard("init_labels")
+    return reads
 
 
 class PromptMethod(nn.Module):
     """Base class; the defaults mean "this hook is not used"."""
+
+    uses: tuple = ()       # the PromptConfig fields the method reads (besides method and seed)
 
     n_input_tokens = 0     # vectors that input_prompt() returns
     position_offset = 0    # positions the attention prefix occupies before the text
@@ -107,3 +150,41 @@ def model_dims(base) -> dict:
                     n_layers={"encoder": c.n_layer, "decoder": c.n_decoder_layer, "cross": c.n_decoder_layer})
     return dict(d_model=c.n_embd, n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim,
                 n_layers={"self": c.n_layer})
+
+
+def attention_sites(base) -> dict:
+    """{site: [attention module per layer]}: "self" for the decoder-only model; "encoder",
+    "decoder" and "cross" for T5."""
+    if base.config.model_type == "t5":
+        return {"encoder": [b.attn for b in base.encoder.layers], "decoder": [b.attn for b in base.decoder.layers],
+                "cross": [b.cross_attn for b in base.decoder.layers]}
+    return {"self": [b.attn for b in base.layers]}
+
+
+@torch.no_grad()
+def text_activations(base, ids: list) -> dict:
+    """{site: [(x, k, v) per layer]} when the frozen base reads the tokens `ids` alone:
+    x (T, C) is what the layer's key/value projections read (the normed hidden states; for
+    T5's cross-attention, the encoder's output), k and v (T, n_kv_head * head_dim) their
+    outputs, before any rotation. T5 reads `ids` on both sides. Prompt methods start from
+    these activations of real words (Li & Liang 2021, §7.3)."""
+    sites = attention_sites(base)
+    seen = {site: [None] * len(mods) for site, mods in sites.items()}
+    hooks = []
+    for site, mods in sites.items():
+        for i, attn in enumerate(mods):
+            def keep_k(_, args, out, site=site, i=i):
+                seen[site][i] = (args[0][0].float(), out[0].float())
+            def keep_v(_, args, out, site=site, i=i):
+                seen[site][i] += (out[0].float(),)
+            hooks += [attn.k_proj.register_forward_hook(keep_k), attn.v_proj.register_forward_hook(keep_v)]
+    x = torch.tensor([ids], device=base.embed.weight.device)
+    try:
+        if base.config.model_type == "t5":
+            base(x, decoder_input_ids=x)
+        else:
+            base(x, last_only=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen

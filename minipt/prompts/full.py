@@ -19,6 +19,8 @@ def tied_aliases(base: nn.Module) -> set:
 
 
 class FullFineTuning(PromptMethod):
+    uses = ()
+
     def __init__(self, config: PromptConfig, base, tokenizer=None):
         super().__init__(config)
         # a reference, not a submodule: the PromptedModel owns the base, and registering it

@@ -104,6 +104,8 @@ def _key(path: str) -> str:
 
 
 class LoRA(PromptMethod):
+    uses = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+
     def __init__(self, config: PromptConfig, base, tokenizer=None):
         super().__init__(config)
         if config.lora_r <= 0:

@@ -9,6 +9,11 @@ stably than free vectors:
 The submodule names (embedding, lstm_head, mlp_head) and layer shapes are peft's
 PromptEncoder's, so weights copy across one to one.
 
+With `encoder_residual` (the default) the prompt is the embeddings plus the encoder's
+output, and the encoder's last layer starts at zero: at step 0 the prompt is exactly its
+initial vectors (the text's embeddings with init="text"), which an encoder of random weights
+would scramble. Off, it is the encoder's output alone, as in the paper and peft.
+
 The encoder is only needed while training: `collapse()` computes the prompt once and from
 then on the method serves those plain vectors, exactly like a soft prompt. A prompt file
 holds both the encoder (training can resume) and the collapsed prompt (inference never runs
@@ -29,10 +34,10 @@ from .soft_prompt import initial_prompt
 
 
 class PromptEncoder(nn.Module):
-    def __init__(self, init: torch.Tensor, hidden: int, kind: str):
+    def __init__(self, init: torch.Tensor, hidden: int, kind: str, residual: bool):
         super().__init__()
         P, C = init.shape
-        self.kind = kind
+        self.kind, self.residual = kind, residual
         self.embedding = nn.Embedding(P, C)
         with torch.no_grad():
             self.embedding.weight.copy_(init)
@@ -44,15 +49,22 @@ class PromptEncoder(nn.Module):
                                           nn.Linear(hidden, C))
         else:
             raise ValueError(f"P-tuning: encoder_type {kind!r} unknown; choose lstm or mlp")
+        if residual:
+            nn.init.zeros_(self.mlp_head[-1].weight)
+            nn.init.zeros_(self.mlp_head[-1].bias)
 
     def forward(self):
         x = self.embedding.weight[None]                                         # (1, P, C)
         if self.kind == "lstm":
             x = self.lstm_head(x)[0]                                            # (1, P, 2h)
-        return self.mlp_head(x)[0]                                              # (P, C)
+        out = self.mlp_head(x)[0]                                               # (P, C)
+        return out + self.embedding.weight if self.residual else out
 
 
 class PTuning(PromptMethod):
+    uses = ("num_virtual_tokens", "init", "init_text", "init_labels", "placement", "encoder_type", "encoder_hidden",
+            "encoder_residual")
+
     def __init__(self, config: PromptConfig, base, tokenizer=None):
         super().__init__(config)
         self.n_input_tokens = P = config.num_virtual_tokens
@@ -60,7 +72,7 @@ class PTuning(PromptMethod):
         init = initial_prompt(config, base.embed.weight, tokenizer, P)
         with torch.random.fork_rng(devices=[]):  # seeded LSTM/Linear init, global RNG untouched
             torch.manual_seed(config.seed)
-            self.encoder = PromptEncoder(init, config.encoder_hidden, config.encoder_type)
+            self.encoder = PromptEncoder(init, config.encoder_hidden, config.encoder_type, config.encoder_residual)
         self.register_buffer("collapsed", None, persistent=False)               # (P, C) once collapsed
 
     def input_prompt(self):

@@ -27,6 +27,16 @@ Where the prefixes go:
     before the first output token; peft also puts none in the encoder.) A prefix is not text
     at any distance, so here it is attended by content alone.
 
+Initialisation (`init`): "text" and "vocab" start every layer's prefix at the keys and
+values the frozen base computes for real words (Li & Liang 2021, §7.3: activations of real
+words matter most with little data), the text's tokens or P sampled common ones. On the
+decoder-only model they are exactly what the KV cache holds after the base reads those P
+tokens at positions 0..P-1 (keys rotated there), so at step 0 the prompted model computes
+what the base computes with the tokens as a hard prompt in front of the input. T5's prefix
+keys carry no position bias, so there the same activations are a close start, not an exact
+one. With the MLP the table starts as that fixed `anchor` plus the MLP's output, whose last
+layer starts at zero; "random" is the papers' ablation: N(0, 1) table or embedding, no anchor.
+
 Nothing is precomputed: the MLP runs in every forward (it is tiny next to the model), so the
 prefix never goes stale during training, and the saved file holds the embedding and the MLP
 so training can resume.
@@ -37,7 +47,8 @@ import torch
 import torch.nn as nn
 
 from ..layers import LayerPrefix
-from .base import PromptConfig, PromptMethod, model_dims
+from .base import PromptConfig, PromptMethod, model_dims, text_activations
+from .soft_prompt import initial_token_ids
 
 T5_SITES = ("encoder", "decoder", "cross")
 
@@ -53,10 +64,11 @@ def _linear(d_in: int, d_out: int, g: torch.Generator) -> nn.Linear:
 
 
 class PrefixTable(nn.Module):
-    """The prefixes of one site: every layer's P keys and values as one (P, L*2*kv) table."""
+    """The prefixes of one site: every layer's P keys and values as one (P, L*2*kv) table,
+    starting at `start` (P, L*2*kv) when given, else N(0, 1)."""
 
     def __init__(self, P: int, n_layers: int, kv: int, d_model: int, projection: bool, hidden: int,
-                 g: torch.Generator):
+                 g: torch.Generator, start: "torch.Tensor | None" = None):
         super().__init__()
         width = n_layers * 2 * kv
         self.projection = projection
@@ -64,16 +76,40 @@ class PrefixTable(nn.Module):
             self.embedding = nn.Parameter(torch.randn(P, d_model, generator=g))   # (P, C)
             self.mlp_in = _linear(d_model, hidden, g)
             self.mlp_out = _linear(hidden, width, g)
+            # fixed, saved with the prompt; the MLP learns the change from it
+            self.register_buffer("anchor", torch.zeros(P, width) if start is None else start.clone())
+            if start is not None:
+                nn.init.zeros_(self.mlp_out.weight)
+                nn.init.zeros_(self.mlp_out.bias)
         else:
-            self.table = nn.Parameter(torch.randn(P, width, generator=g))         # (P, L*2*kv)
+            self.table = nn.Parameter(torch.randn(P, width, generator=g) if start is None else start.clone())
 
     def forward(self):
         if self.projection:
-            return self.mlp_out(torch.tanh(self.mlp_in(self.embedding)))          # (P, L*2*kv)
+            return self.anchor + self.mlp_out(torch.tanh(self.mlp_in(self.embedding)))   # (P, L*2*kv)
         return self.table
 
 
+@torch.no_grad()
+def activation_tables(base, ids: list, sites) -> dict:
+    """{site: (P, L*2*kv)} the keys and values the frozen base computes for the tokens `ids`,
+    in the table's column order (layer, key/value, head, head_dim)."""
+    P = len(ids)
+    if base.config.model_type != "t5":
+        base.setup_cache(1, P)
+        try:
+            base(torch.tensor([ids], device=base.embed.weight.device), cache_pos=0, last_only=True)
+            kv = torch.stack([torch.stack([b.attn.cache.k[0], b.attn.cache.v[0]]) for b in base.layers])
+        finally:
+            base.clear_cache()
+        return {"self": kv.float().permute(3, 0, 1, 2, 4).reshape(P, -1)}   # (L, 2, nkv, P, hs) -> (P, L*2*kv)
+    seen = text_activations(base, ids)
+    return {s: torch.stack([torch.stack([k, v], 1) for _, k, v in seen[s]], 1).reshape(P, -1) for s in sites}
+
+
 class PrefixTuning(PromptMethod):
+    uses = ("num_virtual_tokens", "init", "init_text", "prefix_projection", "projection_hidden", "t5_prefix_sites")
+
     def __init__(self, config: PromptConfig, base, tokenizer=None):
         super().__init__(config)
         dims = model_dims(base)
@@ -91,10 +127,17 @@ class PrefixTuning(PromptMethod):
         self.position_offset = 0 if self.is_t5 else self.P
         self.n_kv_head, self.head_dim, self.d_model = dims["n_kv_head"], dims["head_dim"], dims["d_model"]
         self.n_layers = {s: dims["n_layers"][s] for s in sites}
+        if config.init in ("text", "vocab"):
+            ids = initial_token_ids(config, tokenizer, base.config.vocab_size, self.P)
+            starts = activation_tables(base, ids, sites)
+        elif config.init == "random":
+            starts = {}
+        else:
+            raise ValueError(f"{config.method}: init {config.init!r} unknown; choose text, vocab or random")
         g = torch.Generator().manual_seed(config.seed)
         self.sites = nn.ModuleDict({
             s: PrefixTable(self.P, self.n_layers[s], self.n_kv_head * self.head_dim, self.d_model,
-                           self.projection, config.projection_hidden, g)
+                           self.projection, config.projection_hidden, g, starts.get(s))
             for s in sites})
 
     def prefixes(self, batch_size: int):
@@ -106,6 +149,13 @@ class PrefixTuning(PromptMethod):
             shape = (batch_size, self.n_kv_head, self.P, self.head_dim)      # the same prefix for every row
             out[site] = [LayerPrefix(kv[i, 0].expand(shape), kv[i, 1].expand(shape)) for i in range(L)]
         return out
+
+    def load_saved(self, state: dict) -> None:
+        state = dict(state)
+        for site, table in self.sites.items():
+            if table.projection:  # files from before the anchor start from none
+                state.setdefault(f"sites.{site}.anchor", torch.zeros_like(table.anchor))
+        super().load_saved(state)
 
     def closed_form_parameters(self) -> int:
         kv = self.n_kv_head * self.head_dim

@@ -27,32 +27,42 @@ def _regular_ids(tokenizer, vocab_size: int) -> torch.Tensor:
     return torch.tensor(ids[:COMMON_TOKENS])
 
 
+def _sampled_ids(tokenizer, vocab_size: int, n: int, seed: int) -> list:
+    common = _regular_ids(tokenizer, vocab_size)
+    return common[torch.randint(0, len(common), (n,), generator=torch.Generator().manual_seed(seed))].tolist()
+
+
+def initial_token_ids(cfg: PromptConfig, tokenizer, vocab_size: int, n: int) -> list:
+    """n token ids for init "vocab" (sampled from the most common tokens) or "text" (the
+    text's ids, repeated or truncated to n)."""
+    if cfg.init == "vocab":
+        return _sampled_ids(tokenizer, vocab_size, n, cfg.seed)
+    if tokenizer is None:
+        raise ValueError("prompt init 'text' needs the tokenizer")
+    ids = _encode(tokenizer, cfg.init_text)
+    if not ids:
+        raise ValueError("prompt init 'text' needs a non-empty init_text")
+    return (ids * (n // len(ids) + 1))[:n]
+
+
 def initial_prompt(cfg: PromptConfig, embed: torch.Tensor, tokenizer, n: int) -> torch.Tensor:
     """(n, C) starting vectors for a soft prompt, as the config's `init` says."""
-    g = torch.Generator().manual_seed(cfg.seed)
     C = embed.size(1)
     embed = embed.detach().float().cpu()
     if cfg.init == "random":
-        return torch.rand(n, C, generator=g) - 0.5
-    if cfg.init in ("text", "labels") and tokenizer is None:
-        raise ValueError(f"prompt init {cfg.init!r} needs the tokenizer")
-    common = _regular_ids(tokenizer, embed.size(0))
-    sampled = lambda k: embed[common[torch.randint(0, len(common), (k,), generator=g)]]
-    if cfg.init == "vocab":
-        return sampled(n)
-    if cfg.init == "text":
-        ids = _encode(tokenizer, cfg.init_text)
-        if not ids:
-            raise ValueError("prompt init 'text' needs a non-empty init_text")
-        ids = (ids * (n // len(ids) + 1))[:n]
-        return embed[torch.tensor(ids)]
+        return torch.rand(n, C, generator=torch.Generator().manual_seed(cfg.seed)) - 0.5
+    if cfg.init in ("vocab", "text"):
+        return embed[torch.tensor(initial_token_ids(cfg, tokenizer, embed.size(0), n), dtype=torch.long)]
     if cfg.init == "labels":
+        if tokenizer is None:
+            raise ValueError("prompt init 'labels' needs the tokenizer")
         if not cfg.init_labels:
             raise ValueError("prompt init 'labels' needs init_labels")
-        # a label of several tokens starts as the mean of their embeddings
+        # a label of several tokens starts as the mean of their embeddings, then sampled vocabulary
         labels = [embed[torch.tensor(_encode(tokenizer, lab))].mean(0) for lab in cfg.init_labels][:n]
-        rest = sampled(n - len(labels)) if n > len(labels) else embed[:0]
-        return torch.cat([torch.stack(labels), rest])
+        rest = n - len(labels)
+        sampled = embed[torch.tensor(_sampled_ids(tokenizer, embed.size(0), max(rest, 0), cfg.seed), dtype=torch.long)]
+        return torch.cat([torch.stack(labels), sampled])
     raise ValueError(f"prompt init {cfg.init!r} unknown; choose random, vocab, text or labels")
 
 
@@ -65,6 +75,8 @@ def _encode(tokenizer, text: str) -> list:
 
 
 class SoftPrompt(PromptMethod):
+    uses = ("num_virtual_tokens", "init", "init_text", "init_labels", "placement")
+
     def __init__(self, config: PromptConfig, base, tokenizer=None):
         super().__init__(config)
         self.n_input_tokens = config.num_virtual_tokens
