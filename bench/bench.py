@@ -228,7 +228,7 @@ def prompt_config(method: str) -> PromptConfig:
     if method == "prompt_tuning":
         return PromptConfig(num_virtual_tokens=N_VIRTUAL, init="text", init_text=INIT_TEXT)
     if method == "p_tuning_v2":   # the prefix table itself, no MLP (tests/test_prefix.py: peft's prefix_projection=False)
-        return PromptConfig(method="p_tuning_v2", num_virtual_tokens=N_VIRTUAL, prefix_projection=False)
+        return PromptConfig(method="p_tuning_v2", num_virtual_tokens=N_VIRTUAL, prefix_projection=False, init="random")
     return PromptConfig(method="lora", lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_targets=LORA_TARGETS)
 
 

@@ -42,6 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from minipt.prompts import PromptConfig  # noqa: E402
+from minipt.prompts.base import fields_read  # noqa: E402
 from minipt.tasks import BUILTIN, load_task  # noqa: E402
 
 METHOD_NAMES = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora", "full")
@@ -115,7 +117,9 @@ def make_run(task, method, seed, size: Size, init="text", length=None) -> Run:
         if init == "labels":
             settings["init_labels"] = BUILTIN[task][2]
         name = f"{task}-{method}-{init}{length}-s{seed}"
-    return Run(name, task, settings)
+    method_keys = {f.name for f in dataclasses.fields(PromptConfig)}   # train.py refuses those not read
+    reads = fields_read(method, settings["init"])
+    return Run(name, task, {k: v for k, v in settings.items() if k not in method_keys or k in reads})
 
 
 def plan(experiments, size: Size, methods) -> list[Run]:
@@ -188,7 +192,7 @@ def train(run: Run, base: str, data: Path, work: Path, threads: int) -> dict:
     test = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     prompt = out / "prompt.safetensors"
     result = dict(run=run.name, task=run.task, method=run.settings["method"], seed=run.settings["seed"],
-                  init=run.settings["init"], num_virtual_tokens=run.settings.get("num_virtual_tokens"),
+                  init=run.settings.get("init"), num_virtual_tokens=run.settings.get("num_virtual_tokens"),
                   accuracy=test["accuracy"], zero_shot=test["zero_shot"],
                   trainable_parameters=read_prompt(prompt)[0]["trainable_parameters"],
                   train_seconds=_printed(proc.stdout, r"training wall time\s+([\d.]+)s"),

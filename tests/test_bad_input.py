@@ -395,3 +395,17 @@ def test_convert_does_not_replace_out_without_force(tmp_path):
     (tmp_path / "out" / "keep").write_text("mine")
     stops(lambda: convert.main([str(gguf()(tmp_path)), str(tmp_path / "out")]), "out: already exists", "--force")
     assert (tmp_path / "out" / "keep").read_text() == "mine"
+
+
+@pytest.mark.parametrize("method, extra, words", [
+    ("lora", "--adapter_layers=3", "adapter_layers=3: lora does not use it"),
+    ("prompt_tuning", "--lora_r=4", "lora_r=4: prompt_tuning does not use it"),
+    ("prefix_tuning", "--init_labels= a, b", "init_labels=['a', 'b']: prefix_tuning does not use it"),
+    ("p_tuning_v2", "--init=random", "init_text='x': it is read only with init=text"),
+])
+def test_train_refuses_a_field_the_method_does_not_read(method, extra, words, llama_dir, task_file, tmp_path):
+    argv = args(llama_dir, task_file, tmp_path / "out", method=method) + [extra]
+    if method == "p_tuning_v2":
+        argv.append("--init_text=x")
+    stops(lambda: train.main(argv), words)
+    assert not (tmp_path / "out").exists()

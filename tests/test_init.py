@@ -143,3 +143,19 @@ def test_fields_a_method_does_not_read_are_refused():
     cfg = parse_train_config(["--method=lora"])
     assert PromptConfig(**cfg.method_fields()).init == "vocab"
     assert set(cfg.method_fields()) == {"method", "seed", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"}
+
+
+def test_each_method_has_its_recipe():
+    from minipt.config import RECIPES
+    for method, recipe in RECIPES.items():
+        cfg = parse_train_config([f"--method={method}"])
+        assert cfg.lr == recipe["lr"] and cfg.warmup_steps == recipe["warmup_steps"]
+    assert parse_train_config(["--method=adapter"]).adapter_layers == RECIPES["adapter"]["adapter_layers"]
+    assert parse_train_config(["--method=adapter", "--lr=0.1"]).lr == 0.1          # a given value wins
+    assert parse_train_config(["--method=prompt_tuning"]).adapter_layers is None   # not read, not set
+
+
+def test_adapter_all_but_the_lowest_layers(converted):
+    model = attach(converted("llama"), PromptConfig(method="adapter", num_virtual_tokens=P, adapter_layers=-1,
+                                                    init="random"))
+    assert [p is None for p in model.method.prefixes(1)["self"]] == [True, False]

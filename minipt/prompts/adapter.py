@@ -43,7 +43,10 @@ class PromptAdapter(PromptMethod):
         self.is_t5 = base.config.model_type == "t5"
         self.site = "decoder" if self.is_t5 else "self"
         layers = base.decoder.layers if self.is_t5 else base.layers
-        self.n_layers, self.n_adapted = len(layers), config.adapter_layers
+        self.n_layers = len(layers)
+        # negative: every layer but the lowest that many (at least the top one)
+        k = config.adapter_layers
+        self.n_adapted = max(1, self.n_layers + k) if k < 0 else k
         if not 1 <= self.n_adapted <= self.n_layers:
             raise ValueError(f"adapter_layers must be between 1 and the model's {self.n_layers} layers, "
                              f"got {self.n_adapted}")

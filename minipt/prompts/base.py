@@ -36,7 +36,7 @@ class PromptConfig:
     projection_hidden: int = 512
     t5_prefix_sites: list = field(default_factory=lambda: ["encoder", "decoder", "cross"])
     # prompt adapter (LLaMA-Adapter, Zhang et al. 2023)
-    adapter_layers: int = 8               # the top L layers get adaption prompts
+    adapter_layers: int = 8               # the top L layers get adaption prompts; -k: all but the lowest k
     # LoRA (Hu et al. 2021)
     lora_r: int = 8
     lora_alpha: float = 16.0
