@@ -1,11 +1,12 @@
 """Reproducible experiments on SmolLM2-135M-Instruct, sized for a 2-core CPU (issue #8).
 
-    python bench/experiments.py                      # the full run: about an hour on a quiet machine
+    python bench/experiments.py                      # the full run: hours on a 2-core machine
+    python bench/experiments.py --only methods --seeds 1   # the methods table, one seed
     python bench/experiments.py --quick              # every experiment with tiny budgets (minutes)
     python bench/experiments.py --only init,length   # some experiments (they share runs)
 
   methods         soft prompt, P-tuning, prefix tuning, P-tuning v2, prompt adapter, LoRA and
-                  full fine-tuning against zero-shot on `sentiment` and `boolq`, several seeds:
+                  full fine-tuning against zero-shot on `sentiment` and `topic`, several seeds:
                   test accuracy, trainable parameters, training time, peak RSS, file size
   init            soft-prompt initialisation (Lester et al. 2021, §3.2): random uniform,
                   sampled vocabulary, text, class labels; sentiment
@@ -22,9 +23,9 @@ train.py reads; its folder also holds train.py's log and outputs and, written la
 experiment resumes where it stopped, and experiments share runs with the same settings
 (the text-initialised 20-token sentiment prompt of seed 0 serves four of them).
 
-The tasks are fixed subsets, written as JSONL under --work: sentiment keeps its training
-set and the first rows of its test set; boolq keeps the questions whose prompt fits in
-`max_prompt_tokens` (its passages are long), then the first rows of each split. The results
+The tasks are written as JSONL under --work: each keeps its training set and the first rows
+of its test set (all 800 in the full run); a task with `max_prompt_tokens` keeps only the
+questions whose prompt fits. The results
 (results.json, results.md with every table, PNG plots) go to --results.
 """
 import argparse
@@ -49,16 +50,17 @@ from minipt.tasks import BUILTIN, load_task  # noqa: E402
 METHOD_NAMES = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora", "full")
 EXPERIMENTS = ("methods", "init", "length", "ensemble", "interpretation")
 
-# Method settings: the README's soft-prompt recipe, lengths and learning rates from each
-# paper scaled up for runs this short; no sweep behind them.
+# Method settings besides each method's recipe (learning rate, warm-up, adapter layers), which
+# train.py takes from minipt.config.RECIPES: every prompt is 20 tokens, initialised from the
+# task's text.
 METHODS = {
-    "prompt_tuning": dict(num_virtual_tokens=20, lr=3e-2),
-    "p_tuning": dict(num_virtual_tokens=20, encoder_type="lstm", encoder_hidden=256, lr=3e-3),
-    "prefix_tuning": dict(num_virtual_tokens=10, prefix_projection=True, projection_hidden=512, lr=5e-3),
-    "p_tuning_v2": dict(num_virtual_tokens=10, prefix_projection=False, lr=1e-2),
-    "adapter": dict(num_virtual_tokens=10, adapter_layers=8, lr=1e-2),
-    "lora": dict(lora_r=8, lora_alpha=16.0, lr=2e-3),
-    "full": dict(lr=2e-5),
+    "prompt_tuning": dict(num_virtual_tokens=20),
+    "p_tuning": dict(num_virtual_tokens=20, encoder_type="lstm", encoder_hidden=256),
+    "prefix_tuning": dict(num_virtual_tokens=20, prefix_projection=True, projection_hidden=512),
+    "p_tuning_v2": dict(num_virtual_tokens=20, prefix_projection=False),
+    "adapter": dict(num_virtual_tokens=20),
+    "lora": dict(lora_r=8, lora_alpha=16.0),
+    "full": dict(),
 }
 LABELS = {"prompt_tuning": "soft prompt", "p_tuning": "P-tuning", "prefix_tuning": "prefix tuning",
           "p_tuning_v2": "P-tuning v2", "adapter": "prompt adapter", "lora": "LoRA", "full": "full fine-tuning",
@@ -67,8 +69,8 @@ LABELS = {"prompt_tuning": "soft prompt", "p_tuning": "P-tuning", "prefix_tuning
 TASKS = {  # per task: the text a text-initialised prompt starts from, sequence limits
     "sentiment": dict(init_text="Classify the sentiment of this movie review as positive or negative.",
                       max_len=96, max_prompt_tokens=None),
-    "boolq": dict(init_text="Read the passage and answer the question with yes or no.",
-                  max_len=128, max_prompt_tokens=96),
+    "topic": dict(init_text="Classify the topic of this news article as business, entertainment, politics, "
+                            "sports or tech.", max_len=128, max_prompt_tokens=None),
 }
 INITS = ("random", "vocab", "text", "labels")
 LENGTHS = (1, 5, 20, 50, 100)
@@ -82,14 +84,13 @@ class Size:
     steps: dict               # task -> optimizer steps
     batch_size: dict          # task -> rows per step
     test_rows: dict           # task -> test rows (the same rows for every run)
-    warmup_steps: int = 4
     lengths: tuple = LENGTHS
 
 
-FULL = Size(seeds=3, ensemble=5, steps={"sentiment": 60, "boolq": 30}, batch_size={"sentiment": 8, "boolq": 4},
-            test_rows={"sentiment": 200, "boolq": 120})
-QUICK = Size(seeds=2, ensemble=3, steps={"sentiment": 3, "boolq": 3}, batch_size={"sentiment": 2, "boolq": 2},
-             test_rows={"sentiment": 16, "boolq": 16}, warmup_steps=1, lengths=(5, 20))
+FULL = Size(seeds=3, ensemble=5, steps={"sentiment": 200, "topic": 200}, batch_size={"sentiment": 16, "topic": 16},
+            test_rows={"sentiment": 800, "topic": 800})
+QUICK = Size(seeds=2, ensemble=3, steps={"sentiment": 3, "topic": 3}, batch_size={"sentiment": 2, "topic": 2},
+             test_rows={"sentiment": 16, "topic": 16}, lengths=(5, 20))
 
 
 # --------------------------------------------------------------------------- the runs
@@ -106,7 +107,7 @@ def make_run(task, method, seed, size: Size, init="text", length=None) -> Run:
     """The run of `method` on `task`; a soft prompt's init and length show in the name only
     when they differ from the methods experiment's (text, 20), so equal settings share a run."""
     settings = dict(method=method, seed=seed, steps=size.steps[task], batch_size=size.batch_size[task],
-                    warmup_steps=size.warmup_steps, max_len=TASKS[task]["max_len"], template=BUILTIN[task][1],
+                    max_len=TASKS[task]["max_len"], template=BUILTIN[task][1],
                     init="text", init_text=TASKS[task]["init_text"], schedule="linear",
                     eval_interval=0, ckpt_interval=0, log_interval=10)  # test only at the end; no checkpoints
     settings.update(METHODS[method])
@@ -337,7 +338,7 @@ def markdown(report: dict) -> str:
              f"numbers are accuracies in % on fixed "
              f"test subsets ({', '.join(f'{t}: {n} rows' for t, n in size['test_rows'].items())}), "
              f"mean ± std over seeds. Training: {training}, "
-             f"AdamW, linear decay after {size['warmup_steps']} warm-up steps, bf16 frozen weights.\n"]
+             f"AdamW with each method's recipe (minipt.config.RECIPES), bf16 frozen weights.\n"]
     if "methods" in report:
         parts.append("## Methods\n")
         for task in TASKS:
@@ -488,6 +489,7 @@ def main(argv=None):
     # On a shared machine two threads on two busy cores wait on each other: a training step
     # measured 10x slower than with one thread. One thread per run is slower only when quiet.
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per method (default: 3, or 2 with --quick)")
     args = ap.parse_args(argv)
     experiments = [e.strip() for e in args.only.split(",") if e.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -496,6 +498,8 @@ def main(argv=None):
         if bad:
             ap.error(f"unknown {bad[0]!r}; choose from {', '.join(known)}")
     size = QUICK if args.quick else FULL
+    if args.seeds is not None:
+        size = dataclasses.replace(size, seeds=args.seeds)
     base = str((ROOT / args.base).resolve()) if not Path(args.base).is_absolute() else args.base
     work, results_dir = Path(args.work).resolve(), Path(args.results).resolve()
     started = time.perf_counter()

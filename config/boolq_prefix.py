@@ -6,7 +6,6 @@ method = "prefix_tuning"
 num_virtual_tokens = 10
 prefix_projection = True
 projection_hidden = 512
-lr = 5e-3
 steps = 300
 batch_size = 16
 max_len = 320

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .prompts.base import PromptConfig
+from .tasks import BUILTIN
 
 
 @dataclass
@@ -128,7 +129,7 @@ class TrainConfig(PromptConfig):
     the training fields, flat, so that every key is `--key=value` on the command line.
     The defaults are the main job: a 20-token soft prompt for sentiment on SmolLM2."""
     init: str = "text"
-    init_text: str = "Classify the sentiment of this movie review as positive or negative."
+    init_text: str = ""              # "" with init=text: the built-in task's own instruction (tasks.BUILTIN)
     base: str = "weights/smollm2-135m-instruct"  # a converted minipt checkpoint directory
     init_from: str = ""              # a prompt file to start from (SPoT transfer); "" = `init`
     data: str = "sentiment"          # built-in task (sentiment, topic, boolq, xsum) or JSONL path(s)
@@ -177,6 +178,10 @@ class TrainConfig(PromptConfig):
                 raise ValueError(f"{key}={getattr(self, key)!r} unknown; choose one of {', '.join(choices)}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device={self.device!r} unknown; choose cpu or cuda (cuda:N)")
+        if self.init == "text" and not self.init_text and "init" in self.method_fields():
+            if self.data not in BUILTIN:
+                raise ValueError(f"init=text: give init_text (data={self.data!r} is no built-in task with an instruction)")
+            self.init_text = BUILTIN[self.data][4]
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run in out_dir, or replace it")
 

@@ -57,6 +57,7 @@ class Task:
     template: str                   # "{input}" is replaced by a row's input
     labels: list[str] | None        # candidate targets for rank classification; None: generation
     metric: str                     # "accuracy" | "rouge"
+    instruction: str = ""           # what a text-initialised prompt starts from (train.py's init_text)
 
     def prompt(self, row: dict) -> str:
         return self.template.format(input=row["input"])
@@ -117,13 +118,16 @@ def _topic_splits() -> dict[str, list[dict]]:
     return {"train": rows[1000:], "validation": rows[800:1000], "test": rows[:800]}
 
 
-# name -> (build splits, template, labels, metric)
+# name -> (build splits, template, labels, metric, instruction)
 BUILTIN = {
-    "sentiment": (_sentiment_splits, "Review: {input}\nSentiment:", [" negative", " positive"], "accuracy"),
-    "boolq": (_boolq_splits, "{input}\nAnswer:", [" no", " yes"], "accuracy"),
-    "xsum": (_xsum_splits, "Document: {input}\nSummary:", None, "rouge"),
+    "sentiment": (_sentiment_splits, "Review: {input}\nSentiment:", [" negative", " positive"], "accuracy",
+                  "Classify the sentiment of this movie review as positive or negative."),
+    "boolq": (_boolq_splits, "{input}\nAnswer:", [" no", " yes"], "accuracy",
+              "Read the passage and answer the question with yes or no."),
+    "xsum": (_xsum_splits, "Document: {input}\nSummary:", None, "rouge", "Summarize the document in one sentence."),
     "topic": (_topic_splits, "Article: {input}\nTopic:",
-              [" business", " entertainment", " politics", " sports", " tech"], "accuracy"),
+              [" business", " entertainment", " politics", " sports", " tech"], "accuracy",
+              "Classify the topic of this news article as business, entertainment, politics, sports or tech."),
 }
 
 
@@ -214,9 +218,9 @@ def load_task(data: str, seed: int = 0, template: str | None = None) -> Task:
     """
     if data in BUILTIN:
         out = prepare(data)
-        _, builtin_template, labels, metric = BUILTIN[data]
+        _, builtin_template, labels, metric, instruction = BUILTIN[data]
         splits = {s: read_jsonl(out / f"{s}.jsonl") for s in SPLITS}
-        return Task(data, splits, template or builtin_template, labels, metric)
+        return Task(data, splits, template or builtin_template, labels, metric, instruction)
 
     paths = [Path(p.strip()) for p in data.split(",")]
     for p in paths:

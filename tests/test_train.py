@@ -87,9 +87,10 @@ def reloaded_test_accuracy(out, base_dir, task_file, is_t5):
 def test_config_overrides_file_and_types(tmp_path):
     cfg_file = tmp_path / "c.py"
     cfg_file.write_text('"""a run"""\nsteps = 7\nlr = 1\nlora_targets = ["q_proj"]\n')
-    cfg = parse_train_config([str(cfg_file), "--steps=9", "--grad_checkpointing", "--prefix_projection=none"])
-    assert (cfg.steps, cfg.lr, cfg.lora_targets, cfg.grad_checkpointing, cfg.prefix_projection) == (9, 1.0, ["q_proj"], True, None)
+    cfg = parse_train_config([str(cfg_file), "--steps=9", "--grad_checkpointing", "--method=lora"])
+    assert (cfg.steps, cfg.lr, cfg.lora_targets, cfg.grad_checkpointing) == (9, 1.0, ["q_proj"], True)
     assert isinstance(cfg.lr, float)
+    assert parse_train_config(["--method=prefix_tuning", "--prefix_projection=none"]).prefix_projection is None
 
 
 @pytest.mark.parametrize("argv, words", [
