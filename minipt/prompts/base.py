@@ -60,7 +60,8 @@ class PromptConfig:
         for f in dataclasses.fields(PromptConfig):
             value = getattr(self, f.name)
             if f.name not in reads and value != defaults[f.name]:
-                why = (f"it is read only with init={f.name[5:]}" if f.name in fields_read(self.method, f.name[5:])
+                needs = {"init_text": "text", "init_labels": "labels"}.get(f.name)
+                why = (f"it is read only with init={needs}" if needs and f.name in fields_read(self.method, needs)
                        else f"{self.method} does not use it")
                 raise ValueError(f"{f.name}={value!r}: {why}")
 
