@@ -43,8 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minipt.prompts import PromptConfig  # noqa: E402
-from minipt.prompts.base import fields_read  # noqa: E402
+from minipt.prompts.base import drop_unread  # noqa: E402
 from minipt.tasks import BUILTIN, load_task  # noqa: E402
 
 METHOD_NAMES = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora", "full")
@@ -118,9 +117,7 @@ def make_run(task, method, seed, size: Size, init="text", length=None) -> Run:
         if init == "labels":
             settings["init_labels"] = BUILTIN[task][2]
         name = f"{task}-{method}-{init}{length}-s{seed}"
-    method_keys = {f.name for f in dataclasses.fields(PromptConfig)}   # train.py refuses those not read
-    reads = fields_read(method, settings["init"])
-    return Run(name, task, {k: v for k, v in settings.items() if k not in method_keys or k in reads})
+    return Run(name, task, drop_unread(settings))
 
 
 def plan(experiments, size: Size, methods) -> list[Run]:

@@ -60,6 +60,7 @@ from bench import cpu_name, load_tokenizer_only, peak_rss_gb, peft_loss, peft_ra
 from minipt.config import TrainConfig, parse_train_config  # noqa: E402
 from minipt.data import Batches, collate  # noqa: E402
 from minipt.fetch import fetch  # noqa: E402
+from minipt.prompts.adapter import adapted_layers  # noqa: E402
 from minipt.tasks import BUILTIN, load_task  # noqa: E402
 from minipt.training import atomic_write, lr_at, make_optimizer  # noqa: E402
 
@@ -95,11 +96,6 @@ def minipt_command(task, method, seed, steps, out) -> str:
     # eval/checkpoint intervals only save time: they do not change what is trained
     argv = minipt_argv(task, method, seed, steps) + ["--eval_interval=0", "--ckpt_interval=0", f"--out_dir={out}"]
     return " ".join(shlex.quote(a) for a in ["python", "train.py", *argv])
-
-
-def adapted_layers(k: int, n_layers: int) -> int:
-    """TrainConfig.adapter_layers as minipt's adapter resolves it: negative = all but the lowest -k."""
-    return max(1, n_layers + k) if k < 0 else k
 
 
 def peft_config(method: str, cfg: TrainConfig, n_layers: int):

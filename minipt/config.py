@@ -161,7 +161,7 @@ class TrainConfig(PromptConfig):
 
     def __post_init__(self):
         for key, value in RECIPES.get(self.method, {}).items():
-            if getattr(self, key) is None and (key != "adapter_layers" or self.method == "adapter"):
+            if getattr(self, key) is None:
                 setattr(self, key, value)
         super().__post_init__()
         for key, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("max_len", 2), ("log_interval", 1),

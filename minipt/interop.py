@@ -94,8 +94,6 @@ def _prefix_table(cfg: PromptConfig, model: dict, tensors: dict) -> torch.Tensor
     site = {k.removeprefix("sites.self."): v for k, v in tensors.items()}
     table = PrefixTable(cfg.num_virtual_tokens, model["n_layer"], _prefix_width(model), model["n_embd"],
                         "table" not in site, cfg.projection_hidden, torch.Generator())
-    if "table" not in site:
-        site.setdefault("anchor", torch.zeros_like(table.anchor))   # files from before the anchor
     table.load_state_dict(site, strict=True)
     return table().contiguous()
 

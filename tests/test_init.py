@@ -137,6 +137,8 @@ def test_fields_a_method_does_not_read_are_refused():
         PromptConfig(method="prefix_tuning", init="random", init_text="x")
     with pytest.raises(ValueError, match="init_labels=.*prefix_tuning does not use it"):
         PromptConfig(method="prefix_tuning", init_labels=[" a"])
+    with pytest.raises(ValueError, match="adapter_layers=0: give the top k layers"):
+        parse_train_config(["--method=adapter", "--adapter_layers=0"])
     with pytest.raises(ValueError, match="adapter_layers=3: lora does not use it"):
         parse_train_config(["--method=lora", "--adapter_layers=3"])
     # train.py's defaults (a text init) are no error for a method without one
@@ -159,3 +161,14 @@ def test_adapter_all_but_the_lowest_layers(converted):
     model = attach(converted("llama"), PromptConfig(method="adapter", num_virtual_tokens=P, adapter_layers=-1,
                                                     init="random"))
     assert [p is None for p in model.method.prefixes(1)["self"]] == [True, False]
+
+
+def test_a_prefix_file_from_before_the_anchor_loads(converted):
+    """Files written before the MLP prefix had an anchor hold none: it loads as zeros."""
+    model = attach(converted("llama"), PromptConfig(method="prefix_tuning", num_virtual_tokens=P, projection_hidden=8))
+    table = model.method.sites["self"]
+    assert table.anchor.abs().max() > 0                                   # the activations of the tokens
+    state = model.method.state_for_saving()
+    del state["sites.self.anchor"]
+    model.method.load_saved(state)
+    assert torch.equal(table.anchor, torch.zeros_like(table.anchor))

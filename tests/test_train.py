@@ -1,7 +1,6 @@
 """train.py end to end on tiny random models with real vocabularies: config parsing,
 falling loss for every method, exact resume after a crash, DDP equivalence, and the whole
 T5 path (no real T5 weights exist on this machine)."""
-import dataclasses
 import json
 import subprocess
 import sys
@@ -15,8 +14,8 @@ from minipt.checkpoint import load_base
 from minipt.config import parse_train_config
 from minipt.convert import convert
 from minipt.evaluation import rank_classify
-from minipt.prompts import METHODS, PromptConfig, load
-from minipt.prompts.base import fields_read
+from minipt.prompts import load
+from minipt.prompts.base import drop_unread
 from minipt.tasks import load_task
 from minipt import training
 
@@ -59,10 +58,7 @@ def args(base, task, out, **over):
                   eval_examples=6, max_len=96, num_virtual_tokens=4, init="random", dtype="float32",
                   encoder_hidden=16, projection_hidden=16, adapter_layers=1, lora_r=2)
     values.update(over)
-    # one set of method settings for every method: pass on those the method reads
-    method, method_keys = values.get("method", "prompt_tuning"), {f.name for f in dataclasses.fields(PromptConfig)}
-    reads = fields_read(method, values["init"]) if method in METHODS else method_keys   # an unknown one: refused
-    return [f"--{k}={v}" for k, v in values.items() if k not in method_keys or k in reads]
+    return [f"--{k}={v}" for k, v in drop_unread(values).items()]   # one set of settings for every method
 
 
 def train_losses(out):

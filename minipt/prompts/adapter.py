@@ -34,6 +34,12 @@ from .base import PromptConfig, PromptMethod, model_dims, text_activations
 from .soft_prompt import initial_token_ids
 
 
+def adapted_layers(k: int, n_layers: int) -> int:
+    """How many top layers `adapter_layers=k` adapts: k, or for k < 0 every layer but the
+    lowest -k (at least the top one)."""
+    return max(1, n_layers + k) if k < 0 else k
+
+
 class PromptAdapter(PromptMethod):
     uses = ("num_virtual_tokens", "init", "init_text", "adapter_layers")
 
@@ -44,9 +50,7 @@ class PromptAdapter(PromptMethod):
         self.site = "decoder" if self.is_t5 else "self"
         layers = base.decoder.layers if self.is_t5 else base.layers
         self.n_layers = len(layers)
-        # negative: every layer but the lowest that many (at least the top one)
-        k = config.adapter_layers
-        self.n_adapted = max(1, self.n_layers + k) if k < 0 else k
+        self.n_adapted = adapted_layers(config.adapter_layers, self.n_layers)
         if not 1 <= self.n_adapted <= self.n_layers:
             raise ValueError(f"adapter_layers must be between 1 and the model's {self.n_layers} layers, "
                              f"got {self.n_adapted}")

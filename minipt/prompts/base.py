@@ -49,6 +49,8 @@ class PromptConfig:
             raise ValueError(f"PromptConfig: method {self.method!r} unknown; choose one of {', '.join(METHODS)}")
         if self.num_virtual_tokens < 0:
             raise ValueError(f"PromptConfig: num_virtual_tokens must be >= 0, got {self.num_virtual_tokens}")
+        if self.method == "adapter" and self.adapter_layers == 0:
+            raise ValueError("adapter_layers=0: give the top k layers (k > 0) or all but the lowest k (-k)")
         self._refuse_unused()
 
     def _refuse_unused(self):
@@ -89,6 +91,18 @@ class PromptConfig:
         if d.get("method", PromptConfig.method) not in METHODS:
             return cls(**d)                               # refused in __post_init__, by name
         return cls.for_method(**d)
+
+
+def drop_unread(settings: dict) -> dict:
+    """train.py settings (a dict of TrainConfig keys) without the method fields their method
+    does not read, which train.py would refuse: one set of settings serves every method. An
+    unknown method keeps them all, to be refused by name."""
+    method = settings.get("method", PromptConfig.method)
+    if method not in METHODS:
+        return dict(settings)
+    method_keys = {f.name for f in dataclasses.fields(PromptConfig)}
+    reads = fields_read(method, settings.get("init", "text"))
+    return {k: v for k, v in settings.items() if k not in method_keys or k in reads}
 
 
 def fields_read(method: str, init: str) -> set:

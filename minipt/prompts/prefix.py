@@ -84,6 +84,11 @@ class PrefixTable(nn.Module):
         else:
             self.table = nn.Parameter(torch.randn(P, width, generator=g) if start is None else start.clone())
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.projection:  # files from before the anchor start from none
+            state_dict.setdefault(prefix + "anchor", torch.zeros_like(self.anchor))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self):
         if self.projection:
             return self.anchor + self.mlp_out(torch.tanh(self.mlp_in(self.embedding)))   # (P, L*2*kv)
@@ -149,13 +154,6 @@ class PrefixTuning(PromptMethod):
             shape = (batch_size, self.n_kv_head, self.P, self.head_dim)      # the same prefix for every row
             out[site] = [LayerPrefix(kv[i, 0].expand(shape), kv[i, 1].expand(shape)) for i in range(L)]
         return out
-
-    def load_saved(self, state: dict) -> None:
-        state = dict(state)
-        for site, table in self.sites.items():
-            if table.projection:  # files from before the anchor start from none
-                state.setdefault(f"sites.{site}.anchor", torch.zeros_like(table.anchor))
-        super().load_saved(state)
 
     def closed_form_parameters(self) -> int:
         kv = self.n_kv_head * self.head_dim
