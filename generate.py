@@ -9,23 +9,24 @@ Several --text arguments run as one left-padded batch. With --chat the text is w
 the model's chat template (ChatML for SmolLM2-Instruct) and generation stops at its end
 of turn. T5 checkpoints take the text as encoder input ("translate English to German: ...").
 """
-import argparse
 import sys
 import time
 
 import torch
 
-from minipt.checkpoint import load_base
+from minipt.checkpoint import check_checkpoint, load_base
+from minipt.cli import ArgumentParser
 from minipt.config import T5Config
 from minipt.evaluation import rank_classify
-from minipt.generation import compile_decoding, generate
+from minipt.generation import check_sampling, compile_decoding, generate
 from minipt.packed import pack_for_decoding
 from minipt.prompts import load as load_prompt
+from minipt.prompts.files import check_fingerprint, checkpoint_fingerprint, read_prompt
 from minipt.prompts.mixed import PromptBank
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Generate text with a minipt base model.")
+    ap = ArgumentParser(description="Generate text with a minipt base model.")
     ap.add_argument("--base", required=True, help="minipt checkpoint directory (see weights/)")
     ap.add_argument("--text", action="append", required=True, help="input text; repeat for a batch")
     ap.add_argument("--prompt", help="a prompt file from train.py; style.safetensors+task.safetensors composes "
@@ -51,10 +52,46 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def parse_labels(text: str) -> list:
+    """" negative, positive" -> [" negative", " positive"]: a leading space is kept."""
+    labels = [label for label in text.split(",") if label.strip()]
+    labels = [" " + label.strip() if label.startswith(" ") else label.strip() for label in labels]
+    if not labels:
+        raise ValueError(f"--labels={text!r}: no labels; give them comma-separated, e.g. ' negative, positive'")
+    return labels
+
+
+def check_args(args):
+    """Every option checked before the model loads; (model config, tokenizer) of --base."""
+    if args.packed and args.device != "cpu":
+        raise ValueError(f"--packed is for CPU decoding, not --device {args.device}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch build sees no CUDA device")
+    if not args.labels:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if args.lookup < 0 or (args.lookup and (args.temperature > 0 or len(args.text) > 1)):
+        raise ValueError(f"--lookup={args.lookup}: a count >= 0, for greedy decoding of one text")
+    empty = [t for t in args.text if not t.strip()]
+    if empty:
+        raise ValueError(f"--text={empty[0]!r}: empty; give the text to continue")
+    if args.labels is not None:
+        parse_labels(args.labels)
+    config, tok = check_checkpoint(args.base)
+    is_t5 = isinstance(config, T5Config)
+    if args.chat and (not hasattr(tok, "apply_chat_template") or tok.chat_format is None):
+        raise ValueError(f"{args.base}: this tokenizer has no chat template (drop --chat)")
+    if is_t5 and (args.compile or args.lookup):
+        raise ValueError(f"--{'compile' if args.compile else 'lookup'}: decoder models only; {args.base} is T5")
+    if args.prompt:
+        here = checkpoint_fingerprint(args.base, tok)
+        for path in args.prompt.split("+"):
+            check_fingerprint(path, read_prompt(path)[0], here)
+    return config, tok
+
+
 def classify(model, tok, args):
     """Rank classification: the most likely of the candidate labels after each text."""
-    labels = [label for label in args.labels.split(",") if label.strip()]
-    labels = [" " + label.strip() if label.startswith(" ") else label.strip() for label in labels]
+    labels = parse_labels(args.labels)
     rows = [{"input": t, "target": labels[0]} for t in args.text]  # targets are unused here
     _, predictions, probs = rank_classify(model, tok, rows, "{input}", labels, isinstance(model.config, T5Config))
     for text, label, p in zip(args.text, predictions, probs):
@@ -74,11 +111,8 @@ def with_prompt(base, spec, tok):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.packed and args.device != "cpu":
-        sys.exit(f"error: --packed is for CPU decoding, not --device {args.device}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit(f"error: --device {args.device}: this torch build sees no CUDA device")
     try:
+        check_args(args)
         model, tok = load_base(args.base, dtype=getattr(torch, args.dtype), device=args.device)
         if args.prompt:
             model = with_prompt(model, args.prompt, tok)
@@ -90,14 +124,9 @@ def main(argv=None):
     if args.labels:
         return classify(model, tok, args)
     if args.compile:
-        try:
-            compile_decoding(model)
-        except ValueError as e:                                       # an encoder-decoder model
-            sys.exit(f"error: --compile: {e}")
+        compile_decoding(model)
     texts = args.text
     if args.chat:
-        if not hasattr(tok, "apply_chat_template") or tok.chat_format is None:
-            sys.exit(f"error: {args.base}: this tokenizer has no chat template (drop --chat)")
         texts = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     prompts = [tok.encode(t) for t in texts]
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id

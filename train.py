@@ -18,7 +18,9 @@ import dataclasses
 from contextlib import contextmanager, nullcontext
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -26,11 +28,14 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from minipt.checkpoint import load_base
-from minipt.config import parse_train_config
+from minipt.checkpoint import build_model, check_checkpoint, load_base
+from minipt.train_config import parse_train_config
 from minipt.data import Batches, TruncationWarning, collate, encode_text
 from minipt.evaluation import evaluate_generation, rank_classify
 from minipt.prompts import PromptConfig, attach, init_from, save
+from minipt.prompts.adapter import adapted_layers
+from minipt.prompts.lora import find_targets
+from minipt.prompts.files import check_fingerprint, checkpoint_fingerprint, read_prompt
 from minipt.tasks import load_task
 from minipt.training import (MetricsLog, all_sum, atomic_write, load_checkpoint, lr_at, make_optimizer, peak_rss_gb,
                              plot_metrics, save_checkpoint, setup_distributed)
@@ -55,12 +60,19 @@ def train(argv):
         warnings.simplefilter("once" if main_process else "ignore", TruncationWarning)
         torch.manual_seed(cfg.seed)
 
-        # -- the frozen base model and the task --
+        # -- everything checked before the base loads: its config, tokenizer and weights file,
+        #    the task's rows, the prompt file to start from --
+        model_config, tok = check_checkpoint(cfg.base)
+        task = load_task(cfg.data, seed=cfg.seed)
+        check_task(cfg, task, tok, model_config, world)
+        if cfg.init_from:
+            with bad_input_exits("init_from: "):
+                check_init_from(cfg, tok)
+
+        # -- the frozen base model --
         dtype = torch.float32 if cfg.method == "full" else getattr(torch, cfg.dtype)  # full FT keeps fp32 master weights
         base, tok = load_base(cfg.base, dtype=dtype, device=cfg.device)
         is_t5 = base.config.model_type == "t5"
-        task = load_task(cfg.data, seed=cfg.seed)
-        check_task(cfg, task, tok, base.config, world)
     template = cfg.template or task.template
     train_rows, valid_rows, test_rows = task.splits["train"], task.splits["validation"][:cfg.eval_examples], task.splits["test"]
     metric = "accuracy" if task.labels else "rougeL"
@@ -199,6 +211,7 @@ def check_device_and_out_dir(cfg, out: Path) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
         raise ValueError(f"device={cfg.device!r}: CUDA is not available ({build}); use --device=cpu")
+    check_writable(out)
     earlier = [name for name in RUN_FILES if (out / name).exists()]
     if earlier and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"{out}: holds an earlier run ({', '.join(earlier)}); "
@@ -219,9 +232,36 @@ def check_device_and_out_dir(cfg, out: Path) -> None:
                                  f"resume with the same {key}, or start again with --overwrite")
 
 
+def check_writable(out: Path) -> None:
+    """out_dir must be a directory this run can create files in: tried with a directory made
+    and removed in its nearest existing ancestor, so that nothing is left behind."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == out else f" ({existing} is)"
+        raise ValueError(f"out_dir={str(out)!r}: a file, not a directory{where}")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".minipt-write-test-"))
+    except OSError as e:
+        raise ValueError(f"out_dir={str(out)!r}: cannot create files in {existing} ({e.strerror})") from None
+
+
+def check_init_from(cfg, tok) -> None:
+    """The prompt file to start from must be this method's, in this shape, for this base."""
+    meta, _ = read_prompt(cfg.init_from)
+    check_fingerprint(cfg.init_from, meta, checkpoint_fingerprint(cfg.base, tok))
+    saved = meta["config"]
+    if saved["method"] != cfg.method:
+        raise ValueError(f"{cfg.init_from}: a {saved['method']} prompt cannot initialise {cfg.method}")
+    starting_point = ("init", "init_text", "init_labels", "seed", "lora_dropout")   # what the file's values replace
+    for key, value in cfg.method_fields().items():
+        if key not in starting_point and key in saved and saved[key] != value:
+            raise ValueError(f"{cfg.init_from}: saved with {key}={saved[key]!r}, this run has {value!r}")
+
+
 def check_task(cfg, task, tok, model_config, world: int) -> None:
     """Refuse data the loop would trip over later: too few rows, labels that rank
-    classification cannot tell apart, sequences the model's context cannot hold."""
+    classification cannot tell apart, sequences the model's context cannot hold, a
+    starting text with no tokens, more adapter layers than the base has."""
     n_train, batch = len(task.splits["train"]), cfg.batch_size * cfg.grad_accum
     sizes = ", ".join(f"{len(rows)} {split}" for split, rows in task.splits.items())
     if n_train < batch:
@@ -239,6 +279,14 @@ def check_task(cfg, task, tok, model_config, world: int) -> None:
             raise ValueError(f"{cfg.data}: labels {seen[ids]!r} and {label!r} are the same tokens {list(ids)}; "
                              "rank classification could not tell them apart")
         seen[ids] = label
+    if "init_text" in cfg.method_fields() and not encode_text(tok, cfg.init_text):
+        raise ValueError(f"init_text={cfg.init_text!r}: no tokens to start the prompt from")
+    if cfg.method == "adapter":
+        adapted_layers(cfg.adapter_layers, model_config.n_decoder_layer if model_config.model_type == "t5"
+                       else model_config.n_layer)
+    if cfg.method == "lora":
+        with torch.device("meta"):     # the layers by name, nothing allocated
+            find_targets(build_model(model_config), cfg.lora_targets)
     if cfg.compile and model_config.model_type != "gpt":
         raise ValueError(f"compile=true: compiled blocks are for decoder models; "
                          f"{cfg.base} is {model_config.model_type}")

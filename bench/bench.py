@@ -63,7 +63,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 from bench_generate import BATCH_PROMPTS, PROMPT, bench_case, print_cases, runners  # noqa: E402
 from minipt.checkpoint import load_base  # noqa: E402
-from minipt.config import TrainConfig, parse_train_config  # noqa: E402
+from minipt.train_config import TrainConfig, parse_train_config  # noqa: E402
 from minipt.data import Batches, collate, encode_text  # noqa: E402
 from minipt.evaluation import rank_classify  # noqa: E402
 from minipt.fetch import fetch  # noqa: E402

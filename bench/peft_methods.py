@@ -20,7 +20,7 @@ Directory layout (a convention; `--table` finds runs by their files, in any sub-
 
 The same harness. Every setting comes from `parse_train_config(minipt_argv(...))`, the very
 call train.py makes with the printed command line, so nothing can drift: the method's recipe
-(minipt.config.RECIPES: lr, warm-up, adapter layers), batch size, steps, linear schedule
+(minipt.train_config.RECIPES: lr, warm-up, adapter layers), batch size, steps, linear schedule
 (`lr_at`), AdamW with weight decay (`make_optimizer`), grad clip, max_len, the seed; the
 batches are train.py's (`Batches` seeded by the seed with its `bucket_batches`, collated by
 minipt's `collate` with minipt's tokenizer, so both sides see the same token ids in the same
@@ -57,7 +57,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 from bench import cpu_name, load_tokenizer_only, peak_rss_gb, peft_loss, peft_rank_accuracy  # noqa: E402
-from minipt.config import TrainConfig, parse_train_config  # noqa: E402
+from minipt.train_config import TrainConfig, parse_train_config  # noqa: E402
 from minipt.data import Batches, collate  # noqa: E402
 from minipt.fetch import fetch  # noqa: E402
 from minipt.prompts.adapter import adapted_layers  # noqa: E402

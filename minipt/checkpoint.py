@@ -1,14 +1,18 @@
 """minipt checkpoint directories: `config.json` + `model.safetensors` + tokenizer files.
 
 `load_base(dir)` rebuilds the model from its config and loads the weights without
-unpickling anything (safetensors only).
+unpickling anything (safetensors only). `check_checkpoint(dir)` finds what loading would
+trip over in a fraction of a second, before any weight is read.
 """
 import ctypes
+import os
 from pathlib import Path
 
 import torch
 from .config import GPTConfig, T5Config, load_config
-from .tensorfile import read_tensors
+from .tensorfile import read_header, read_tensors
+
+CONVERTIBLE = (".gguf", ".safetensors", ".bin")   # files people pass where a checkpoint directory is expected
 
 
 def build_model(config):
@@ -51,6 +55,34 @@ def _return_freed_memory():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def check_checkpoint(directory):
+    """(config, tokenizer) of a checkpoint directory whose weights file holds every tensor
+    the model needs, in its shape; a one-line ValueError or FileNotFoundError otherwise."""
+    from .tokenizer import load_tokenizer
+    directory = Path(directory)
+    if not directory.exists():
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+    if not directory.is_dir():
+        hint = " (convert it first: python -m minipt.convert SRC OUT)" if directory.suffix in CONVERTIBLE else ""
+        raise ValueError(f"{directory}: a file, not a minipt checkpoint directory{hint}")
+    config = load_config(directory)
+    path = directory / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (is {directory} a minipt checkpoint?)")
+    with open(path, "rb") as f:
+        header, _ = read_header(f, path, os.path.getsize(path))
+    with torch.device("meta"):
+        expected = {k: list(v.shape) for k, v in build_model(config).state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    for name, shape in expected.items():
+        if name not in header:
+            raise ValueError(f"{path}: missing tensor {name}")
+        if header[name]["shape"] != shape:
+            raise ValueError(f"{path}: tensor {name} is {header[name]['shape']}, the config needs {shape}")
+    return config, load_tokenizer(directory)
 
 
 def load_base(directory, dtype=None, device="cpu"):

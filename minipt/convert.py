@@ -9,7 +9,6 @@ files. Weight names are translated by declarative key maps: minipt key -> source
 every minipt key must be found with the expected shape, or the conversion stops with a
 one-line error naming the key, and nothing is left at OUT.
 """
-import argparse
 import json
 import pickle
 import re
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .cli import ArgumentParser
 from .config import GPTConfig, T5Config, save_config
 from .tensorfile import check_gguf, read_tensors
 
@@ -440,7 +440,7 @@ def convert(src, out, force: bool = False) -> Path:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minipt.convert", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m minipt.convert", description=__doc__.split("\n\n")[0])
     ap.add_argument("src", help="Hugging Face model directory or .gguf file")
     ap.add_argument("out", help="minipt checkpoint directory to create")
     ap.add_argument("--force", action="store_true", help="replace OUT if it exists")

@@ -16,6 +16,7 @@ target (the model shifts the targets right itself). Both end with EOS, as in T5.
 epoch (optionally grouped by length, so that batches carry little padding), resumable
 from a two-number state, and split across data-parallel ranks.
 """
+import string
 import warnings
 
 import numpy as np
@@ -32,6 +33,20 @@ def _warn_truncated(max_len: int) -> None:
     # one fixed text: Python's warning registry then shows it once, not once per example
     warnings.warn(f"inputs longer than max_len={max_len} tokens are truncated from the left", TruncationWarning,
                   stacklevel=3)
+
+
+def check_template(template: str) -> None:
+    """A template holds the row's text as `{input}` and no other field (literal braces are
+    doubled, `{{` and `}}`); otherwise every row would become the same prompt, or none."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"template={template!r}: {e} (write a literal brace as {{{{ or }}}})") from None
+    other = [f for f in fields if f != "input"]
+    if other:
+        raise ValueError(f"template={template!r}: unknown field {{{other[0]}}}; rows have only {{input}}")
+    if not fields:
+        raise ValueError(f"template={template!r}: no {{input}}, so every row would be the same prompt")
 
 
 def encode_text(tok, text: str) -> list[int]:

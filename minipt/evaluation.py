@@ -258,25 +258,33 @@ def main(argv=None):
 
     Rank-classification accuracy of each prompt file on a task's split, and with several
     prompts (say, one task trained with different seeds) the ensemble's."""
-    import argparse
     import sys
     from pathlib import Path
 
-    from .checkpoint import load_base
+    from .checkpoint import check_checkpoint, load_base
+    from .cli import ArgumentParser
+    from .data import check_template
+    from .prompts.files import check_fingerprint, checkpoint_fingerprint, read_prompt
     from .prompts.mixed import PromptBank
     from .tasks import load_task
-    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap = ArgumentParser(description=main.__doc__.splitlines()[0])
     ap.add_argument("prompts", nargs="+", help="prompt files trained on --base")
     ap.add_argument("--base", default="weights/smollm2-135m-instruct")
     ap.add_argument("--data", default="sentiment", help="built-in task or JSONL path")
     ap.add_argument("--split", default="test", choices=["train", "validation", "test"])
     ap.add_argument("--template", default=None)
     args = ap.parse_args(argv)
-    try:
-        base, tok = load_base(args.base)
+    try:  # everything checked before the model loads
+        _, tok = check_checkpoint(args.base)
         task = load_task(args.data)
         if not task.labels:
             raise ValueError(f"{args.data}: not a classification task (no label set)")
+        if args.template:
+            check_template(args.template)
+        here = checkpoint_fingerprint(args.base, tok)
+        for path in args.prompts:
+            check_fingerprint(path, read_prompt(path)[0], here)
+        base, tok = load_base(args.base)
         bank = PromptBank(base)
         names = [f"{i}:{Path(p).stem}" for i, p in enumerate(args.prompts)]
         for name, path in zip(names, args.prompts):

@@ -5,6 +5,8 @@ Decoder batches are left-padded so every row's next token sits in the last colum
 model's static KV cache is filled once by the prompt (prefill) and then one token per step,
 or, greedy with `lookup`, several: prompt-lookup drafts checked in one forward.
 """
+import math
+
 import torch
 
 from .config import GPTConfig
@@ -25,6 +27,18 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
         drop = cum - sorted_logits.softmax(-1) > top_p  # drop tokens once the mass before them exceeds top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(max_new_tokens: int, temperature=0.0, top_k=None, top_p=None) -> None:
+    """Decoding settings in their ranges, or a one-line ValueError naming the one that is not."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature}: must be a finite number >= 0 (0: greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k}: must be at least 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}: must be in (0, 1]")
 
 
 def pad_batch(rows: list[list[int]], pad_id: int, left: bool = True):
@@ -49,6 +63,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     tokens by prompt lookup (see `_lookup_steps`); 0 decodes one token per forward."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     if lookup < 0 or (lookup and (temperature > 0 or len(prompts) > 1 or not isinstance(model.config, GPTConfig))):
         raise ValueError(f"generate: lookup={lookup}: a count >= 0, for greedy decoding of one prompt with a "
                          "decoder model")

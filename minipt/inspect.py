@@ -13,13 +13,13 @@ virtual token to lie near any real one, so low similarities are normal.
 `--base` (default weights/smollm2-135m-instruct) is read only for soft prompts, and must
 be the base the prompt was trained on.
 """
-import argparse
 import sys
 import textwrap
 
 import torch
 import torch.nn.functional as F
 
+from .cli import ArgumentParser
 from .prompts.files import check_base, read_prompt
 
 DEFAULT_BASE = "weights/smollm2-135m-instruct"
@@ -81,16 +81,17 @@ def inspect_prompt(path, base_dir=DEFAULT_BASE, top: int = 5) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minipt.inspect", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m minipt.inspect", description=__doc__.split("\n\n")[0])
     ap.add_argument("prompt", help="minipt prompt file (.safetensors)")
     ap.add_argument("--base", default=DEFAULT_BASE, help=f"minipt checkpoint the prompt was trained on (default {DEFAULT_BASE})")
     ap.add_argument("--top", type=int, default=5, help="nearest tokens shown per virtual token (0: none)")
     args = ap.parse_args(argv)
+    if args.top < 0:
+        ap.error(f"--top {args.top}: must be at least 0")
     try:
         text = inspect_prompt(args.prompt, args.base, args.top)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"error: {e}")
     print(text)
 
 

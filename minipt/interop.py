@@ -24,7 +24,6 @@ is gone. LoRA keeps its A/B pairs, renamed to transformers' module paths.
 Google's prompt-tuning code (T5X) saves a soft prompt as a (num_virtual_tokens, d_model)
 `.npy` array; it imports as prompt_tuning, on the encoder input for T5.
 """
-import argparse
 import json
 import math
 import re
@@ -38,6 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .cli import ArgumentParser
 from .prompts import PromptConfig, PromptedModel, build_method, save
 from .prompts.files import check_base, read_prompt
 from .prompts.prefix import PrefixTable
@@ -330,7 +330,7 @@ def import_to_file(src, out, base_dir, force=False) -> Path:
 # ---- command line ---------------------------------------------------------------------------
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minipt.interop", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m minipt.interop", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="minipt prompt file -> peft adapter directory")
     ex.add_argument("prompt", help="minipt prompt file (.safetensors)")
@@ -350,8 +350,7 @@ def main(argv=None):
         else:
             out = import_to_file(args.src, args.out, args.base, args.force)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"error: {e}")
     print(f"wrote {out}")
 
 

@@ -24,10 +24,10 @@ mixed-prompt batch), the HTTP handler (one thread per connection, which only wai
 rows' event queues, so a slow or vanished client never holds up the decode loop).
 Standard library only for the HTTP side (http.server).
 """
-import argparse
 import collections
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_base
+from .checkpoint import check_checkpoint, load_base
+from .cli import ArgumentParser
 from .generation import decode_steps
 from .packed import pack_for_decoding
 from .prompts.mixed import PromptBank
@@ -628,7 +629,7 @@ def make_server(base_dir, prompt_dir, host="127.0.0.1", port=8000, dtype=torch.f
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minipt.serve", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m minipt.serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, help="minipt checkpoint directory (see weights/)")
     ap.add_argument("--prompts", required=True, help="folder of prompt files, watched: NAME.safetensors is model NAME")
     ap.add_argument("--host", default="127.0.0.1")
@@ -644,15 +645,27 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def check_args(args) -> None:
+    """Every option checked before the model loads."""
+    if not Path(args.prompts).is_dir():
+        raise ValueError(f"--prompts {args.prompts}: not a folder")
+    if args.packed and (args.dtype == "bfloat16" or args.device != "cpu"):
+        raise ValueError("--packed decodes on the CPU from float32 weights (drop --dtype/--device)")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: must be in 0..65535 (0: any free port)")
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch {args.max_batch}: must be at least 1")
+    if not (math.isfinite(args.batch_window_ms) and args.batch_window_ms >= 0):
+        raise ValueError(f"--batch-window-ms {args.batch_window_ms}: must be a finite number >= 0")
+    check_checkpoint(args.base)
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if not Path(args.prompts).is_dir():
-        raise SystemExit(f"error: {args.prompts}: not a folder")
-    if args.packed and (args.dtype == "bfloat16" or args.device != "cpu"):
-        raise SystemExit("error: --packed decodes on the CPU from float32 weights (drop --dtype/--device)")
     dtype = args.dtype or ("float32" if args.packed else "bfloat16")
     try:
+        check_args(args)
         server = make_server(args.base, args.prompts, args.host, args.port, getattr(torch, dtype), args.device,
                              args.max_batch, args.batch_window_ms / 1000, args.packed)
     except (FileNotFoundError, ValueError) as e:

@@ -170,10 +170,14 @@ def prepare(name: str) -> Path:
 
 def read_jsonl(path) -> list[dict]:
     """Rows {"input": str, "target": str[, "task": str]}; a bad line raises a one-line
-    ValueError naming path:line."""
+    ValueError naming path:line. A UTF-8 byte-order mark and Windows line ends are fine."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:

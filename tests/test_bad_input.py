@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,10 +24,11 @@ from safetensors.torch import save_file
 import train
 from minipt import convert
 from minipt.checkpoint import load_base
-from minipt.config import parse_train_config
 from minipt.fetch import fetch
 from minipt.prompts import PromptConfig, attach, save
+from minipt.prompts.base import METHODS, fields_read
 from minipt.tensorfile import read_tensors
+from minipt.train_config import TrainConfig, parse_train_config
 
 from test_train import args, llama_dir, t5_dir, task_file  # noqa: F401 (fixtures)
 
@@ -142,8 +144,8 @@ TRAIN_CASES = [
     ("zero steps", dict(steps=0), ["steps=0: must be at least 1"]),
     ("negative grad_accum", dict(grad_accum=-2), ["grad_accum=-2: must be at least 1"]),
     ("negative learning rate", dict(lr=-0.1), ["lr=-0.1: must be at least 0"]),
-    ("zero virtual tokens", dict(num_virtual_tokens=0), ["num_virtual_tokens=0: prompt_tuning needs at least 1"]),
-    ("unknown method", dict(method="magic"), ["method 'magic' unknown", "prompt_tuning"]),
+    ("zero virtual tokens", dict(num_virtual_tokens=0), ["num_virtual_tokens=0: must be at least 1"]),
+    ("unknown method", dict(method="magic"), ["method='magic': unknown", "prompt_tuning"]),
     ("unknown dtype", dict(dtype="float8"), ["dtype='float8' unknown", "bfloat16"]),
     ("unknown schedule", dict(schedule="exp"), ["schedule='exp' unknown", "cosine"]),
     ("unknown device", dict(device="tpu"), ["device='tpu' unknown"]),
@@ -409,3 +411,167 @@ def test_train_refuses_a_field_the_method_does_not_read(method, extra, words, ll
         argv.append("--init_text=x")
     stops(lambda: train.main(argv), words)
     assert not (tmp_path / "out").exists()
+
+
+# ---- the generated sweep: every train.py key, values of each bad kind ------------------------
+# Each case must be refused with one line naming the key (or the path), exit status 1, nothing
+# written, and before the base model loads (train.load_base fails the test if it is called).
+
+def first_method_reading(key):
+    """A method that reads `key` (with init=text, or labels for init_labels): a field the
+    method does not read is refused as unused, which is another case."""
+    if key not in {f.name for f in dataclasses.fields(PromptConfig)}:
+        return "prompt_tuning"
+    init = "labels" if key == "init_labels" else "text"
+    return next(m for m in METHODS if key in fields_read(m, init))
+
+
+def bad_values(key, typ):
+    """(kind, text) pairs of values `key` must refuse, by the field's type."""
+    typ = next(t for t in typing.get_args(typ) or [typ] if t is not type(None))   # int | None -> int
+    if typ is bool:
+        return [("not a boolean", "maybe")]
+    if typ is int:
+        return [("not a number", "many"), ("not an integer", "1.5"), ("out of range", "-1000000")]
+    if typ is float:
+        return [("not a number", "fast"), ("not finite", "nan"), ("infinite", "inf"), ("negative", "-1")]
+    if typ is list:
+        return [("empty", ""), ("unknown item", "nowhere")] if key != "init_labels" else [("empty", "")]
+    cases = {"init_text": [("only spaces", "   ")], "template": [("no {input}", "Review:"),
+                                                                  ("unknown field", "{question} {input}"),
+                                                                  ("unbalanced brace", "{input")],
+             "init_from": [], "base": [], "data": [], "out_dir": []}     # paths: see PATH_CASES
+    return cases.get(key, [("empty", ""), ("unknown", "nonsense")])
+
+
+SWEEP = [(key, kind, text) for key, typ in typing.get_type_hints(TrainConfig).items()
+         for kind, text in bad_values(key, typ)]
+
+
+@pytest.fixture
+def no_base_load(monkeypatch):
+    def loaded(*a, **k):
+        raise AssertionError("the base model loaded before the refusal")
+    monkeypatch.setattr(train, "load_base", loaded)
+
+
+def refused_early(argv, out, *words):
+    line = stops(lambda: train.main(argv), *words)
+    assert not out.exists(), f"{out} was created"
+    return line
+
+
+@pytest.mark.parametrize("key, kind, text", SWEEP, ids=[f"{k}-{kind}" for k, kind, _ in SWEEP])
+def test_every_key_refuses_bad_values(key, kind, text, llama_dir, task_file, tmp_path, no_base_load):
+    out = tmp_path / "out"
+    settings = dict(method=first_method_reading(key), init="labels" if key == "init_labels" else "text",
+                    init_text="a short review")
+    if key == "init_text":
+        settings.pop("init_text")
+    argv = args(llama_dir, task_file, out, **settings) + [f"--{key}={text}"]
+    line = refused_early(argv, out)
+    assert f"{key}=" in line or f"{key}:" in line, line
+
+
+def a_file(t):
+    (t.tmp / "a_file").write_text("not a directory")
+    return t.tmp / "a_file"
+
+
+# key, how the path is bad, the value (built from the fixtures), words of the message
+PATH_CASES = [
+    ("base", "missing", lambda t: t.tmp / "nowhere", ["nowhere: no such checkpoint directory"]),
+    ("base", "a file", a_file, ["a_file: a file, not a minipt checkpoint directory"]),
+    ("base", "a GGUF file", lambda t: junk("m.gguf", b"GGUF")(t), ["m.gguf: a file", "python -m minipt.convert"]),
+    ("base", "a directory of something else", lambda t: t.tmp, ["config.json: not found"]),
+    ("data", "a directory without splits", lambda t: t.tmp, ["train.jsonl"]),
+    ("data", "a binary file", junk("rows.jsonl", bytes(range(256))), ["rows.jsonl:1:"]),
+    ("out_dir", "a file", a_file, ["out_dir=", "a_file", "a file, not a directory"]),
+    ("out_dir", "under a file", lambda t: a_file(t) / "out", ["out_dir=", "a_file is"]),
+    ("init_from", "a directory", lambda t: t.tmp, ["init_from:", "not a readable safetensors file"]),
+    ("init_from", "a checkpoint's weights", lambda t: t.llama / "model.safetensors",
+     ["init_from:", "not a minipt prompt file"]),
+]
+
+
+@pytest.mark.parametrize("key, value, words", [(c[0], c[2], c[3]) for c in PATH_CASES],
+                         ids=[f"{c[0]}-{c[1]}" for c in PATH_CASES])
+def test_every_path_refuses_the_wrong_kind(key, value, words, llama_dir, task_file, tmp_path, no_base_load):
+    t = SimpleNamespace(tmp=tmp_path, llama=llama_dir)
+    out = tmp_path / "out"
+    over = {key: value(t)}
+    argv = args(over.pop("base", llama_dir), task_file, out, **over)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    stops(lambda: train.main(argv), *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# ---- the other command lines: every option checked before the model loads ---------------------
+
+def cli_cases():
+    """(command, argv built from the fixtures, words of the message)."""
+    base = lambda t: ["--base", str(t.llama)]
+    gen = lambda *extra: ("generate", lambda t: base(t) + ["--text", "Hello"] + [e(t) if callable(e) else e
+                                                                                  for e in extra])
+    cases = [
+        (gen("--top-p", "1.5"), ["top_p=1.5: must be in (0, 1]"]),
+        (gen("--top-p", "0"), ["top_p=0.0"]),
+        (gen("--temperature", "-1"), ["temperature=-1.0: must be a finite number >= 0"]),
+        (gen("--temperature", "nan"), ["temperature=nan"]),
+        (gen("--top-k", "0"), ["top_k=0: must be at least 1"]),
+        (gen("--max-new-tokens", "0"), ["max_new_tokens=0: must be at least 1"]),
+        (gen("--max-new-tokens", "many"), ["argument --max-new-tokens: invalid int value: 'many'"]),
+        (gen("--lookup", "-1"), ["--lookup=-1"]),
+        (gen("--text", "  "), ["--text='  ': empty"]),
+        (gen("--labels", " , "), ["--labels=' , ': no labels"]),
+        (gen("--dtype", "float8"), ["argument --dtype: invalid choice: 'float8'"]),
+        (gen("--prompt", lambda t: str(t.tmp / "none.safetensors")), ["none.safetensors: no such prompt file"]),
+        (gen("--prompt", lambda t: str(junk("p.safetensors", bytes(200))(t))), ["not a readable safetensors file"]),
+        (gen("--prompt", lambda t: str(prompt_file(t, base_copy(other_weights)(t)))),
+         ["trained on a different base model", "embedding hash"]),
+        (gen("--packed", "--device", "cuda"), ["--packed is for CPU decoding"]),
+        (("generate", lambda t: ["--base", str(t.tmp / "nowhere"), "--text", "x"]), ["nowhere: no such checkpoint"]),
+        (("generate", lambda t: ["--base", str(t.t5), "--text", "x", "--compile"]), ["--compile: decoder models only"]),
+        (("generate", lambda t: ["--base", str(t.t5), "--text", "x", "--chat"]), ["no chat template"]),
+        (("serve", lambda t: base(t) + ["--prompts", str(t.tmp), "--port", "70000"]), ["--port 70000"]),
+        (("serve", lambda t: base(t) + ["--prompts", str(t.tmp), "--max-batch", "0"]), ["--max-batch 0"]),
+        (("serve", lambda t: base(t) + ["--prompts", str(t.tmp), "--batch-window-ms", "nan"]), ["--batch-window-ms nan"]),
+        (("serve", lambda t: base(t) + ["--prompts", str(t.tmp / "none")]), ["--prompts", "none: not a folder"]),
+        (("serve", lambda t: ["--base", str(a_file(t)), "--prompts", str(t.tmp)]), ["a_file: a file"]),
+        (("evaluation", lambda t: base(t) + [str(t.tmp / "none.safetensors")]), ["none.safetensors: no such prompt"]),
+        (("evaluation", lambda t: base(t) + ["--data", str(t.tmp / "none.jsonl"), "p"]), ["none.jsonl: no such file"]),
+        (("evaluation", lambda t: base(t) + ["--template", "Review:", "p"]), ["template='Review:': no {input}"]),
+        (("evaluation", lambda t: base(t) + ["--split", "dev", "p"]), ["argument --split: invalid choice: 'dev'"]),
+        (("inspect", lambda t: [str(t.tmp / "none.safetensors")]), ["none.safetensors: no such prompt file"]),
+        (("inspect", lambda t: ["p.safetensors", "--top", "-1"]), ["--top -1: must be at least 0"]),
+        (("convert", lambda t: [str(t.tmp / "none.gguf"), str(t.tmp / "out")]), ["none.gguf"]),
+    ]
+    return cases
+
+
+CLI_CASES = cli_cases()
+
+
+def cli_main(command):
+    import generate as generate_cli
+    from minipt import evaluation, inspect, serve
+    return {"generate": generate_cli.main, "serve": serve.main, "evaluation": evaluation.main,
+            "inspect": inspect.main, "convert": convert.main}[command]
+
+
+@pytest.mark.parametrize("case, words", CLI_CASES, ids=[f"{c[0]}-{i}-{' '.join(w)[:40]}"
+                                                         for i, (c, w) in enumerate(CLI_CASES)])
+def test_commands_refuse_bad_options_before_loading(case, words, llama_dir, t5_dir, tmp_path, monkeypatch):
+    import minipt.checkpoint
+    import minipt.serve
+
+    def loaded(*a, **k):
+        raise AssertionError("the model loaded before the refusal")
+    for module in (minipt.checkpoint, minipt.serve, sys.modules.get("generate") or __import__("generate")):
+        monkeypatch.setattr(module, "load_base", loaded, raising=False)
+    command, make_argv = case
+    t = SimpleNamespace(tmp=tmp_path, llama=llama_dir, t5=t5_dir)
+    argv = make_argv(t)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    stops(lambda: cli_main(command)(argv), *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

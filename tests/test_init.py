@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minipt.checkpoint import load_model
-from minipt.config import parse_train_config
+from minipt.train_config import parse_train_config
 from minipt.prompts import PromptConfig, attach
 from minipt.prompts.base import text_activations
 from minipt.prompts.soft_prompt import initial_token_ids
@@ -148,7 +148,7 @@ def test_fields_a_method_does_not_read_are_refused():
 
 
 def test_each_method_has_its_recipe():
-    from minipt.config import RECIPES
+    from minipt.train_config import RECIPES
     for method, recipe in RECIPES.items():
         cfg = parse_train_config([f"--method={method}"])
         assert cfg.lr == recipe["lr"] and cfg.warmup_steps == recipe["warmup_steps"]

@@ -11,7 +11,7 @@ import torch
 
 import train
 from minipt.checkpoint import load_base
-from minipt.config import parse_train_config
+from minipt.train_config import parse_train_config
 from minipt.convert import convert
 from minipt.evaluation import rank_classify
 from minipt.prompts import load

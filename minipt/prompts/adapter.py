@@ -36,12 +36,16 @@ from .soft_prompt import initial_token_ids
 
 def adapted_layers(k: int, n_layers: int) -> int:
     """How many top layers `adapter_layers=k` adapts: k, or for k < 0 every layer but the
-    lowest -k (at least the top one)."""
-    return max(1, n_layers + k) if k < 0 else k
+    lowest -k."""
+    if not 0 < abs(k) <= n_layers or k == -n_layers:
+        raise ValueError(f"adapter_layers={k}: the base has {n_layers} layers; give the top k (1 to {n_layers}) "
+                         f"or all but the lowest k (-1 to -{n_layers - 1})")
+    return n_layers + k if k < 0 else k
 
 
 class PromptAdapter(PromptMethod):
     uses = ("num_virtual_tokens", "init", "init_text", "adapter_layers")
+    choices = {"init": ("text", "vocab", "random")}
 
     def __init__(self, config: PromptConfig, base, tokenizer=None):
         super().__init__(config)
@@ -51,9 +55,6 @@ class PromptAdapter(PromptMethod):
         layers = base.decoder.layers if self.is_t5 else base.layers
         self.n_layers = len(layers)
         self.n_adapted = adapted_layers(config.adapter_layers, self.n_layers)
-        if not 1 <= self.n_adapted <= self.n_layers:
-            raise ValueError(f"adapter_layers must be between 1 and the model's {self.n_layers} layers, "
-                             f"got {self.n_adapted}")
         self.P = config.num_virtual_tokens
         self.d_model, self.n_head = dims["d_model"], dims["n_head"]
         self.n_kv_head, self.head_dim = dims["n_kv_head"], dims["head_dim"]

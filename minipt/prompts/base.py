@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora", "full")
+AT_LEAST = {"num_virtual_tokens": 1, "encoder_hidden": 1, "projection_hidden": 1, "lora_r": 1, "seed": 0}
 
 
 @dataclass
@@ -46,12 +47,30 @@ class PromptConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"PromptConfig: method {self.method!r} unknown; choose one of {', '.join(METHODS)}")
-        if self.num_virtual_tokens < 0:
-            raise ValueError(f"PromptConfig: num_virtual_tokens must be >= 0, got {self.num_virtual_tokens}")
-        if self.method == "adapter" and self.adapter_layers == 0:
-            raise ValueError("adapter_layers=0: give the top k layers (k > 0) or all but the lowest k (-k)")
+            raise ValueError(f"method={self.method!r}: unknown; choose one of {', '.join(METHODS)}")
+        self._check_values()
         self._refuse_unused()
+
+    def _check_values(self):
+        """The fields the method reads, each in its range or among its choices."""
+        from . import method_class
+        cls, reads = method_class(self.method), fields_read(self.method, self.init)
+        for key, allowed in cls.choices.items():
+            value = getattr(self, key)
+            if key in reads and any(v not in allowed for v in (value if isinstance(value, list) else [value])):
+                raise ValueError(f"{key}={value!r}: {self.method} takes {' | '.join(allowed)}")
+        for key in reads:
+            value, low = getattr(self, key), AT_LEAST.get(key)
+            if isinstance(value, list) and not value:
+                raise ValueError(f"{key}=[]: {self.method} needs at least one")
+            if low is not None and value < low:
+                raise ValueError(f"{key}={value}: must be at least {low}")
+        if "lora_alpha" in reads and self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha}: must be above 0")
+        if "lora_dropout" in reads and not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
+        if "adapter_layers" in reads and self.adapter_layers == 0:
+            raise ValueError("adapter_layers=0: give the top k layers (k > 0) or all but the lowest k (-k)")
 
     def _refuse_unused(self):
         """A field set away from its default that the method never reads is an error, not a
@@ -120,6 +139,7 @@ class PromptMethod(nn.Module):
     """Base class; the defaults mean "this hook is not used"."""
 
     uses: tuple = ()       # the PromptConfig fields the method reads (besides method and seed)
+    choices: dict = {}     # field -> the values it may take (each item's, for a list field)
 
     n_input_tokens = 0     # vectors that input_prompt() returns
     position_offset = 0    # positions the attention prefix occupies before the text

@@ -11,16 +11,30 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..config import load_config
 from ..training import atomic_write
 
 FORMAT = "minipt-prompt/1"
 
 
 def base_fingerprint(base, tokenizer=None) -> dict:
+    return fingerprint(base.config, base.embed.weight, tokenizer)
+
+
+def checkpoint_fingerprint(directory, tokenizer=None) -> dict:
+    """The fingerprint of a checkpoint directory from its config and embedding alone, without
+    building the model: prompt files are checked against a base before it loads."""
+    path = Path(directory) / "model.safetensors"
+    with safe_open(path, framework="pt") as f:
+        embedding = f.get_tensor("embed.weight")
+    return fingerprint(load_config(directory), embedding, tokenizer)
+
+
+def fingerprint(config, embedding, tokenizer=None) -> dict:
     """What makes a base model the same base: its config, a hash of its embedding matrix
     (rounded to bf16, so fp32 and bf16 loads of one checkpoint agree) and of its vocabulary."""
-    emb = base.embed.weight.detach().to(torch.bfloat16).cpu().contiguous()
-    fp = {"model": dict(vars(base.config)),
+    emb = embedding.detach().to(torch.bfloat16).cpu().contiguous()
+    fp = {"model": dict(vars(config)),
           "embedding_sha256": hashlib.sha256(emb.view(torch.int16).numpy().tobytes()).hexdigest()[:16]}
     if tokenizer is not None:
         vocab = getattr(tokenizer, "vocab", None)
@@ -62,7 +76,11 @@ def read_prompt(path) -> tuple[dict, dict]:
 
 def check_base(path, meta: dict, base, tokenizer=None) -> None:
     """Refuse to load a prompt onto a base it was not trained on, saying what differs."""
-    saved, here = meta["base"], base_fingerprint(base, tokenizer)
+    check_fingerprint(path, meta, base_fingerprint(base, tokenizer))
+
+
+def check_fingerprint(path, meta: dict, here: dict) -> None:
+    saved = meta["base"]
     if saved["model"] != here["model"]:
         diff = sorted(k for k in set(saved["model"]) | set(here["model"]) if saved["model"].get(k) != here["model"].get(k))
         k = diff[0]

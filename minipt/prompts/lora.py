@@ -95,7 +95,7 @@ def find_targets(base: nn.Module, names) -> list:
         if any(isinstance(m, LoRALinear) for m in base.modules()):
             raise ValueError("LoRA: this base model already has LoRA layers; attach to a fresh copy")
         available = sorted({p.rpartition(".")[2] for p, m in base.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"LoRA: no linear layer named {', '.join(missing)}; this model has {', '.join(available)}")
+        raise ValueError(f"lora_targets: no linear layer named {', '.join(missing)}; this model has {', '.join(available)}")
     return found
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from .base import PromptConfig, PromptMethod, model_dims
-from .soft_prompt import initial_prompt
+from .soft_prompt import SoftPrompt, initial_prompt
 
 
 class PromptEncoder(nn.Module):
@@ -64,6 +64,7 @@ class PromptEncoder(nn.Module):
 class PTuning(PromptMethod):
     uses = ("num_virtual_tokens", "init", "init_text", "init_labels", "placement", "encoder_type", "encoder_hidden",
             "encoder_residual")
+    choices = {**SoftPrompt.choices, "encoder_type": ("lstm", "mlp")}
 
     def __init__(self, config: PromptConfig, base, tokenizer=None):
         super().__init__(config)

@@ -114,6 +114,7 @@ def activation_tables(base, ids: list, sites) -> dict:
 
 class PrefixTuning(PromptMethod):
     uses = ("num_virtual_tokens", "init", "init_text", "prefix_projection", "projection_hidden", "t5_prefix_sites")
+    choices = {"init": ("text", "vocab", "random"), "t5_prefix_sites": T5_SITES}
 
     def __init__(self, config: PromptConfig, base, tokenizer=None):
         super().__init__(config)

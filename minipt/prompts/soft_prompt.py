@@ -76,6 +76,7 @@ def _encode(tokenizer, text: str) -> list:
 
 class SoftPrompt(PromptMethod):
     uses = ("num_virtual_tokens", "init", "init_text", "init_labels", "placement")
+    choices = {"init": ("text", "vocab", "labels", "random"), "placement": ("encoder", "decoder")}
 
     def __init__(self, config: PromptConfig, base, tokenizer=None):
         super().__init__(config)
