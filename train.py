@@ -37,8 +37,8 @@ from minipt.prompts.adapter import adapted_layers
 from minipt.prompts.lora import find_targets
 from minipt.prompts.files import check_fingerprint, checkpoint_fingerprint, read_prompt
 from minipt.tasks import load_task
-from minipt.training import (MetricsLog, all_sum, atomic_write, load_checkpoint, lr_at, make_optimizer, peak_rss_gb,
-                             plot_metrics, save_checkpoint, setup_distributed)
+from minipt.training import (MetricsLog, all_sum, atomic_write, lr_at, make_optimizer, peak_rss_gb, plot_metrics,
+                             read_checkpoint, restore_checkpoint, save_checkpoint, setup_distributed)
 
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", "prompt.safetensors", "plot.png")  # what a run leaves
 
@@ -65,6 +65,7 @@ def train(argv):
         model_config, tok = check_checkpoint(cfg.base)
         task = load_task(cfg.data, seed=cfg.seed)
         check_task(cfg, task, tok, model_config, world)
+        resumed = read_checkpoint(out / "checkpoint.pt") if cfg.resume else None
         if cfg.init_from:
             with bad_input_exits("init_from: "):
                 check_init_from(cfg, tok)
@@ -104,9 +105,9 @@ def train(argv):
     batches = Batches(len(train_rows), cfg.batch_size * cfg.grad_accum, cfg.seed,
                       lengths=[len(r["input"]) for r in train_rows], bucket_batches=cfg.bucket_batches)
     start = 0
-    if cfg.resume:
-        with bad_input_exits():
-            start = load_checkpoint(out / "checkpoint.pt", model, optimizer, batches)
+    if resumed:
+        with bad_input_exits(f"{out / 'checkpoint.pt'}: "):
+            start = restore_checkpoint(resumed, model, optimizer, batches)
         say(f"resumed from {out / 'checkpoint.pt'} at step {start}")
     last_saved = start  # the step of the checkpoint on disk (0: none)
     if main_process:

@@ -10,7 +10,6 @@ every minipt key must be found with the expected shape, or the conversion stops 
 one-line error naming the key, and nothing is left at OUT.
 """
 import json
-import pickle
 import re
 import shutil
 import sys
@@ -24,7 +23,7 @@ from safetensors.torch import save_file
 
 from .cli import ArgumentParser
 from .config import GPTConfig, T5Config, save_config
-from .tensorfile import check_gguf, read_tensors
+from .tensorfile import check_gguf, load_pickle, read_tensors
 
 
 class ConversionError(ValueError):
@@ -286,11 +285,7 @@ def read_hf_weights(src: Path) -> dict:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             return {k: v for shard in shards for k, v in read_tensors(src / shard).items()}
         if legacy.exists():
-            return torch.load(legacy, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"it would call {found[1]}" if found else str(e).splitlines()[0]
-        raise ConversionError(f"{legacy}: refused, the pickle holds more than tensors ({what})") from None
+            return load_pickle(legacy, mapped=True)
     except ValueError as e:  # tensorfile's one-line refusals name the file already
         raise ConversionError(str(e)) from None
     except (OSError, RuntimeError, json.JSONDecodeError, KeyError) as e:

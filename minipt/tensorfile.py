@@ -18,6 +18,8 @@ import json
 import math
 import mmap
 import os
+import pickle
+import re
 import struct
 
 import torch
@@ -71,6 +73,17 @@ def read_tensors(path, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
                 t = t.to(dtype)
             out[name] = t.to(device)
     return out
+
+
+def load_pickle(path, mapped: bool = False):
+    """torch.load with weights_only=True (tensors, numbers, strings, lists, dicts): a pickle
+    that would build any other object, and so could run code, is refused by name."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it would call {found[1]}" if found else str(e).splitlines()[0]
+        raise ValueError(f"{path}: refused, the pickle holds more than tensors ({what})") from None
 
 
 # ---- GGUF headers -------------------------------------------------------------------------

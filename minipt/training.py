@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .tensorfile import load_pickle
+
 
 # ---- optimizer and schedule -----------------------------------------------------------------
 
@@ -88,14 +90,25 @@ def save_checkpoint(path: Path, step: int, model, optimizer, batches) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: Path, model, optimizer, batches) -> int:
-    """Restore everything save_checkpoint wrote; return the step to continue from."""
+def read_checkpoint(path: Path) -> dict:
+    """What save_checkpoint wrote, unpickled with weights_only=True: a file that would build
+    any other object (and so could run code) is refused, not loaded."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_pickle(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no checkpoint to resume from") from None
+    except ValueError:
+        raise
     except Exception as e:
         raise ValueError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]})") from None
+    missing = {"step", "method", "optimizer", "batches", "torch_rng", "python_rng"} - set(state)
+    if missing:
+        raise ValueError(f"{path}: not a minipt checkpoint (no {', '.join(sorted(missing))})")
+    return state
+
+
+def restore_checkpoint(state: dict, model, optimizer, batches) -> int:
+    """Put a read checkpoint back in place; return the step to continue from."""
     model.method.load_saved(state["method"])
     optimizer.load_state_dict(state["optimizer"])
     batches.load_state(state["batches"])

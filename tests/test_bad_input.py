@@ -246,6 +246,28 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(llama_dir, task_file,
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_loss_stops_before_the_update(bad, llama_dir, task_file, tmp_path, monkeypatch):
+    """The parameters after the refused step are those of the step before: counted as
+    optimizer steps taken, and compared with the checkpoint written just before."""
+    fail_training_forward(monkeypatch, 3, lambda loss: loss * 0 + bad)
+    real_optimizer, steps_taken, trained = train.make_optimizer, [], []
+
+    def counting_optimizer(cfg, params):
+        optimizer = real_optimizer(cfg, params)
+        trained.extend(params)
+        step = optimizer.step
+        optimizer.step = lambda *a, **k: (steps_taken.append(1), step(*a, **k))[1]
+        return optimizer
+    monkeypatch.setattr(train, "make_optimizer", counting_optimizer)
+    out = tmp_path / "out"
+    stops(lambda: train.main(args(llama_dir, task_file, out, steps=6, ckpt_interval=2, eval_interval=0)),
+          f"loss is {bad} at step 3", "stopped before the update")
+    assert len(steps_taken) == 2
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["method"]
+    assert [torch.equal(p.detach(), s) for p, s in zip(trained, saved.values())] == [True] * len(saved)
+
+
 def test_nan_gradient_with_a_finite_loss_stops_before_the_update(llama_dir, task_file, tmp_path, monkeypatch):
     # the value is the loss; the gradient of sqrt at 0 is inf, times 0 a NaN
     fail_training_forward(monkeypatch, 3, lambda loss: loss + 0 * torch.sqrt(loss - loss))

@@ -136,3 +136,70 @@ def test_resume_survives_a_metrics_line_cut_short(llama_dir, task_file, tmp_path
     train.main(args(llama_dir, task_file, out, resume=True, **common))
     steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     assert steps == [1, 2, 3, 4, 4]
+
+
+def test_every_run_file_is_written_through_atomic_write(llama_dir, task_file, tmp_path, monkeypatch):
+    """What the kill test above proves of atomic_write holds for the run's files only if
+    train.py writes each of them through it."""
+    from minipt import training
+    from minipt.prompts import files
+    written, real = [], training.atomic_write
+
+    def recording(path, write):
+        written.append(Path(path).name)
+        real(path, write)
+    for module in (train, training, files):
+        monkeypatch.setattr(module, "atomic_write", recording)
+    train.main(args(llama_dir, task_file, tmp_path / "out", steps=4, ckpt_interval=2, eval_interval=0))
+    assert {"config.json", "checkpoint.pt", "metrics.jsonl", "plot.png", "prompt.safetensors"} <= set(written), written
+
+
+def resumable_run(llama_dir, task_file, out):
+    train.main(args(llama_dir, task_file, out, steps=4, ckpt_interval=2, eval_interval=0))
+    (out / "prompt.safetensors").unlink()          # as if killed after the checkpoint at step 2
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 2
+    return args(llama_dir, task_file, out, steps=4, ckpt_interval=2, eval_interval=0, resume=True)
+
+
+@pytest.mark.parametrize("key, value", [("base", "copy"), ("data", "copy"), ("template", "Text: {input}\nLabel:"),
+                                        ("optimizer", "adafactor"), ("num_virtual_tokens", 5)])
+def test_resume_refuses_a_changed_setting(key, value, llama_dir, task_file, tmp_path):
+    out = tmp_path / "out"
+    argv = resumable_run(llama_dir, task_file, out)
+    if value == "copy":                              # the same content at another path is another run
+        source = {"base": llama_dir, "data": task_file}[key]
+        value = tmp_path / f"copy{source.suffix}"
+        if source.is_dir():
+            import shutil
+            shutil.copytree(source, value)
+        else:
+            value.write_bytes(source.read_bytes())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    stops(lambda: train.main(argv + [f"--{key}={value}"]), f"the run being resumed has {key}=", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_accepts_changed_steps_and_intervals(llama_dir, task_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = resumable_run(llama_dir, task_file, out)
+    train.main(argv + ["--steps=6", "--log_interval=3", "--eval_interval=3", "--ckpt_interval=0"])
+    assert "resumed from" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 6]   # log_interval 1 before, then 3
+    assert [r["step"] for r in rows if r["kind"] == "valid"] == [3, 6] and (out / "prompt.safetensors").exists()
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(llama_dir, task_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    argv = resumable_run(llama_dir, task_file, out)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "step": Evil()}, out / "checkpoint.pt")
+    monkeypatch.setattr(train, "load_base", lambda *a, **k: pytest.fail("the base loaded before the refusal"))
+    stops(lambda: train.main(argv), "checkpoint.pt: refused, the pickle holds more than tensors", "system")
+    assert not marker.exists()
