@@ -29,9 +29,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from minipt.checkpoint import build_model, check_checkpoint, load_base
-from minipt.train_config import parse_train_config
+from minipt.train_config import help_text, parse_train_config
 from minipt.data import Batches, TruncationWarning, collate, encode_text
 from minipt.evaluation import evaluate_generation, rank_classify
+from minipt.progress import Progress
 from minipt.prompts import PromptConfig, attach, init_from, save
 from minipt.prompts.adapter import adapted_layers
 from minipt.prompts.lora import find_targets
@@ -50,6 +51,9 @@ def main(argv=None):
 
 
 def train(argv):
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return
     with bad_input_exits():
         cfg = parse_train_config(argv)
         out = Path(cfg.out_dir)
@@ -78,14 +82,15 @@ def train(argv):
     train_rows, valid_rows, test_rows = task.splits["train"], task.splits["validation"][:cfg.eval_examples], task.splits["test"]
     metric = "accuracy" if task.labels else "rougeL"
 
-    def evaluate(model, rows):
+    def evaluate(model, rows, what):
+        progress = Progress(what)
         if task.labels:
-            return rank_classify(model, tok, rows, template, task.labels, is_t5)[0]
-        return evaluate_generation(model, tok, rows, template, max_new_tokens=64, is_t5=is_t5)["rougeL"]
+            return rank_classify(model, tok, rows, template, task.labels, is_t5, progress=progress)[0]
+        return evaluate_generation(model, tok, rows, template, max_new_tokens=64, is_t5=is_t5, progress=progress)["rougeL"]
 
     say(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     say(f"task {task.name}: {len(train_rows)} train / {len(valid_rows)} validation / {len(test_rows)} test, metric {metric}")
-    zero_shot = evaluate(base, test_rows) if main_process else None  # before attach: LoRA changes the base
+    zero_shot = evaluate(base, test_rows, "zero-shot test") if main_process else None  # before attach: LoRA changes the base
     if main_process:
         say(f"zero-shot test {metric}: {zero_shot:.4f}")
 
@@ -167,7 +172,7 @@ def train(argv):
             log.add(kind="train", step=done, loss=loss, lr=lr, tokens_per_s=tok_s)
         if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.steps):
             if main_process:
-                value = evaluate(model, valid_rows)
+                value = evaluate(model, valid_rows, f"validation at step {done}")
                 say(f"step {done:5d} | validation {metric} {value:.4f}")
                 log.add(kind="valid", step=done, **{metric: value})
             _barrier(world)
@@ -181,7 +186,7 @@ def train(argv):
     # -- the result --
     if not main_process:
         return
-    tuned = evaluate(model, test_rows)
+    tuned = evaluate(model, test_rows, "test")
     log.add(kind="test", step=cfg.steps, **{metric: tuned, "zero_shot": zero_shot})
     prompt_path = save(model, out / "prompt.safetensors", tok)
     plotted = plot_metrics(log.rows, metric, out / "plot.png")

@@ -56,22 +56,23 @@ def _pad_id(tok, is_t5, model):
 # --------------------------------------------------------------------------- rank classification
 
 
-def rank_classify(model, tok, rows, template, labels, is_t5, batch_size=32, max_len=None):
+def rank_classify(model, tok, rows, template, labels, is_t5, batch_size=32, max_len=None, progress=None):
     """Pick, for every row, the label with the highest log p(label | prompt).
 
     rows: [{"input", "target"}, ...], every target one of labels. max_len bounds prompt +
     label tokens as in training (`data.encode_example`; long prompts lose their left end),
     by default the model's context. T5 scores each label followed by EOS, as it is trained.
     Returns (accuracy, predictions: list of label strings, probabilities: (N, L) float
-    tensor, the softmax over the labels' scores).
+    tensor, the softmax over the labels' scores). progress: called as progress(rows done, rows)
+    after every batch (a `minipt.progress.Progress`).
     """
-    scores = label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len)[:, 0]
+    scores = label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len, progress)[:, 0]
     best = scores.argmax(-1).tolist()
     predictions = [labels[i] for i in best]
     return _accuracy(predictions, rows), predictions, scores.softmax(-1)
 
 
-def label_scores(model, tok, rows, template, labels, is_t5, batch_size=32, max_len=None):
+def label_scores(model, tok, rows, template, labels, is_t5, batch_size=32, max_len=None, progress=None):
     """(N, K, L) log p(label | prompt) of every row and label under each of the model's K
     members (K = 1 but for an `Ensemble`)."""
     if not labels:
@@ -81,17 +82,19 @@ def label_scores(model, tok, rows, template, labels, is_t5, batch_size=32, max_l
         raise ValueError(f"rank_classify: target {sorted(unknown)[0]!r} is not one of the labels {labels}")
     max_len = _limit(model, max_len)
     label_ids = [encode_text(tok, label) for label in labels]
+    progress = progress or (lambda done, total: None)
     with _evaluating(model):
         if not is_t5 and all(len(ids) == 1 for ids in label_ids):
-            return _single_token_scores(model, tok, rows, template, [ids[0] for ids in label_ids], batch_size, max_len)
-        return _label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len)
+            return _single_token_scores(model, tok, rows, template, [ids[0] for ids in label_ids], batch_size, max_len,
+                                        progress)
+        return _label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len, progress)
 
 
 def _accuracy(predictions, rows) -> float:
     return sum(p == r["target"] for p, r in zip(predictions, rows)) / max(len(rows), 1)
 
 
-def _single_token_scores(model, tok, rows, template, label_tokens, batch_size, max_len):
+def _single_token_scores(model, tok, rows, template, label_tokens, batch_size, max_len, progress):
     """Every label is one token: one forward per batch reads them all off the last position.
 
     Prompts are left-padded so that every row's last prompt token sits in the last column.
@@ -108,10 +111,11 @@ def _single_token_scores(model, tok, rows, template, label_tokens, batch_size, m
         logits, _ = model(ids.to(device), attention_mask=mask.to(device) if padded else None, last_only=True)
         logp = logits[:, -1].float().log_softmax(-1)                       # (B * K, V)
         scores[chunk] = logp[:, label_tokens].view(len(chunk), K, -1).cpu()
+        progress(start + len(chunk), len(rows))
     return scores
 
 
-def _label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len):
+def _label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len, progress):
     """General case: one sequence per (row, label) pair, the label's token log-probs summed."""
     pairs = [encode_example(tok, template, {"input": r["input"], "target": label}, max_len, is_t5)
              for r in rows for label in labels]
@@ -137,6 +141,7 @@ def _label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len
         row_of = torch.arange(targets.size(0), device=device)[:, None].expand_as(targets)[scored]
         summed = torch.zeros(targets.size(0), device=device).index_add_(0, row_of, token_logp)
         scores[chunk] = summed.view(len(chunk), K).cpu()
+        progress((start + len(chunk)) // len(labels), len(rows))     # rows' worth of (row, label) pairs
     return scores.view(len(rows), len(labels), K).transpose(1, 2)
 
 
@@ -220,10 +225,12 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(normal(prediction) == normal(reference))
 
 
-def generate_predictions(model, tok, rows, template, max_new_tokens, is_t5, batch_size=16, max_len=None):
+def generate_predictions(model, tok, rows, template, max_new_tokens, is_t5, batch_size=16, max_len=None,
+                         progress=None):
     """Greedy continuations of each row's prompt, decoded to text (EOS and specials dropped).
 
-    Decoder prompts are cut from the left so prompt + new tokens fit the context.
+    Decoder prompts are cut from the left so prompt + new tokens fit the context. progress:
+    as in rank_classify.
     """
     limit = _limit(model, max_len, reserve=0 if is_t5 else max_new_tokens)
     prompts = []
@@ -239,12 +246,16 @@ def generate_predictions(model, tok, rows, template, max_new_tokens, is_t5, batc
             new = generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_id=tok.eos_id, pad_id=pad_id)
             for i, ids in zip(chunk, new):
                 texts[i] = tok.decode(ids, skip_special=True)
+            if progress:
+                progress(start + len(chunk), len(rows))
     return texts
 
 
-def evaluate_generation(model, tok, rows, template, max_new_tokens, is_t5, batch_size=16, max_len=None) -> dict:
+def evaluate_generation(model, tok, rows, template, max_new_tokens, is_t5, batch_size=16, max_len=None,
+                        progress=None) -> dict:
     """Greedy generation scored against each row's target: {"rougeL": mean, "exact_match": mean}."""
-    predictions = generate_predictions(model, tok, rows, template, max_new_tokens, is_t5, batch_size, max_len)
+    predictions = generate_predictions(model, tok, rows, template, max_new_tokens, is_t5, batch_size, max_len,
+                                       progress)
     n = max(len(rows), 1)
     return {"rougeL": sum(rouge_l(p, r["target"]) for p, r in zip(predictions, rows)) / n,
             "exact_match": sum(exact_match(p, r["target"]) for p, r in zip(predictions, rows)) / n}

@@ -4,7 +4,9 @@ and config files are read as literals, never executed.
 """
 import ast
 import dataclasses
+import inspect
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -58,24 +60,24 @@ class TrainConfig(PromptConfig):
     batch_size: int = 16             # global batch (split across DDP ranks)
     grad_accum: int = 1              # micro-batches per optimizer step
     bucket_batches: int = 8          # rows sorted by length within windows of this many batches (0: off)
-    steps: int = 200
+    steps: int = 200                 # optimizer steps
     lr: "float | None" = None        # None: the method's recipe (RECIPES)
     optimizer: str = "adamw"         # adamw | adafactor (Lester et al.: lr 0.3, decay 1e-5)
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01       # AdamW decoupled weight decay (Adafactor: its own decay)
     warmup_steps: "int | None" = None   # None: the method's recipe
     adapter_layers: "int | None" = None  # None: the recipe's; negative: every layer but that many
     schedule: str = "linear"         # constant | linear | cosine (decay after warmup)
     grad_clip: float = 1.0           # max global grad norm; 0 disables
     dtype: str = "bfloat16"          # frozen weights' dtype; method params and optimizer stay fp32
     device: str = "cpu"              # cpu | cuda
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
     compile: bool = False            # torch.compile the blocks: faster steps after a 20-60 s first one
     eval_interval: int = 50          # validation every N steps (0: only at the end)
     eval_examples: int = 200         # validation examples per evaluation
-    log_interval: int = 10
+    log_interval: int = 10           # a training-loss line every N steps
     ckpt_interval: int = 50          # resumable checkpoint every N steps (0: never)
-    seed: int = 0
-    out_dir: str = "out/sentiment"
+    seed: int = 0                    # data order, dropout and the method's random initialisation
+    out_dir: str = "out/sentiment"   # where the prompt file, config.json, metrics.jsonl and plot.png go
     resume: bool = False             # continue out_dir's last checkpoint
     overwrite: bool = False          # replace an earlier run in out_dir (without it, or resume, that is refused)
 
@@ -110,6 +112,47 @@ class TrainConfig(PromptConfig):
             self.init_text = BUILTIN[self.data][4]
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run in out_dir, or replace it")
+
+
+HELP_GROUPS = {
+    "method": ("method", "num_virtual_tokens", "init", "init_text", "init_labels", "init_from", "placement",
+               "encoder_type", "encoder_hidden", "encoder_residual", "prefix_projection", "projection_hidden",
+               "t5_prefix_sites", "adapter_layers", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
+    "data": ("data", "template", "max_len", "bucket_batches"),
+    "optimisation": ("steps", "batch_size", "grad_accum", "lr", "optimizer", "weight_decay", "warmup_steps",
+                     "schedule", "grad_clip"),
+    "run": ("base", "dtype", "device", "grad_checkpointing", "compile", "eval_interval", "eval_examples",
+            "log_interval", "ckpt_interval", "seed", "out_dir", "resume", "overwrite"),
+}
+
+
+def field_comments() -> dict:
+    """{key: the comment after its field}, from the source of PromptConfig and TrainConfig:
+    the one place the keys are described (TrainConfig's comment wins where both have one)."""
+    comments = {}
+    for cls in (PromptConfig, TrainConfig):
+        for line in inspect.getsource(cls).splitlines():
+            found = re.match(r"    (\w+): .*?  # (.+)$", line)
+            if found:
+                comments[found[1]] = found[2]
+    return comments
+
+
+def help_text() -> str:
+    """`python train.py --help`: every key with its type, default and meaning, grouped."""
+    hints, comments = typing.get_type_hints(TrainConfig), field_comments()
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainConfig)}
+    kind = lambda t: " | ".join("None" if a is type(None) else a.__name__ for a in typing.get_args(t) or [t])
+    from_recipe = {key for recipe in RECIPES.values() for key in recipe}
+    lines = ["usage: python train.py [config/NAME.py] [--key=value ...]",
+             "Each key's default is below; a config file sets keys as `key = value` lines, later arguments win."]
+    for group, keys in HELP_GROUPS.items():
+        lines += ["", f"{group}:"]
+        for key in keys:
+            default = "(recipe)" if defaults[key] is None and key in from_recipe else repr(defaults[key])
+            lines.append(f"  --{key:<19} {kind(hints[key]):<12} {default:<31} {comments.get(key, '')}")
+    return "\n".join(lines)
 
 
 def _parse_value(key: str, text: str, typ):

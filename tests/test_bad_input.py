@@ -211,7 +211,8 @@ def test_long_inputs_are_truncated_with_one_warning(llama_dir, tmp_path, capsys)
                             for i in range(20)))
     train.main(args(llama_dir, long, tmp_path / "out", steps=2, eval_interval=0, max_len=64))
     err = capsys.readouterr().err
-    assert err.splitlines() == ["warning: inputs longer than max_len=64 tokens are truncated from the left"], err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: inputs longer than max_len=64 tokens are truncated from the left"], err
     assert (tmp_path / "out" / "prompt.safetensors").exists()
 
 
@@ -597,3 +598,31 @@ def test_commands_refuse_bad_options_before_loading(case, words, llama_dir, t5_d
     before = sorted(p.name for p in tmp_path.iterdir())
     stops(lambda: cli_main(command)(argv), *words)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# ---- data that is odd but valid keeps working ------------------------------------------------
+
+def write_rows(path, rows, newline="\n", bom=False):
+    text = "".join(json.dumps(r, ensure_ascii=False) + newline for r in rows)
+    path.write_bytes(("\ufeff" if bom else "").encode() + text.encode("utf-8"))
+    return path
+
+
+def test_a_bom_and_windows_line_ends_read_as_the_plain_file(task_file, tmp_path):
+    from minipt.tasks import load_task
+    rows = [json.loads(line) for line in task_file.read_text().splitlines()]
+    windows = write_rows(tmp_path / "windows.jsonl", rows, newline="\r\n", bom=True)
+    assert load_task(str(windows)).splits == load_task(str(task_file)).splits
+
+
+@pytest.mark.parametrize("kind", ["non-ASCII and emoji", "duplicated rows", "BOM and CRLF"])
+def test_odd_but_valid_data_trains(kind, llama_dir, task_file, tmp_path, capsys):
+    rows = [json.loads(line) for line in task_file.read_text().splitlines()]
+    if kind == "non-ASCII and emoji":
+        rows = [dict(r, input=f"Très bien 😀 — 日本語の映画 {r['input']} ✓") for r in rows]
+    if kind == "duplicated rows":
+        rows = rows[:20] * 3
+    path = write_rows(tmp_path / "rows.jsonl", rows, **(dict(newline="\r\n", bom=True) if kind == "BOM and CRLF" else {}))
+    out = tmp_path / "out"
+    train.main(args(llama_dir, path, out, steps=2, eval_interval=0))
+    assert (out / "prompt.safetensors").exists() and "test accuracy" in capsys.readouterr().out

@@ -118,7 +118,8 @@ def brute_force(model, prompts, label_ids, is_t5):
 
 @pytest.mark.parametrize("labels", [[" negative", " positive"],              # one token each: the fast path
                                     [" rather dull", " truly great"],        # two tokens each
-                                    [" not good at all", " great"]])         # four tokens against one
+                                    [" not good at all", " great"],          # four tokens against one
+                                    [" very good", " very bad"]])            # the same first token
 @pytest.mark.parametrize("prompted", [False, True])
 def test_rank_classify_equals_brute_force_decoder(bpe, labels, prompted):
     model = tiny_gpt(bpe.vocab_size)

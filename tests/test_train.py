@@ -1,6 +1,7 @@
 """train.py end to end on tiny random models with real vocabularies: config parsing,
 falling loss for every method, exact resume after a crash, DDP equivalence, and the whole
 T5 path (no real T5 weights exist on this machine)."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,13 +12,13 @@ import torch
 
 import train
 from minipt.checkpoint import load_base
-from minipt.train_config import parse_train_config
 from minipt.convert import convert
 from minipt.evaluation import rank_classify
 from minipt.prompts import load
 from minipt.prompts.base import drop_unread
 from minipt.tasks import load_task
 from minipt import training
+from minipt.train_config import TrainConfig, field_comments, parse_train_config
 
 from conftest import save_tiny_hf, tiny_hf_model
 
@@ -187,3 +188,15 @@ def test_t5_end_to_end(method, t5_dir, task_file, tmp_path):
     losses = train_losses(tmp_path)
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     assert reloaded_test_accuracy(tmp_path, t5_dir, task_file, is_t5=True) == logged_test_row(tmp_path)["accuracy"]
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_describes_every_key(flag, capsys):
+    train.main(["--steps=3", flag])
+    text = capsys.readouterr().out
+    described = {line.split()[0][2:]: line for line in text.splitlines() if line.startswith("  --")}
+    assert set(described) == {f.name for f in dataclasses.fields(TrainConfig)}
+    comments = field_comments()
+    undescribed = [k for k in described if not comments.get(k) or not described[k].endswith(comments[k])]
+    assert not undescribed, f"no comment after these fields in PromptConfig / TrainConfig: {undescribed}"
+    assert described["lr"].split()[1:5] == ["float", "|", "None", "(recipe)"]

@@ -21,7 +21,7 @@ AT_LEAST = {"num_virtual_tokens": 1, "encoder_hidden": 1, "projection_hidden": 1
 
 @dataclass
 class PromptConfig:
-    method: str = "prompt_tuning"
+    method: str = "prompt_tuning"         # prompt_tuning | p_tuning | prefix_tuning | p_tuning_v2 | adapter | lora | full
     num_virtual_tokens: int = 20          # soft prompt / P-tuning / prefix length; adapter prompt length
     # soft prompt and P-tuning initialisation (Lester et al. 2021, §3.2)
     init: str = "vocab"                   # random (uniform ±0.5) | vocab | text | labels
@@ -30,19 +30,19 @@ class PromptConfig:
     placement: str = "encoder"            # T5 soft prompt: "encoder" input or "decoder" input
     # P-tuning v1 prompt encoder (Liu et al. 2021)
     encoder_type: str = "lstm"            # lstm (bidirectional LSTM + MLP) | mlp
-    encoder_hidden: int = 256
+    encoder_hidden: int = 256             # the prompt encoder's hidden size
     encoder_residual: bool = True         # prompt = embeddings + encoder output (last layer zero at start)
     # prefix tuning / P-tuning v2 (Li & Liang 2021; Liu et al. 2022)
     prefix_projection: "bool | None" = None   # MLP reparameterisation; None: on for prefix_tuning, off for v2
-    projection_hidden: int = 512
-    t5_prefix_sites: list = field(default_factory=lambda: ["encoder", "decoder", "cross"])
+    projection_hidden: int = 512          # the MLP's hidden size (with prefix_projection)
+    t5_prefix_sites: list = field(default_factory=lambda: ["encoder", "decoder", "cross"])  # T5 attentions with prefixes
     # prompt adapter (LLaMA-Adapter, Zhang et al. 2023)
     adapter_layers: int = 8               # the top L layers get adaption prompts; -k: all but the lowest k
     # LoRA (Hu et al. 2021)
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_r: int = 8                       # rank of the update B A
+    lora_alpha: float = 16.0              # the update is scaled by alpha / r
+    lora_dropout: float = 0.0             # dropout on the update's input
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])  # linear layers by name
     seed: int = 0                         # initialisation seed
 
     def __post_init__(self):
