@@ -29,15 +29,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from minipt.checkpoint import build_model, check_checkpoint, load_base
-from minipt.train_config import help_text, parse_train_config
 from minipt.data import Batches, TruncationWarning, collate, encode_text
 from minipt.evaluation import evaluate_generation, rank_classify
 from minipt.progress import Progress
 from minipt.prompts import PromptConfig, attach, init_from, save
 from minipt.prompts.adapter import adapted_layers
-from minipt.prompts.lora import find_targets
 from minipt.prompts.files import check_fingerprint, checkpoint_fingerprint, read_prompt
+from minipt.prompts.lora import find_targets
 from minipt.tasks import load_task
+from minipt.train_config import help_text, parse_train_config
 from minipt.training import (MetricsLog, all_sum, atomic_write, lr_at, make_optimizer, peak_rss_gb, plot_metrics,
                              read_checkpoint, restore_checkpoint, save_checkpoint, setup_distributed)
 

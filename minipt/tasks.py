@@ -172,6 +172,8 @@ def read_jsonl(path) -> list[dict]:
     """Rows {"input": str, "target": str[, "task": str]}; a bad line raises a one-line
     ValueError naming path:line. A UTF-8 byte-order mark and Windows line ends are fine."""
     rows = []
+    if Path(path).is_dir():
+        raise ValueError(f"{path}: a directory, not a JSONL file")
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:

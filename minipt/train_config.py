@@ -189,11 +189,19 @@ def _check_type(key: str, value, typ):
 def _read_config_file(path: str) -> dict:
     """`key = literal` lines of a config/NAME.py file, read with ast: nothing is executed."""
     try:
-        src = Path(path).read_text()
+        src = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ValueError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: a directory, not a config file (config/NAME.py)") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    try:
+        body = ast.parse(src, filename=path).body
+    except SyntaxError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid Python ({e.msg})") from None
     values = {}
-    for node in ast.parse(src, filename=path).body:
+    for node in body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # a docstring
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):

@@ -46,6 +46,13 @@ def stops(run, *words):
     return line
 
 
+@pytest.fixture
+def no_base_load(monkeypatch):
+    def loaded(*a, **k):
+        raise AssertionError("the base model loaded before the refusal")
+    monkeypatch.setattr(train, "load_base", loaded)
+
+
 # ---- files the cases are made of ------------------------------------------------------------
 
 def jsonl(*lines):
@@ -177,7 +184,7 @@ TRAIN_CASES = [
 
 
 @pytest.mark.parametrize("over, words", [c[1:] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
-def test_train_refuses(over, words, llama_dir, t5_dir, task_file, tmp_path):
+def test_train_refuses(over, words, llama_dir, t5_dir, task_file, tmp_path, no_base_load):
     t = SimpleNamespace(tmp=tmp_path, llama=llama_dir, t5=t5_dir, task=task_file, out=tmp_path / "out")
     over = {k: v(t) if callable(v) else v for k, v in over.items()}
     before = {p.name: p.read_bytes() for p in t.out.iterdir()} if t.out.exists() else None
@@ -459,7 +466,8 @@ def bad_values(key, typ):
     if typ is float:
         return [("not a number", "fast"), ("not finite", "nan"), ("infinite", "inf"), ("negative", "-1")]
     if typ is list:
-        return [("empty", ""), ("unknown item", "nowhere")] if key != "init_labels" else [("empty", "")]
+        return {"init_labels": [("empty", "")], "t5_prefix_sites": [("unknown item", "nowhere")]}.get(
+            key, [("empty", ""), ("unknown item", "nowhere")])
     cases = {"init_text": [("only spaces", "   ")], "template": [("no {input}", "Review:"),
                                                                   ("unknown field", "{question} {input}"),
                                                                   ("unbalanced brace", "{input")],
@@ -469,13 +477,6 @@ def bad_values(key, typ):
 
 SWEEP = [(key, kind, text) for key, typ in typing.get_type_hints(TrainConfig).items()
          for kind, text in bad_values(key, typ)]
-
-
-@pytest.fixture
-def no_base_load(monkeypatch):
-    def loaded(*a, **k):
-        raise AssertionError("the base model loaded before the refusal")
-    monkeypatch.setattr(train, "load_base", loaded)
 
 
 def refused_early(argv, out, *words):
@@ -509,6 +510,7 @@ PATH_CASES = [
     ("base", "a directory of something else", lambda t: t.tmp, ["config.json: not found"]),
     ("data", "a directory without splits", lambda t: t.tmp, ["train.jsonl"]),
     ("data", "a binary file", junk("rows.jsonl", bytes(range(256))), ["rows.jsonl:1:"]),
+    ("data", "a directory among the splits", lambda t: f"{t.llama},{t.llama},{t.llama}", ["a directory, not a JSONL"]),
     ("out_dir", "a file", a_file, ["out_dir=", "a_file", "a file, not a directory"]),
     ("out_dir", "under a file", lambda t: a_file(t) / "out", ["out_dir=", "a_file is"]),
     ("init_from", "a directory", lambda t: t.tmp, ["init_from:", "not a readable safetensors file"]),
@@ -626,3 +628,17 @@ def test_odd_but_valid_data_trains(kind, llama_dir, task_file, tmp_path, capsys)
     out = tmp_path / "out"
     train.main(args(llama_dir, path, out, steps=2, eval_interval=0))
     assert (out / "prompt.safetensors").exists() and "test accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda t: t.tmp / "none.py", ["none.py: no such config file"]),
+    (lambda t: t.tmp, ["a directory, not a config file"]),
+    (junk("binary.py", b"steps = 3\n\xff\xfe"), ["binary.py: not UTF-8 text (byte 0xff at offset 10)"]),
+    (junk("syntax.py", b"steps = 3\nlr = (\n"), ["syntax.py:2: not valid Python"]),
+    (junk("code.py", b"import os\n"), ["code.py:1: only `key = value` lines are allowed"]),
+], ids=["missing", "a directory", "not UTF-8", "syntax error", "code"])
+def test_a_bad_config_file_is_refused(make, words, llama_dir, task_file, tmp_path, no_base_load):
+    path = make(SimpleNamespace(tmp=tmp_path))
+    out = tmp_path / "out"
+    stops(lambda: train.main([str(path)] + args(llama_dir, task_file, out)), *words)
+    assert not out.exists()

@@ -1,4 +1,4 @@
-"""Evaluation: ROUGE-L against hand-worked cases (and rouge_score when it is installed), rank
+"""Evaluation: ROUGE-L against hand-worked cases and the rouge_score package, rank
 classification against brute-force scoring on tiny random models, base and prompted, and
 zero-shot sentiment on the real SmolLM2."""
 import pytest
@@ -37,23 +37,17 @@ def test_rouge_l_by_hand(prediction, reference, expected):
     assert rouge_l(reference, prediction) == pytest.approx(expected)    # F1 is symmetric
 
 
-def test_rouge_l_matches_rouge_score_when_installed():
+def test_rouge_l_matches_rouge_score():
     texts = [(p, r) for p, r, _ in ROUGE_CASES] + [
         ("Police have arrested a man after a woman was stabbed in Leeds city centre.",
          "A man has been arrested after a woman was stabbed in the centre of Leeds."),
         ("The 26-year-old striker joined on a three-year deal, the club said.",
          "Striker Sam, 26, has signed a three-year contract with the club."),
     ]
-    try:
-        from rouge_score import rouge_scorer
-    except ImportError:  # not a dependency; the hand-worked values above still hold
-        rouge_scorer = None
+    from rouge_score import rouge_scorer          # a test dependency: the oracle
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
     for p, r in texts:
-        ours = rouge_l(p, r)
-        assert 0.0 <= ours <= 1.0
-        if rouge_scorer is not None:
-            ref = rouge_scorer.RougeScorer(["rougeL"]).score(r, p)["rougeL"].fmeasure
-            assert ours == pytest.approx(ref)
+        assert rouge_l(p, r) == pytest.approx(scorer.score(r, p)["rougeL"].fmeasure)
 
 
 def test_exact_match():

@@ -222,8 +222,14 @@ def test_lookup_decoding_equals_greedy(pair, monkeypatch):
         return draft
 
     monkeypatch.setattr(generation, "_lookup_draft", spoiled)
+    forwards = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: (forwards.append(1), forward(*a, **k))[1])
     prompt = [3, 4, 5, 6] * 4
     plain = generate(model, [prompt], 30)
+    per_token = len(forwards)
     for k in (2, 5):
+        forwards.clear()
         assert generate(model, [prompt], 30, lookup=k) == plain
+        assert len(forwards) < per_token - 4, (k, len(forwards))   # accepted drafts: tokens without a forward
     assert sum(len(d) > 1 for d in drafts) >= 4

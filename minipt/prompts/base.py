@@ -17,6 +17,7 @@ import torch.nn as nn
 
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora", "full")
 AT_LEAST = {"num_virtual_tokens": 1, "encoder_hidden": 1, "projection_hidden": 1, "lora_r": 1, "seed": 0}
+NOT_EMPTY = ("init_labels", "lora_targets")   # (no t5_prefix_sites is allowed: the base, unchanged)
 
 
 @dataclass
@@ -61,7 +62,7 @@ class PromptConfig:
                 raise ValueError(f"{key}={value!r}: {self.method} takes {' | '.join(allowed)}")
         for key in reads:
             value, low = getattr(self, key), AT_LEAST.get(key)
-            if isinstance(value, list) and not value:
+            if key in NOT_EMPTY and not value:
                 raise ValueError(f"{key}=[]: {self.method} needs at least one")
             if low is not None and value < low:
                 raise ValueError(f"{key}={value}: must be at least {low}")
