@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from .cli import ArgumentParser
 from .config import GPTConfig, T5Config, save_config
+from .progress import Progress
 from .tensorfile import check_gguf, load_pickle, read_tensors
 
 
@@ -377,7 +378,9 @@ def convert_gguf(src: Path, out: Path) -> None:
     n_head, n_embd = field("llama.attention.head_count"), field("llama.embedding_length")
     n_kv_head = field("llama.attention.head_count_kv", n_head)
     sd = {}
-    for t in reader.tensors:
+    progress = Progress(f"dequantizing {src.name}", unit="tensors")
+    for i, t in enumerate(reader.tensors, 1):
+        progress(i, len(reader.tensors))
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
         if t.name.endswith("attn_q.weight"):
             w = _unpermute(w, n_head)

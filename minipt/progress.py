@@ -1,7 +1,6 @@
 """Progress of long loops (evaluations over hundreds of rows take minutes on a CPU): rows
 done, rate and time left on stderr, one line rewritten in place on a terminal, a plain line
 every `every` seconds and one at the end in a log file."""
-import math
 import sys
 import time
 
@@ -12,7 +11,7 @@ class Progress:
     def __init__(self, what: str, unit: str = "rows", every: float = 10.0, stream=None):
         self.what, self.unit, self.every = what, unit, every
         self.stream = stream or sys.stderr
-        self.start, self.last = time.perf_counter(), -math.inf
+        self.start = self.last = time.perf_counter()     # nothing before the first interval: a quick loop prints once
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter()

@@ -12,19 +12,21 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_a_log_gets_plain_lines_and_the_last_one_always():
-    log = io.StringIO()
-    progress = Progress("test", every=3600, stream=log)
-    for done in range(1, 11):
-        progress(done, 10)
-    lines = log.getvalue().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("test: 1/10 rows") and "ETA" in lines[0]
-    assert lines[1].startswith("test: 10/10 rows |") and lines[1].endswith(" s") and "\r" not in log.getvalue()
+def test_a_log_gets_a_plain_line_per_interval_and_the_last_one_always():
+    for every, printed in ((0, list(range(1, 11))), (3600, [10])):
+        log = io.StringIO()
+        progress = Progress("test", every=every, stream=log)
+        for done in range(1, 11):
+            progress(done, 10)
+        lines = log.getvalue().splitlines()
+        assert [int(line.split()[1].split("/")[0]) for line in lines] == printed and "\r" not in log.getvalue()
+        assert all("ETA" in line for line in lines[:-1]) and lines[-1].startswith("test: 10/10 rows |")
 
 
 def test_a_terminal_gets_one_line_rewritten_in_place():
     tty = Terminal()
     progress = Progress("zero-shot", every=3600, stream=tty)
+    progress.last -= 1                          # a second has passed
     progress(5, 10)
     progress(10, 10)
     text = tty.getvalue()
