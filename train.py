@@ -32,7 +32,7 @@ from minipt.checkpoint import build_model, check_checkpoint, load_base
 from minipt.data import Batches, TruncationWarning, collate, encode_text
 from minipt.evaluation import evaluate_generation, rank_classify
 from minipt.progress import Progress
-from minipt.prompts import PromptConfig, attach, init_from, save
+from minipt.prompts import PromptConfig, attach, init_from, method_class, save
 from minipt.prompts.adapter import adapted_layers
 from minipt.prompts.files import check_fingerprint, checkpoint_fingerprint, read_prompt
 from minipt.prompts.lora import find_targets
@@ -75,7 +75,8 @@ def train(argv):
                 check_init_from(cfg, tok)
 
         # -- the frozen base model --
-        dtype = torch.float32 if cfg.method == "full" else getattr(torch, cfg.dtype)  # full FT keeps fp32 master weights
+        # a method that trains the base's weights keeps fp32 master weights
+        dtype = torch.float32 if method_class(cfg.method).trains_base else getattr(torch, cfg.dtype)
         base, tok = load_base(cfg.base, dtype=dtype, device=cfg.device)
         is_t5 = base.config.model_type == "t5"
     template = cfg.template or task.template
@@ -297,8 +298,7 @@ def check_task(cfg, task, tok, model_config, world: int) -> None:
         raise ValueError(f"compile=true: compiled blocks are for decoder models; "
                          f"{cfg.base} is {model_config.model_type}")
     if model_config.model_type == "gpt":
-        # positions the method puts before the text (PromptedModel.extra_positions), known before attaching
-        virtual = cfg.num_virtual_tokens if cfg.method in ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2") else 0
+        virtual = method_class(cfg.method).virtual_positions(cfg)
         if cfg.max_len + virtual > model_config.max_seq_len:
             raise ValueError(f"max_len={cfg.max_len} + num_virtual_tokens={virtual} = {cfg.max_len + virtual} positions, "
                              f"more than the base model's context of {model_config.max_seq_len}; lower one of them")

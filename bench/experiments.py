@@ -43,10 +43,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minipt.prompts.base import drop_unread  # noqa: E402
+from minipt.prompts.base import METHODS as METHOD_NAMES, drop_unread  # noqa: E402
 from minipt.tasks import BUILTIN, load_task  # noqa: E402
 
-METHOD_NAMES = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora", "full")
 EXPERIMENTS = ("methods", "init", "length", "ensemble", "interpretation")
 
 # Method settings besides each method's recipe (learning rate, warm-up, adapter layers), which

@@ -20,16 +20,17 @@ import torch
 import torch.nn.functional as F
 
 from .cli import ArgumentParser
+from .prompts.base import METHODS, method_class
 from .prompts.files import check_base, read_prompt
 
 DEFAULT_BASE = "weights/smollm2-135m-instruct"
-SOFT_PROMPTS = ("prompt_tuning", "p_tuning")
 
 
 def soft_prompt(meta: dict, tensors: dict):
     """The (P, C) vectors a soft prompt puts before the input, or None for other methods.
     A P-tuning file holds its encoder's output as "prompt" too (see p_tuning.py)."""
-    return tensors["prompt"] if meta["config"]["method"] in SOFT_PROMPTS else None
+    method = meta["config"]["method"]
+    return tensors["prompt"] if method in METHODS and method_class(method).holds_soft_prompt else None
 
 
 @torch.no_grad()

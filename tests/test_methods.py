@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minipt.checkpoint import load_model
-from minipt.prompts import PromptConfig, attach, load, save
+from minipt.prompts import PromptConfig, attach, load, method_class, save
 
 from conftest import greedy_by_full_forwards
 
@@ -104,3 +104,18 @@ def test_prompt_file_round_trip(base_dirs, family, method, tmp_path):
     again = load(path, load_model(base_dirs[family])).eval()
     got, _ = again(batch["idx"], batch["targets"])
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("method", METHODS + ["full"])
+def test_what_a_method_declares_is_what_it_does(base_dirs, method):
+    """The class attributes that train.py, the bank and the file checks read before anything
+    is built, against the attached model: positions before the text, a changed base."""
+    cls = method_class(method)
+    model = prompted(base_dirs, "llama", method) if method != "full" else attach(
+        load_model(base_dirs["llama"]), PromptConfig(method="full"))
+    assert cls.virtual_positions(model.method.config) == model.extra_positions
+    fresh = load_model(base_dirs["llama"])
+    swapped = [type(a) for a in model.base.modules()] != [type(b) for b in fresh.modules()]   # LoRA's wrappers
+    assert cls.changes_base == (swapped or cls.trains_base)
+    assert cls.trains_base == all(p.requires_grad for p in model.base.parameters())
+    assert cls.holds_soft_prompt == (model.method.input_prompt() is not None)

@@ -4,6 +4,8 @@ import os
 import re
 from pathlib import Path
 
+import pytest
+
 from minipt.convert import convert
 
 from conftest import save_tiny_hf
@@ -37,3 +39,21 @@ def test_t5_example(tmp_path):
     convert(tmp_path / "hf", tmp_path / "t5-small")
     code = example('load_base("weights/t5-small")').replace("weights/t5-small", str(tmp_path / "t5-small"))
     exec(compile(code, "README.md", "exec"), {})
+
+
+def test_adding_a_method_example(converted_dir, monkeypatch):
+    """The README's new method, registered from a script, trains through the shared wrapper."""
+    import torch
+    from minipt.checkpoint import load_model
+    from minipt.prompts import PromptConfig, attach, base
+    scope = {}
+    exec(compile(example("class MeanPrompt"), "README.md", "exec"), scope)
+    monkeypatch.setitem(base.REGISTRY, "mean_prompt", scope["MeanPrompt"])
+    with pytest.raises(ValueError, match="lora_r=4: mean_prompt does not use it"):
+        PromptConfig(method="mean_prompt", lora_r=4)
+    model = attach(load_model(converted_dir("llama")), PromptConfig(method="mean_prompt", num_virtual_tokens=3))
+    assert model.extra_positions == 3 and model.num_trainable() == model.method.closed_form_parameters()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    _, loss = model(ids, ids)
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == ["method.prompt"]

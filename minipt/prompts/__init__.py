@@ -6,28 +6,9 @@
     save(model, "task.safetensors", tokenizer)
     model = load("task.safetensors", base, tokenizer)
 """
-import importlib
-
-from .base import METHODS, PromptConfig, PromptMethod
+from .base import METHODS, PromptConfig, PromptMethod, method_class
 from .files import check_base, read_prompt, save_prompt
 from .model import PromptedModel
-
-
-# method name -> (module in this package, class); every class takes (config, base, tokenizer)
-IMPLEMENTATIONS = {
-    "prompt_tuning": ("soft_prompt", "SoftPrompt"),
-    "p_tuning": ("p_tuning", "PTuning"),
-    "prefix_tuning": ("prefix", "PrefixTuning"),
-    "p_tuning_v2": ("prefix", "PrefixTuning"),
-    "adapter": ("adapter", "PromptAdapter"),
-    "lora": ("lora", "LoRA"),
-    "full": ("full", "FullFineTuning"),
-}
-
-
-def method_class(name: str) -> type:
-    module, cls = IMPLEMENTATIONS[name]
-    return getattr(importlib.import_module(f".{module}", __name__), cls)
 
 
 def build_method(config: PromptConfig, base, tokenizer=None) -> PromptMethod:

@@ -10,12 +10,34 @@ LoRA and full fine-tuning instead change the base's own linear layers / weights,
 once, for all methods, by `PromptedModel` in `model.py`.
 """
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora", "full")
+# The registry: method name -> "module in this package:class"; every class takes
+# (config, base, tokenizer) and says what it is in its class attributes (see PromptMethod).
+# Adding a method is one new file and one line here.
+REGISTRY = {
+    "prompt_tuning": "soft_prompt:SoftPrompt",
+    "p_tuning": "p_tuning:PTuning",
+    "prefix_tuning": "prefix:PrefixTuning",
+    "p_tuning_v2": "prefix:PrefixTuning",
+    "adapter": "adapter:PromptAdapter",
+    "lora": "lora:LoRA",
+    "full": "full:FullFineTuning",
+}
+METHODS = tuple(REGISTRY)
+
+
+def method_class(name: str) -> type:
+    entry = REGISTRY[name]
+    if isinstance(entry, type):      # a class registered at run time, from a script of your own
+        return entry
+    module, cls = entry.split(":")
+    return getattr(importlib.import_module(f".{module}", __package__), cls)
+
 AT_LEAST = {"num_virtual_tokens": 1, "encoder_hidden": 1, "projection_hidden": 1, "lora_r": 1, "seed": 0}
 NOT_EMPTY = ("init_labels", "lora_targets")   # (no t5_prefix_sites is allowed: the base, unchanged)
 
@@ -47,14 +69,13 @@ class PromptConfig:
     seed: int = 0                         # initialisation seed
 
     def __post_init__(self):
-        if self.method not in METHODS:
+        if self.method not in REGISTRY:
             raise ValueError(f"method={self.method!r}: unknown; choose one of {', '.join(METHODS)}")
         self._check_values()
         self._refuse_unused()
 
     def _check_values(self):
         """The fields the method reads, each in its range or among its choices."""
-        from . import method_class
         cls, reads = method_class(self.method), fields_read(self.method, self.init)
         for key, allowed in cls.choices.items():
             value = getattr(self, key)
@@ -108,7 +129,7 @@ class PromptConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"PromptConfig: unknown keys {', '.join(unknown)}")
-        if d.get("method", PromptConfig.method) not in METHODS:
+        if d.get("method", PromptConfig.method) not in REGISTRY:
             return cls(**d)                               # refused in __post_init__, by name
         return cls.for_method(**d)
 
@@ -118,7 +139,7 @@ def drop_unread(settings: dict) -> dict:
     does not read, which train.py would refuse: one set of settings serves every method. An
     unknown method keeps them all, to be refused by name."""
     method = settings.get("method", PromptConfig.method)
-    if method not in METHODS:
+    if method not in REGISTRY:
         return dict(settings)
     method_keys = {f.name for f in dataclasses.fields(PromptConfig)}
     reads = fields_read(method, settings.get("init", "text"))
@@ -127,7 +148,6 @@ def drop_unread(settings: dict) -> dict:
 
 def fields_read(method: str, init: str) -> set:
     """The PromptConfig fields `method` reads when initialised by `init`."""
-    from . import method_class
     reads = {"method", "seed", *method_class(method).uses}
     if init != "text":
         reads.discard("init_text")
@@ -141,6 +161,15 @@ class PromptMethod(nn.Module):
 
     uses: tuple = ()       # the PromptConfig fields the method reads (besides method and seed)
     choices: dict = {}     # field -> the values it may take (each item's, for a list field)
+    changes_base = False   # changes the base's own layers (LoRA) or weights: no mixing with other prompts
+    trains_base = False    # the base's weights are the parameters (full fine-tuning): fp32, saved whole
+    holds_soft_prompt = False  # the file's "prompt" tensor is (P, C) input vectors (inspect's neighbours)
+
+    @classmethod
+    def virtual_positions(cls, config: "PromptConfig") -> int:
+        """Context positions a decoder gives the method before the text, known from the config
+        (before any model loads); PromptedModel.extra_positions is the same, once attached."""
+        return 0
 
     n_input_tokens = 0     # vectors that input_prompt() returns
     position_offset = 0    # positions the attention prefix occupies before the text

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from ..config import load_config
 from ..training import atomic_write
+from .base import METHODS, method_class
 
 FORMAT = "minipt-prompt/1"
 
@@ -86,9 +87,10 @@ def check_fingerprint(path, meta: dict, here: dict) -> None:
         k = diff[0]
         raise ValueError(f"{path}: trained on a different base model ({k}: {saved['model'].get(k)!r} "
                          f"in the prompt, {here['model'].get(k)!r} here)")
-    # a full fine-tuning file replaces every weight (its hash is of the tuned embedding): only the architecture must match
-    full = meta.get("config", {}).get("method") == "full"
-    if not full and saved["embedding_sha256"] != here["embedding_sha256"]:
+    # a file that replaces every weight (full fine-tuning: its hash is of the tuned embedding)
+    # needs only the architecture to match
+    method = meta.get("config", {}).get("method")
+    if not (method in METHODS and method_class(method).trains_base) and saved["embedding_sha256"] != here["embedding_sha256"]:
         raise ValueError(f"{path}: trained on a different base model (same architecture, other weights: "
                          f"embedding hash {saved['embedding_sha256']} vs {here['embedding_sha256']})")
     if "tokenizer_sha256" in saved and "tokenizer_sha256" in here and saved["tokenizer_sha256"] != here["tokenizer_sha256"]:

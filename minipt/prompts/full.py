@@ -20,6 +20,7 @@ def tied_aliases(base: nn.Module) -> set:
 
 class FullFineTuning(PromptMethod):
     uses = ()
+    changes_base = trains_base = True
 
     def __init__(self, config: PromptConfig, base, tokenizer=None):
         super().__init__(config)

@@ -105,6 +105,7 @@ def _key(path: str) -> str:
 
 class LoRA(PromptMethod):
     uses = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+    changes_base = True
 
     def __init__(self, config: PromptConfig, base, tokenizer=None):
         super().__init__(config)

@@ -30,9 +30,10 @@ import torch
 import torch.nn as nn
 
 from ..layers import LayerPrefix
+from .base import METHODS, method_class
 from .model import insert_at, leading_pads, remove_at
 
-MIXABLE = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter")
+MIXABLE = tuple(m for m in METHODS if not method_class(m).changes_base)   # methods that leave the base alone
 
 
 @dataclass

@@ -51,8 +51,7 @@ def insert_at(x, rows, at):
 class PromptedModel(nn.Module):
     def __init__(self, base: nn.Module, method: PromptMethod):
         super().__init__()
-        full = method.config.method == "full"
-        base.requires_grad_(full)  # the base stays frozen, bit for bit, unless fine-tuned in full
+        base.requires_grad_(method.trains_base)  # the base stays frozen, bit for bit, unless fine-tuned in full
         self.base, self.method = base, method
         method.attach(base)
         self.is_t5 = base.config.model_type == "t5"

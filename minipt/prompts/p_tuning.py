@@ -65,6 +65,11 @@ class PTuning(PromptMethod):
     uses = ("num_virtual_tokens", "init", "init_text", "init_labels", "placement", "encoder_type", "encoder_hidden",
             "encoder_residual")
     choices = {**SoftPrompt.choices, "encoder_type": ("lstm", "mlp")}
+    holds_soft_prompt = True                # the encoder's output, saved as "prompt" (see load_saved)
+
+    @classmethod
+    def virtual_positions(cls, config):
+        return config.num_virtual_tokens
 
     def __init__(self, config: PromptConfig, base, tokenizer=None):
         super().__init__(config)

@@ -116,6 +116,10 @@ class PrefixTuning(PromptMethod):
     uses = ("num_virtual_tokens", "init", "init_text", "prefix_projection", "projection_hidden", "t5_prefix_sites")
     choices = {"init": ("text", "vocab", "random"), "t5_prefix_sites": T5_SITES}
 
+    @classmethod
+    def virtual_positions(cls, config):
+        return config.num_virtual_tokens
+
     def __init__(self, config: PromptConfig, base, tokenizer=None):
         super().__init__(config)
         dims = model_dims(base)

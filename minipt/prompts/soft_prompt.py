@@ -77,6 +77,11 @@ def _encode(tokenizer, text: str) -> list:
 class SoftPrompt(PromptMethod):
     uses = ("num_virtual_tokens", "init", "init_text", "init_labels", "placement")
     choices = {"init": ("text", "vocab", "labels", "random"), "placement": ("encoder", "decoder")}
+    holds_soft_prompt = True
+
+    @classmethod
+    def virtual_positions(cls, config):
+        return config.num_virtual_tokens
 
     def __init__(self, config: PromptConfig, base, tokenizer=None):
         super().__init__(config)
