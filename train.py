@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from minipt.checkpoint import build_model, check_checkpoint, load_base
 from minipt.data import Batches, TruncationWarning, collate, encode_text
 from minipt.evaluation import evaluate_generation, rank_classify
+from minipt.fileio import atomic_write
 from minipt.progress import Progress
 from minipt.prompts import PromptConfig, attach, init_from, method_class, save
 from minipt.prompts.adapter import adapted_layers
@@ -38,8 +39,8 @@ from minipt.prompts.files import check_fingerprint, checkpoint_fingerprint, read
 from minipt.prompts.lora import find_targets
 from minipt.tasks import load_task
 from minipt.train_config import help_text, parse_train_config
-from minipt.training import (MetricsLog, all_sum, atomic_write, lr_at, make_optimizer, peak_rss_gb, plot_metrics,
-                             read_checkpoint, restore_checkpoint, save_checkpoint, setup_distributed)
+from minipt.training import (MetricsLog, all_sum, lr_at, make_optimizer, peak_rss_gb, plot_metrics, read_checkpoint,
+                             restore_checkpoint, save_checkpoint, setup_distributed)
 
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", "prompt.safetensors", "plot.png")  # what a run leaves
 

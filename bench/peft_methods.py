@@ -62,7 +62,8 @@ from minipt.data import Batches, collate  # noqa: E402
 from minipt.fetch import fetch  # noqa: E402
 from minipt.prompts.adapter import adapted_layers  # noqa: E402
 from minipt.tasks import BUILTIN, load_task  # noqa: E402
-from minipt.training import atomic_write, lr_at, make_optimizer  # noqa: E402
+from minipt.fileio import atomic_write  # noqa: E402
+from minipt.training import lr_at, make_optimizer  # noqa: E402
 
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora")
 TASKS = ("sentiment", "topic")

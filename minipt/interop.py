@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from .cli import ArgumentParser
 from .prompts import PromptConfig, PromptedModel, build_method, save
-from .prompts.files import check_base, read_prompt
+from .prompts.files import check_base, check_fingerprint, checkpoint_fingerprint, read_prompt
 from .prompts.prefix import PrefixTable
 
 EXPORTABLE = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "lora")
@@ -140,10 +140,11 @@ def export_peft(prompt_path, out_dir, base=None, tokenizer=None, base_name=None,
     directory or model) is optional: given, the prompt must have been trained on it.
     `base_name` is recorded as base_model_name_or_path (the transformers model's id or path)."""
     meta, tensors = read_prompt(prompt_path)
-    if base is not None:
-        if isinstance(base, (str, Path)):
-            from .checkpoint import load_base
-            base, tokenizer = load_base(base)
+    if isinstance(base, (str, Path)):             # a checkpoint directory: checked without loading it
+        from .checkpoint import check_checkpoint
+        _, tokenizer = check_checkpoint(base)
+        check_fingerprint(prompt_path, meta, checkpoint_fingerprint(base, tokenizer))
+    elif base is not None:
         check_base(prompt_path, meta, base, tokenizer)
     _exportable(prompt_path, meta)
     config, weights = peft_adapter(meta, tensors, base_name)
@@ -199,20 +200,24 @@ def read_peft_weights(adapter_dir) -> dict:
 def import_peft(adapter_dir, base_model, tokenizer=None):
     """A PromptedModel on `base_model` (a minipt decoder-only model) from a peft adapter
     directory of type PROMPT_TUNING, P_TUNING, PREFIX_TUNING or LORA."""
+    cfg, state = read_peft(adapter_dir, base_model.config)
+    return _attach_with(Path(adapter_dir), base_model, cfg, state, tokenizer)
+
+
+def read_peft(adapter_dir, model_config) -> tuple:
+    """(PromptConfig, method state) of a peft adapter directory, for a base with this config."""
     d = Path(adapter_dir)
     config = read_peft_config(d)
     ptype, task = config.get("peft_type"), config.get("task_type")
     if ptype not in PEFT_TYPES:
         raise ValueError(f"{d}: peft_type {ptype!r} not supported ({', '.join(PEFT_TYPES)})")
-    if task != "CAUSAL_LM" or base_model.config.model_type != "gpt":
-        raise ValueError(f"{d}: task_type {task!r} onto a {base_model.config.model_type!r} model; "
+    if task != "CAUSAL_LM" or model_config.model_type != "gpt":
+        raise ValueError(f"{d}: task_type {task!r} onto a {model_config.model_type!r} model; "
                          "only CAUSAL_LM adapters onto decoder-only models are imported")
     tensors = read_peft_weights(d)
     if ptype == "LORA":
-        cfg, state = _lora_from_peft(d, config, tensors, base_model.config.source)
-    else:
-        cfg, state = _prompt_from_peft(d, config, tensors, base_model.config)
-    return _attach_with(d, base_model, cfg, state, tokenizer)
+        return _lora_from_peft(d, config, tensors, model_config.source)
+    return _prompt_from_peft(d, config, tensors, model_config)
 
 
 def _attach_with(src, base, cfg: PromptConfig, state: dict, tokenizer=None):
@@ -292,6 +297,12 @@ def _lora_from_peft(d: Path, config: dict, tensors: dict, family: str) -> tuple:
 
 def import_google_npy(npy_path, base_model, tokenizer=None):
     """A prompt_tuning PromptedModel from a (num_virtual_tokens, d_model) .npy soft prompt."""
+    cfg, state = read_google_npy(npy_path, base_model.config)
+    return _attach_with(Path(npy_path), base_model, cfg, state, tokenizer)
+
+
+def read_google_npy(npy_path, model_config) -> tuple:
+    """(PromptConfig, method state) of a .npy soft prompt, for a base with this config."""
     path = Path(npy_path)
     try:
         array = np.load(path, allow_pickle=False)
@@ -299,32 +310,41 @@ def import_google_npy(npy_path, base_model, tokenizer=None):
         raise FileNotFoundError(f"{path}: no such file") from None
     except (ValueError, OSError) as e:
         raise ValueError(f"{path}: not a readable .npy array ({str(e).splitlines()[0]})") from None
-    d_model = base_model.config.d_model if base_model.config.model_type == "t5" else base_model.config.n_embd
+    d_model = model_config.d_model if model_config.model_type == "t5" else model_config.n_embd
     if array.ndim != 2 or array.shape[1] != d_model or array.shape[0] == 0 or array.dtype.kind != "f":
         raise ValueError(f"{path}: soft prompt of shape {array.shape} ({array.dtype}), "
                          f"expected (num_virtual_tokens, {d_model}) floats")
     cfg = PromptConfig(method="prompt_tuning", num_virtual_tokens=array.shape[0], init="random")
-    return _attach_with(path, base_model, cfg, {"prompt": torch.from_numpy(array.astype(np.float32))}, tokenizer)
+    return cfg, {"prompt": torch.from_numpy(array.astype(np.float32))}
 
 
 def import_prompt(src, base_model, tokenizer=None):
     """A peft directory or a .npy file -> PromptedModel on base_model."""
+    cfg, state = read_source(src, base_model.config)
+    return _attach_with(Path(src), base_model, cfg, state, tokenizer)
+
+
+def read_source(src, model_config) -> tuple:
+    """(PromptConfig, method state) of a peft directory or a .npy file."""
     src = Path(src)
     if src.suffix == ".npy":
-        return import_google_npy(src, base_model, tokenizer)
+        return read_google_npy(src, model_config)
     if src.is_dir():
-        return import_peft(src, base_model, tokenizer)
+        return read_peft(src, model_config)
     raise FileNotFoundError(f"{src}: expected a peft adapter directory or a .npy file")
 
 
 def import_to_file(src, out, base_dir, force=False) -> Path:
-    """Import `src` onto the minipt checkpoint at base_dir and write a minipt prompt file."""
-    from .checkpoint import load_base
+    """Import `src` onto the minipt checkpoint at base_dir and write a minipt prompt file;
+    the source is read and checked against the base's config before the base loads."""
+    from .checkpoint import check_checkpoint, load_base
     out = Path(out)
     if out.exists() and not force:
         raise ValueError(f"{out}: already exists (pass --force to replace it)")
+    config, _ = check_checkpoint(base_dir)
+    cfg, state = read_source(src, config)
     base, tokenizer = load_base(base_dir)
-    return save(import_prompt(src, base, tokenizer), out, tokenizer)
+    return save(_attach_with(Path(src), base, cfg, state, tokenizer), out, tokenizer)
 
 
 # ---- command line ---------------------------------------------------------------------------

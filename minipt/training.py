@@ -10,12 +10,12 @@ import math
 import os
 import random
 import resource
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from .fileio import atomic_write
 from .tensorfile import load_pickle
 
 
@@ -64,19 +64,6 @@ def all_sum(x: float, world: int) -> float:
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
-
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over path: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def save_checkpoint(path: Path, step: int, model, optimizer, batches) -> None:
     state = {

@@ -570,6 +570,13 @@ def cli_cases():
         (("inspect", lambda t: [str(t.tmp / "none.safetensors")]), ["none.safetensors: no such prompt file"]),
         (("inspect", lambda t: ["p.safetensors", "--top", "-1"]), ["--top -1: must be at least 0"]),
         (("convert", lambda t: [str(t.tmp / "none.gguf"), str(t.tmp / "out")]), ["none.gguf"]),
+        (("interop", lambda t: ["import", str(t.tmp / "none.npy"), str(t.tmp / "p.safetensors")] + base(t)),
+         ["none.npy: no such file"]),
+        (("interop", lambda t: ["import", str(npy(t, (3, 7))), str(t.tmp / "p.safetensors")] + base(t)),
+         ["soft prompt of shape (3, 7)", "expected (num_virtual_tokens, 64)"]),
+        (("interop", lambda t: ["import", str(t.tmp), str(t.tmp / "p.safetensors")] + base(t)), ["adapter_config.json"]),
+        (("interop", lambda t: ["export", str(prompt_file(t, t.llama)), str(t.tmp / "peft"), "--base", str(a_file(t))]),
+         ["a_file: a file, not a minipt checkpoint directory"]),
     ]
     return cases
 
@@ -577,11 +584,17 @@ def cli_cases():
 CLI_CASES = cli_cases()
 
 
+def npy(t, shape):
+    import numpy as np
+    np.save(t.tmp / "prompt.npy", np.zeros(shape, dtype=np.float32))
+    return t.tmp / "prompt.npy"
+
+
 def cli_main(command):
     import generate as generate_cli
-    from minipt import evaluation, inspect, serve
+    from minipt import evaluation, inspect, interop, serve
     return {"generate": generate_cli.main, "serve": serve.main, "evaluation": evaluation.main,
-            "inspect": inspect.main, "convert": convert.main}[command]
+            "inspect": inspect.main, "convert": convert.main, "interop": interop.main}[command]
 
 
 @pytest.mark.parametrize("case, words", CLI_CASES, ids=[f"{c[0]}-{i}-{' '.join(w)[:40]}"

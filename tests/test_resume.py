@@ -56,7 +56,7 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(llama_dir, task_file, tmp
 WRITERS = {
     # checkpoints, config.json, metrics.jsonl (first write) and plot.png all go through atomic_write
     "atomic_write": """
-from minipt.training import atomic_write
+from minipt.fileio import atomic_write
 def write(data):
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 def die_halfway(data):
@@ -141,9 +141,9 @@ def test_resume_survives_a_metrics_line_cut_short(llama_dir, task_file, tmp_path
 def test_every_run_file_is_written_through_atomic_write(llama_dir, task_file, tmp_path, monkeypatch):
     """What the kill test above proves of atomic_write holds for the run's files only if
     train.py writes each of them through it."""
-    from minipt import training
+    from minipt import fileio, training
     from minipt.prompts import files
-    written, real = [], training.atomic_write
+    written, real = [], fileio.atomic_write
 
     def recording(path, write):
         written.append(Path(path).name)

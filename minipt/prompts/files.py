@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import load_config
-from ..training import atomic_write
+from ..fileio import atomic_write
 from .base import METHODS, method_class
 
 FORMAT = "minipt-prompt/1"
