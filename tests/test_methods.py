@@ -119,3 +119,24 @@ def test_what_a_method_declares_is_what_it_does(base_dirs, method):
     assert cls.changes_base == (swapped or cls.trains_base)
     assert cls.trains_base == all(p.requires_grad for p in model.base.parameters())
     assert cls.holds_soft_prompt == (model.method.input_prompt() is not None)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+@pytest.mark.parametrize("method", METHODS + ["full"])
+def test_a_prompt_file_refuses_a_foreign_base(base_dirs, family, method, tmp_path):
+    """Same architecture with other weights is refused (but for full fine-tuning, whose file
+    replaces every weight), and another architecture always."""
+    model = prompted(base_dirs, family, method) if method != "full" else attach(
+        load_model(base_dirs[family]), PromptConfig(method="full"))
+    path = save(model, tmp_path / "p.safetensors")
+    other_weights = load_model(base_dirs[family])
+    with torch.no_grad():
+        other_weights.embed.weight[0] += 1
+    if method == "full":
+        load(path, other_weights)
+    else:
+        with pytest.raises(ValueError, match="other weights: embedding hash"):
+            load(path, other_weights)
+    other_family = load_model(base_dirs["gpt2" if family == "llama" else "llama"])
+    with pytest.raises(ValueError, match="trained on a different base model"):
+        load(path, other_family)

@@ -19,7 +19,7 @@ from minipt.checkpoint import load_base
 from minipt.config import GPTConfig, save_config
 from minipt.generation import decode_steps, generate
 from minipt.gpt import GPT
-from minipt.prompts import PromptConfig, attach, load, save
+from minipt.prompts import PromptConfig, PromptMethod, PromptedModel, attach, load, save
 from minipt.serve import make_server
 from minipt.tokenizer import BPETokenizer, _spell
 
@@ -107,6 +107,22 @@ def oracle(base_dir, prompt_dir):
     return answer
 
 
+class Both(PromptMethod):
+    """A soft prompt's vectors and a prefix method's keys and values as one method: what the
+    server's composition "soft+prefix" must compute, written without the bank."""
+
+    def __init__(self, soft, prefix):
+        super().__init__(soft.config)
+        self.soft, self.prefix = soft, prefix
+        self.n_input_tokens, self.position_offset = soft.n_input_tokens, prefix.position_offset
+
+    def input_prompt(self):
+        return self.soft.input_prompt()
+
+    def prefixes(self, batch_size):
+        return self.prefix.prefixes(batch_size)
+
+
 def raw(server, method, path, body=None, headers=None):
     """(status, parsed JSON body) of a request sent as raw bytes (bad JSON and all)."""
     data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
@@ -160,13 +176,10 @@ def test_models_lists_base_and_every_prompt_file(client, server):
 def test_completion_equals_generate_with_the_prompt_alone(client, oracle, name, prompt_dir, base_dir):
     for text in TEXTS[:2]:
         r = client.completions.create(model=name, prompt=text, max_tokens=12, temperature=0)
-        if name == "soft+prefix":  # composition: soft's virtual tokens, prefix's keys; check against the bank
-            from minipt.prompts.mixed import PromptBank
+        if name == "soft+prefix":  # composition: one method holding soft's virtual tokens and prefix's keys
             base, tok = load_base(base_dir)
-            bank = PromptBank(base)
-            for n in ("soft", "prefix"):
-                bank.add(n, prompt_dir / f"{n}.safetensors", tok)
-            out = generate(bank.for_rows([name]), [tok.encode(text)], 12, eos_id=2, pad_id=2)[0]
+            soft, prefix = (load(prompt_dir / f"{n}.safetensors", base, tok).method for n in ("soft", "prefix"))
+            out = generate(PromptedModel(base, Both(soft, prefix)), [tok.encode(text)], 12, eos_id=2, pad_id=2)[0]
             expected = (tok.decode(out, skip_special=True), "length" if len(out) == 12 else "stop", len(out))
         else:
             expected = oracle(name, text, 12)

@@ -53,6 +53,11 @@ def test_t5_encoder_prompt_matches_peft(tmp_path):
     ref = peft(input_ids=ids, labels=labels)
     assert (logits - ref.logits).abs().max() <= 1e-4
     assert abs(loss.item() - ref.loss.item()) <= 1e-5
+    loss.backward()
+    ref.loss.backward()
+    peft_grad = peft.prompt_encoder["default"].embedding.weight.grad
+    assert torch.allclose(model.method.prompt.grad, peft_grad[:P], atol=1e-6)
+    assert not peft_grad[P:].any()          # the decoder's rows of peft's table are never read
 
 
 def test_parameter_count_is_tokens_times_d_model(tmp_path):
