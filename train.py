@@ -189,7 +189,8 @@ def train(argv):
     if not main_process:
         return
     tuned = evaluate(model, test_rows, "test")
-    log.add(kind="test", step=cfg.steps, **{metric: tuned, "zero_shot": zero_shot})
+    log.add(kind="test", step=cfg.steps, **{metric: tuned, "zero_shot": zero_shot}, train_seconds=train_seconds,
+            peak_rss_gb=peak_rss_gb())
     prompt_path = save(model, out / "prompt.safetensors", tok)
     plotted = plot_metrics(log.rows, metric, out / "plot.png")
     width = 26

@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from minipt.fileio import atomic_write  # noqa: E402
 from minipt.prompts.base import METHODS as METHOD_NAMES, drop_unread  # noqa: E402
 from minipt.tasks import BUILTIN, load_task  # noqa: E402
 
@@ -192,23 +192,13 @@ def train(run: Run, base: str, data: Path, work: Path, threads: int) -> dict:
                   init=run.settings.get("init"), num_virtual_tokens=run.settings.get("num_virtual_tokens"),
                   accuracy=test["accuracy"], zero_shot=test["zero_shot"],
                   trainable_parameters=read_prompt(prompt)[0]["trainable_parameters"],
-                  train_seconds=_printed(proc.stdout, r"training wall time\s+([\d.]+)s"),
-                  peak_rss_gb=_printed(proc.stdout, r"peak memory \(RSS\)\s+([\d.]+)GB"),
+                  train_seconds=test["train_seconds"], peak_rss_gb=test["peak_rss_gb"],
                   prompt_file_bytes=prompt.stat().st_size, process_seconds=time.perf_counter() - started)
     if run.settings["method"] == "full":
         prompt.unlink()  # a whole fp32 copy of the model; its size is recorded above
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, done)  # written last and whole: its presence means the run is complete
+    # written last and whole: its presence means the run is complete
+    atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
     return result
-
-
-def _printed(log: str, pattern: str) -> float:
-    """A figure from train.py's closing table."""
-    m = re.search(pattern, log)
-    if not m:
-        sys.exit(f"error: train.py's output has no line matching {pattern!r}; has its closing table changed?")
-    return float(m.group(1))
 
 
 # --------------------------------------------------------------------------- experiments
