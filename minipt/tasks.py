@@ -174,29 +174,32 @@ def read_jsonl(path) -> list[dict]:
     rows = []
     if Path(path).is_dir():
         raise ValueError(f"{path}: a directory, not a JSONL file")
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            for key in ("input", "target", "task"):
-                if key in row and not isinstance(row[key], str):
-                    raise ValueError(f"{path}:{n}: {key!r} must be a string")
-            missing = [k for k in ("input", "target") if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{n}: missing {' and '.join(repr(k) for k in missing)}")
-            if not row["target"].strip():  # nothing to learn, and it tokenizes to nothing
-                raise ValueError(f"{path}:{n}: 'target' is empty")
-            rows.append({k: row[k] for k in ("input", "target", "task") if k in row})
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: unreadable ({e.strerror})") from None
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        for key in ("input", "target", "task"):
+            if key in row and not isinstance(row[key], str):
+                raise ValueError(f"{path}:{n}: {key!r} must be a string")
+        missing = [k for k in ("input", "target") if k not in row]
+        if missing:
+            raise ValueError(f"{path}:{n}: missing {' and '.join(repr(k) for k in missing)}")
+        if not row["target"].strip():  # nothing to learn, and it tokenizes to nothing
+            raise ValueError(f"{path}:{n}: 'target' is empty")
+        rows.append({k: row[k] for k in ("input", "target", "task") if k in row})
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

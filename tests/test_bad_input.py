@@ -511,9 +511,12 @@ PATH_CASES = [
     ("data", "a directory without splits", lambda t: t.tmp, ["train.jsonl"]),
     ("data", "a binary file", junk("rows.jsonl", bytes(range(256))), ["rows.jsonl:1:"]),
     ("data", "a directory among the splits", lambda t: f"{t.llama},{t.llama},{t.llama}", ["a directory, not a JSONL"]),
+    ("data", "unreadable", lambda t: "/proc/self/mem", ["/proc/self/mem: unreadable"]),   # EIO even for root
     ("out_dir", "a file", a_file, ["out_dir=", "a_file", "a file, not a directory"]),
+    ("out_dir", "unwritable", lambda t: "/proc/minipt-out", ["out_dir='/proc/minipt-out': cannot create files in /proc"]),
     ("out_dir", "under a file", lambda t: a_file(t) / "out", ["out_dir=", "a_file is"]),
     ("init_from", "a directory", lambda t: t.tmp, ["init_from:", "not a readable safetensors file"]),
+    ("init_from", "unreadable", lambda t: "/proc/self/mem", ["init_from:", "not a readable safetensors file"]),
     ("init_from", "a checkpoint's weights", lambda t: t.llama / "model.safetensors",
      ["init_from:", "not a minipt prompt file"]),
 ]
