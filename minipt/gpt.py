@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import fast
 from .config import GPTConfig
 from .layers import GeluMLP, KVCache, Linear, RMSNorm, SelfAttention, SwiGLU, Unpadded, rope_cos_sin
 
@@ -109,7 +110,8 @@ class GPT(nn.Module):
             position_ids = self._positions(attention_mask, start, T, B, x.device)
         mask = self._mask(attention_mask, start, T, B, x.device)
         unpadded = None
-        if cache_pos is None and (shared is not None or (attention_mask is not None and not attention_mask.all())):
+        padded = attention_mask is not None and not attention_mask.all()
+        if cache_pos is None and (shared is not None or (fast.ENABLED and padded)):
             # outside attention, the layers see only the real tokens (see layers.Unpadded)
             keep = attention_mask if attention_mask is not None else torch.ones(B, T, device=x.device)
             P = 0 if shared is None else shared.size(0)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import T5Config
-from .layers import KVCache, Linear, RMSNorm, attend, linear
+from .fast import linear
+from .layers import KVCache, Linear, RMSNorm, attend
 
 
 class RelativePositionBias(nn.Module):

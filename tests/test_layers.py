@@ -1,11 +1,11 @@
-"""The memory-saving autograd functions of layers.py against autograd through the plain
+"""The memory-saving autograd functions of fast.py against autograd through the plain
 formulas they replace: same outputs, same gradients, for every input that needs one; and the
 decoding shortcuts (few-row products, one-query attention) against the plain ops."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from minipt.layers import _ExplicitAttention, _RMSNormFunction, _SiluMulFunction
+from minipt.fast import ExplicitAttention, RMSNormFunction, SiluMulFunction
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -38,13 +38,13 @@ def rand(*shape, dtype, seed, grad=True):
 def test_rms_norm(dtype, weight_trained):
     x, w = rand(3, 5, 16, dtype=dtype, seed=0), rand(16, dtype=dtype, seed=1, grad=weight_trained)
     plain = lambda x, w: w * F.rms_norm(x.float(), (16,), eps=1e-6).to(x.dtype)
-    assert_same(grads_of(lambda x, w: _RMSNormFunction.apply(x, w, 1e-6), [x, w]), grads_of(plain, [x, w]), dtype)
+    assert_same(grads_of(lambda x, w: RMSNormFunction.apply(x, w, 1e-6), [x, w]), grads_of(plain, [x, w]), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_mul(dtype):
     gate, up = rand(4, 7, 32, dtype=dtype, seed=2), rand(4, 7, 32, dtype=dtype, seed=3)
-    assert_same(grads_of(_SiluMulFunction.apply, [gate, up]), grads_of(lambda g, u: F.silu(g) * u, [gate, up]), dtype)
+    assert_same(grads_of(SiluMulFunction.apply, [gate, up]), grads_of(lambda g, u: F.silu(g) * u, [gate, up]), dtype)
 
 
 def plain_attention(q, k, v, mask, scale):
@@ -75,7 +75,7 @@ def test_explicit_attention(dtype, case):
         mask = torch.rand(B, H, T, S, generator=torch.Generator().manual_seed(8)) > 0.3
         mask[..., 0] = True
     inputs = [q, k, v] + ([mask] if mask is not None else [])
-    ours = lambda q, k, v, m=None: _ExplicitAttention.apply(q, k, v, m, 0.5)
+    ours = lambda q, k, v, m=None: ExplicitAttention.apply(q, k, v, m, 0.5)
     plain = lambda q, k, v, m=None: plain_attention(q, k, v, m, 0.5)
     assert_same(grads_of(ours, inputs), grads_of(plain, inputs), dtype)
 
@@ -99,17 +99,17 @@ def test_few_row_linear_equals_f_linear(lead, out_features, monkeypatch):
     """The row-block product of a few fp32 rows (decoding) gives F.linear's values, bias
     included, for 8, 2 or 1 (indivisible) blocks, and is really taken up to FEW_ROWS rows
     (8 here, as on the CPUs where it pays)."""
-    from minipt import layers
-    monkeypatch.setattr(layers, "FEW_ROWS", 8)
+    from minipt import fast
+    monkeypatch.setattr(fast, "FEW_ROWS", 8)
     x, w, b = rand(*lead, 24, dtype=torch.float32, seed=12), rand(out_features, 24, dtype=torch.float32, seed=13), \
         rand(out_features, dtype=torch.float32, seed=14)
     calls = []
-    monkeypatch.setattr(layers.torch, "bmm", lambda *a: calls.append(1) or torch.matmul(*a))
+    monkeypatch.setattr(fast.torch, "bmm", lambda *a: calls.append(1) or torch.matmul(*a))
     with torch.no_grad():
-        ours, ref = layers.linear(x, w, b), F.linear(x, w, b)
+        ours, ref = fast.linear(x, w, b), F.linear(x, w, b)
     assert ours.shape == ref.shape and (ours - ref).abs().max() <= TOL[torch.float32] * ref.abs().max()
     rows = x.numel() // 24
-    assert len(calls) == (rows <= layers.FEW_ROWS and out_features % 2 == 0)
+    assert len(calls) == (rows <= fast.FEW_ROWS and out_features % 2 == 0)
 
 
 def test_unpadded_pad_keeps_only_the_index_for_backward():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType, quants
 
 import generate as generate_cli
-from minipt import layers, packed
+from minipt import fast, packed
 from minipt.checkpoint import load_base
 from minipt.config import GPTConfig
 from minipt.generation import generate, stepwise_logits
@@ -82,7 +82,7 @@ def test_packed_product_is_the_fp32_product_and_only_for_few_rows(kind, few_rows
     """Where the packed product does not apply, `lin` gives the fp32 product the code intends:
     F.linear's when FEW_ROWS is 0 (Intel), the row-block one for a few rows when it is 8 (AMD).
     Both branches run on either CPU."""
-    monkeypatch.setattr(layers, "FEW_ROWS", few_rows)
+    monkeypatch.setattr(fast, "FEW_ROWS", few_rows)
     lin = Linear(96, 64, bias=True)
     with torch.no_grad():
         lin.weight.copy_(gguf_blocks(torch.randn(64, 96) * 0.05, kind)[1])
@@ -91,13 +91,13 @@ def test_packed_product_is_the_fp32_product_and_only_for_few_rows(kind, few_rows
     with torch.no_grad():
         few = torch.randn(2, 3, 96)                                  # 6 rows: packed
         bf16_close(lin(few), F.linear(few, lin.weight, lin.bias))
-        assert not torch.equal(lin(few), layers.linear(few, lin.weight, lin.bias))
+        assert not torch.equal(lin(few), fast.linear(few, lin.weight, lin.bias))
         many = torch.randn(packed.MAX_ROWS + 1, 96)                  # exact fp32 product
         assert torch.equal(lin(many), F.linear(many, lin.weight, lin.bias))
     assert torch.equal(lin(few), F.linear(few, lin.weight, lin.bias))   # autograd on: exact
     with torch.no_grad():
         lin.weight.mul_(2)                                           # updated after packing: the stale
-        exact = layers.linear(few, lin.weight, lin.bias)             # codes are not used
+        exact = fast.linear(few, lin.weight, lin.bias)             # codes are not used
         assert torch.equal(lin(few), exact)
         if few_rows == 0:
             assert torch.equal(exact, F.linear(few, lin.weight, lin.bias))

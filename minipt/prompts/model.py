@@ -16,6 +16,7 @@ This is where the method-independent bookkeeping lives, written once:
 import torch
 import torch.nn as nn
 
+from .. import fast
 from .base import PromptMethod
 
 
@@ -97,7 +98,7 @@ class PromptedModel(nn.Module):
         mask = attention_mask if attention_mask is not None else torch.ones(B, (cache_pos or 0) + T, dtype=torch.long, device=idx.device)
         P = self.n_prompt
         prefixes = self.method.prefixes(B)
-        if P and cache_pos is None and not prefixes:
+        if P and cache_pos is None and not prefixes and fast.ENABLED:
             # the text attends to the prompt's keys/values, computed once for the whole batch
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + P
             return base(inputs_embeds=x, targets=targets, attention_mask=mask, position_ids=positions,

@@ -1,0 +1,202 @@
+"""Speed work, apart from the model code: what makes a CPU training step fast and small
+and CPU decoding fast, each piece a drop-in for a plain formula in `layers.py`, which stays
+its specification (`tests/test_fast.py` runs training steps both ways and compares).
+
+One switch, `ENABLED` (on by default; `MINIPT_PLAIN=1` in the environment, or `with
+fast.off():`, runs the plain code everywhere):
+  - norms, SwiGLU and attention that keep only their inputs for backward and recompute the
+    rest, which roughly halves a bf16 step's activations;
+  - plain-matmul attention where PyTorch's CPU flash kernel has a slow backward, and for
+    one 16-bit query in decoding;
+  - the unpadding's gather with a plain store as its backward;
+  - few-row fp32 products as row blocks on CPUs where MKL runs them on one thread.
+The model-level tricks (unpadded batches, the soft prompt run once per batch) are switched
+by the same flag in `GPT.forward`.
+"""
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+ENABLED = os.environ.get("MINIPT_PLAIN", "") in ("", "0")
+
+
+@contextmanager
+def off():
+    """The plain path for the duration: what the fast one is tested against."""
+    global ENABLED
+    before, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = before
+
+
+def training(*tensors) -> bool:
+    """Whether a memory-saving backward applies: the switch is on and autograd records one of these."""
+    return ENABLED and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+# Training memory: autograd would keep, for every norm, the fp32 copy of its input; for every
+# SwiGLU, silu(gate) next to gate and up; for every attention, the scores in fp32 and bf16 and
+# the grouped keys/values repeated per head. The three functions below keep only their inputs
+# (in the model's dtype) and recompute the rest in backward, which roughly halves the
+# activations of a bf16 training step for a few percent more elementwise work.
+
+class RMSNormFunction(torch.autograd.Function):
+    """layers.RMSNorm's formula, saving x only; backward recomputes 1/rms(x) in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)
+        normed = xf * rstd
+        g = (grad * weight).float()                                   # gradient w.r.t. the normed x
+        dx = rstd * (g - normed * (g * normed).mean(-1, keepdim=True))
+        dweight = None
+        if ctx.needs_input_grad[1]:
+            dweight = (grad * normed.to(x.dtype)).sum_to_size(weight.shape)
+        return dx.to(x.dtype), dweight, None
+
+
+class SiluMulFunction(torch.autograd.Function):
+    """silu(gate) * up, saving gate and up only (not silu(gate) as well). Backward does what
+    autograd would, in the same order and dtype, recomputing silu(gate) once."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        d_gate = torch.ops.aten.silu_backward(grad * up, gate)    # silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)
+        return d_gate, grad * F.silu(gate)
+
+
+class TakeRows(torch.autograd.Function):
+    """x[index] for an index without repeats. Autograd's backward of x[index] scatter-adds,
+    since an index may repeat, and compiled that is an atomic add per element: the backward
+    of the unpadding after attention made a compiled bf16 step ~4 % slower. Here the
+    gradient rows are simply stored back."""
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.save_for_backward(index)
+        ctx.rows = x.size(0)
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, *grad.shape[1:]).index_put((index,), grad), None
+
+
+# PyTorch's CPU flash-attention backward is slow on short sequences: for a training batch of
+# 16 x 70 tokens (SmolLM2 heads) forward + backward takes ~30 ms against ~9 ms for plain
+# softmax(QK^T)V, a quarter of the whole step. Past a few hundred keys SDPA wins again.
+EXPLICIT_ATTENTION_MAX_KEYS = 256
+
+
+def cpu_attention(q, k, v, mask, scale):
+    """layers.attend's softmax(q k^T) v the faster way on a CPU, or None where SDPA is best."""
+    if q.device.type != "cpu":
+        return None
+    scale = q.size(-1) ** -0.5 if scale is None else scale
+    if torch.is_grad_enabled() and k.size(2) <= EXPLICIT_ATTENTION_MAX_KEYS:
+        return ExplicitAttention.apply(q, k, v, mask, scale)
+    if q.size(2) == 1 and q.dtype in (torch.float16, torch.bfloat16):
+        # one query (decoding) in 16 bits: SDPA's CPU kernel takes 2-3x as long as this
+        return _grouped_matmul(_attention_probs(q, k, mask, scale).to(q.dtype), v, q.shape)
+    return None
+
+
+def _attention_probs(q, k, mask, scale):
+    """softmax(q k^T * scale + mask) in fp32, (B, nkv, groups, T, S): the query heads that share
+    a kv head are stacked as extra rows of one matmul instead of repeating the keys."""
+    B, H, T, hs = q.shape
+    nkv = k.size(1)
+    scores = (q.reshape(B, nkv, H // nkv * T, hs) @ k.transpose(-1, -2)).float() * scale
+    scores = scores.view(B, nkv, H // nkv, T, -1)
+    if mask is not None:
+        mask = mask.view(mask.size(0), -1, 1, *mask.shape[-2:]) if mask.size(1) == 1 else \
+            mask.view(mask.size(0), nkv, H // nkv, *mask.shape[-2:])
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(-1)
+
+
+class ExplicitAttention(torch.autograd.Function):
+    """SDPA's semantics written out (softmax in fp32, grouped kv heads), saving only q, k, v
+    and the mask: backward recomputes the probabilities, as flash attention does."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        ctx.save_for_backward(q, k, v, mask)
+        ctx.scale = scale
+        return _grouped_matmul(_attention_probs(q, k, mask, scale).to(q.dtype), v, q.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, mask = ctx.saved_tensors
+        B, H, T, hs = q.shape
+        nkv, S = k.size(1), k.size(2)
+        probs = _attention_probs(q, k, mask, ctx.scale)                       # (B, nkv, g, T, S) fp32
+        p = probs.to(q.dtype).view(B, nkv, -1, S)                             # (B, nkv, g*T, S)
+        dy = grad.reshape(B, nkv, H // nkv * T, hs)
+        dv = p.transpose(-1, -2) @ dy                                         # summed over the group
+        dp = (dy @ v.transpose(-1, -2)).float().view_as(probs)
+        dscores = probs * (dp - (dp * probs).sum(-1, keepdim=True))          # softmax backward
+        ds = (dscores * ctx.scale).to(q.dtype).view(B, nkv, -1, S)
+        dq = (ds @ k).view(B, H, T, hs)
+        dk = ds.transpose(-1, -2) @ q.reshape(B, nkv, -1, hs)
+        dmask = None
+        if ctx.needs_input_grad[3]:                                           # a trained additive bias (T5, full FT)
+            dmask = dscores.view(B, H, T, S).sum_to_size(mask.shape).to(mask.dtype)
+        return dq, dk, dv, dmask, None
+
+
+def _grouped_matmul(p, v, q_shape):
+    """(B, nkv, g, T, S) probabilities times (B, nkv, S, hs) values -> (B, H, T, hs)."""
+    B, nkv, g, T, S = p.shape
+    return (p.view(B, nkv, g * T, S) @ v).view(q_shape)
+
+
+# Decoding multiplies a few rows (one per sequence) by every weight matrix, so it is bound by
+# reading the weights. On AMD CPUs MKL does such an fp32 product on one thread, at a third of
+# the machine's memory bandwidth; cut into row blocks, the same product is a batched one, which
+# torch spreads over the threads: the fp32 weight chain of SmolLM2 reads in ~25 ms instead of
+# ~55 ms on 2 EPYC cores at 1 row, and still faster at 8 rows (a batch of 8). On Intel CPUs
+# MKL's own product is threaded and reads at full bandwidth (17 ms), and the blocks would
+# only slow it (45 ms), so there FEW_ROWS is 0. fp16/bf16 products keep F.linear.
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+FEW_ROWS = 8 if _cpu_vendor() == "AuthenticAMD" else 0
+
+
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias), with the row-block product for a few fp32 rows on CPU."""
+    rows = x.numel() // x.size(-1)
+    blocks = 8 if weight.size(0) % 8 == 0 else 2 if weight.size(0) % 2 == 0 else 1
+    if (not ENABLED or rows > FEW_ROWS or blocks == 1 or weight.dtype != torch.float32 or x.device.type != "cpu"
+            or not weight.is_contiguous()
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return F.linear(x, weight, bias)
+    xt = x.reshape(rows, -1).t().expand(blocks, -1, -1)                 # (blocks, in, rows)
+    y = torch.bmm(weight.view(blocks, -1, weight.size(1)), xt)            # (blocks, out/blocks, rows)
+    y = y.view(weight.size(0), rows).t().reshape(*x.shape[:-1], weight.size(0))
+    return y if bias is None else y + bias

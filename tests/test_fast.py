@@ -1,0 +1,80 @@
+"""The speed work (`minipt/fast.py`) against the plain code it replaces: training steps with
+the switch on and off give the same loss and the same gradients, for every method that
+trains through the model's norms, MLPs and attention, on padded batches (the unpadding and
+the soft prompt run once per batch are on the fast side), and generation the same tokens."""
+import pytest
+import torch
+
+from minipt import fast
+from minipt.checkpoint import load_model
+from minipt.generation import generate
+from minipt.prompts import PromptConfig, attach
+
+METHODS = ["prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora", "full"]
+
+
+def padded_batch(vocab=120, B=3, T=9):
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(3, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :3] = 0                                          # left padding, two lengths
+    mask[2, :5] = 0
+    targets = torch.where(mask.bool(), torch.randint(3, vocab, (B, T), generator=g), -100)
+    return idx, mask, targets
+
+
+def step(model, batch, dtype):
+    idx, mask, targets = batch
+    model.zero_grad(set_to_none=True)
+    _, loss = model(idx, targets, attention_mask=mask)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# full fine-tuning trains fp32 weights (train.py loads the base so), the others a bf16 base too
+CASES = [(m, d) for m in METHODS for d in (torch.float32, torch.bfloat16) if not (m == "full" and d != torch.float32)]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("method, dtype", CASES, ids=[f"{m}-{str(d)[6:]}" for m, d in CASES])
+def test_a_training_step_is_the_same_with_the_switch_off(method, dtype, kind, converted_dir):
+    config = PromptConfig.for_method(method, num_virtual_tokens=4, init="random", encoder_hidden=16,
+                                     projection_hidden=16, adapter_layers=1, lora_r=2)
+    model = attach(load_model(converted_dir(kind), dtype=dtype), config).train()
+    if method == "adapter":
+        with torch.no_grad():
+            model.method.gates.fill_(0.5)                    # open: a zero gate would hide the adapter's path
+    for p in model.trainable_parameters():
+        p.data = p.data.float()
+    batch = padded_batch()
+    loss, grads = step(model, batch, dtype)
+    with fast.off():
+        plain_loss, plain_grads = step(model, batch, dtype)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=5e-2)
+    assert torch.allclose(loss, plain_loss, **tol), (loss, plain_loss)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name in grads:
+        assert torch.allclose(grads[name].float(), plain_grads[name].float(), **tol), name
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5-v1.1"])
+def test_generation_gives_the_same_tokens_with_the_switch_off(kind, converted_dir):
+    model = attach(load_model(converted_dir(kind)), PromptConfig(num_virtual_tokens=4, init="random"))
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    tokens = generate(model, prompts, 12)
+    with fast.off():
+        assert generate(model, prompts, 12) == tokens
+
+
+def test_the_switch_really_switches(converted_dir, monkeypatch):
+    """Off, none of the fast functions runs: the plain path is what is compared above."""
+    calls = []
+    for name in ("RMSNormFunction", "SiluMulFunction", "TakeRows", "ExplicitAttention"):
+        real = getattr(fast, name).apply
+        monkeypatch.setattr(getattr(fast, name), "apply", lambda *a, real=real, name=name: (calls.append(name), real(*a))[1])
+    model = attach(load_model(converted_dir("llama")), PromptConfig(num_virtual_tokens=4, init="random")).train()
+    with fast.off():
+        step(model, padded_batch(), torch.float32)
+    assert calls == []
+    step(model, padded_batch(), torch.float32)
+    assert set(calls) == {"RMSNormFunction", "SiluMulFunction", "TakeRows", "ExplicitAttention"}
