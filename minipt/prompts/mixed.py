@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from ..layers import LayerPrefix
 from .base import METHODS, method_class
-from .model import insert_at, leading_pads, remove_at
+from .model import place_prompt
 
 MIXABLE = tuple(m for m in METHODS if not method_class(m).changes_base)   # methods that leave the base alone
 
@@ -180,23 +180,12 @@ class PromptBank(nn.Module):
         x = self.base.embed(idx)
         mask = attention_mask if attention_mask is not None else torch.ones(B, (cache_pos or 0) + T, dtype=torch.long,
                                                                              device=idx.device)
-        P = layout["P"]
-        if P:
-            at = leading_pads(mask)
-            if not cache_pos:
-                x = insert_at(x, layout["vectors"], at)
-                if targets is not None:
-                    targets = insert_at(targets, targets.new_full((B, P), -100), at)
-            else:
-                cache_pos += P
-            mask = insert_at(mask, layout["vmask"], at)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -x.size(1):] + layout["offsets"][:, None]
-        logits, loss = self.base(inputs_embeds=x, targets=targets, attention_mask=mask, position_ids=positions,
-                                 prefixes=layout["prefixes"], cache_pos=cache_pos, last_only=last_only,
-                                 loss_only=loss_only)
-        if P and not cache_pos and not last_only and logits is not None:
-            logits = remove_at(logits, at, P)
-        return logits, loss
+        placed = place_prompt(x, mask, targets, layout["P"], layout["vectors"], layout["vmask"],
+                              layout["offsets"][:, None], cache_pos)
+        logits, loss = self.base(inputs_embeds=placed.x, targets=placed.targets, attention_mask=placed.mask,
+                                 position_ids=placed.positions, prefixes=layout["prefixes"],
+                                 cache_pos=placed.cache_pos, last_only=last_only, loss_only=loss_only)
+        return placed.without_prompt(logits, last_only), loss
 
     def for_rows(self, rows) -> "BoundRows":
         """This bank with fixed prompts: a list (one spec per row) or one spec for every row

@@ -13,6 +13,8 @@ This is where the method-independent bookkeeping lives, written once:
     not once per row: they come first and attention is causal, so their keys and values are
     the same for every row, and the text attends to them as a prefix (GPT.forward's `shared`).
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
@@ -47,6 +49,44 @@ def insert_at(x, rows, at):
     gather = lambda t, idx: t.gather(1, idx.reshape(B, T + P, *([1] * len(trail))).expand(B, T + P, *trail))
     keep = in_prompt.reshape(B, T + P, *([1] * len(trail)))
     return torch.where(keep, gather(rows.to(x.dtype), from_rows), gather(x, from_x))
+
+
+@dataclass
+class Placed:
+    """A decoder batch with its rows' prompt vectors in place (see place_prompt)."""
+    x: torch.Tensor
+    mask: torch.Tensor
+    targets: "torch.Tensor | None"
+    positions: torch.Tensor
+    cache_pos: "int | None"
+    at: "torch.Tensor | None"        # each row's first real column, where its prompt went
+    P: int
+
+    def without_prompt(self, logits, last_only):
+        """The logits of the rows' own tokens: the prompt's columns taken out again."""
+        if self.P and not self.cache_pos and not last_only and logits is not None:
+            return remove_at(logits, self.at, self.P)
+        return logits
+
+
+def place_prompt(x, mask, targets, P, vectors, vmask, offset, cache_pos) -> Placed:
+    """Put each row's P prompt vectors (B, P, C) right after its left padding, with vmask
+    (B, P) saying which are real, and count positions over the real tokens from `offset`
+    (the positions an attention prefix takes). Past the prefill (cache_pos), the vectors are
+    in the cache already: only the mask and the cache position make room for them. The one
+    helper of PromptedModel (a prompt for the batch) and PromptBank (a prompt per row)."""
+    at = None
+    if P:
+        at = leading_pads(mask)
+        if not cache_pos:  # prefill or plain forward: the prompt enters here
+            x = insert_at(x, vectors, at)
+            if targets is not None:
+                targets = insert_at(targets, targets.new_full((x.size(0), P), -100), at)
+        else:
+            cache_pos += P
+        mask = insert_at(mask, vmask, at)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -x.size(1):] + offset
+    return Placed(x, mask, targets, positions, cache_pos, at, P)
 
 
 class PromptedModel(nn.Module):
@@ -103,23 +143,12 @@ class PromptedModel(nn.Module):
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + P
             return base(inputs_embeds=x, targets=targets, attention_mask=mask, position_ids=positions,
                         shared=self.method.input_prompt(), last_only=last_only, loss_only=loss_only)
-        if P:
-            at = leading_pads(mask)
-            if not cache_pos:  # prefill or plain forward: the prompt enters here
-                prompt = self.method.input_prompt()[None].expand(B, -1, -1)
-                x = insert_at(x, prompt, at)
-                if targets is not None:
-                    targets = insert_at(targets, targets.new_full((B, P), -100), at)
-            else:
-                cache_pos += P
-            mask = insert_at(mask, mask.new_ones(B, P), at)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -x.size(1):] + self.method.position_offset
-        logits, loss = base(inputs_embeds=x, targets=targets, attention_mask=mask, position_ids=positions,
-                            prefixes=prefixes["self"] if prefixes else None, cache_pos=cache_pos, last_only=last_only,
-                            loss_only=loss_only)
-        if P and not cache_pos and not last_only and logits is not None:
-            logits = remove_at(logits, at, P)
-        return logits, loss
+        vectors = self.method.input_prompt()[None].expand(B, -1, -1) if P and not cache_pos else None
+        placed = place_prompt(x, mask, targets, P, vectors, mask.new_ones(B, P), self.method.position_offset, cache_pos)
+        logits, loss = base(inputs_embeds=placed.x, targets=placed.targets, attention_mask=placed.mask,
+                            position_ids=placed.positions, prefixes=prefixes["self"] if prefixes else None,
+                            cache_pos=placed.cache_pos, last_only=last_only, loss_only=loss_only)
+        return placed.without_prompt(logits, last_only), loss
 
     # ---- T5 ----------------------------------------------------------------------------
 
