@@ -39,10 +39,11 @@ from minipt.prompts.files import check_fingerprint, checkpoint_fingerprint, read
 from minipt.prompts.lora import find_targets
 from minipt.tasks import load_task
 from minipt.train_config import help_text, parse_train_config
-from minipt.training import (MetricsLog, all_sum, lr_at, make_optimizer, peak_rss_gb, plot_metrics, read_checkpoint,
-                             restore_checkpoint, save_checkpoint, setup_distributed)
+from minipt.training import (MetricsLog, all_sum, lr_at, make_optimizer, peak_rss_gb, plot_metrics,
+                             read_checkpoint, restore_checkpoint, save_checkpoint, setup_distributed)
 
-RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", "prompt.safetensors", "plot.png")  # what a run leaves
+# what a run leaves in out_dir
+RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", "prompt.safetensors", "plot.png")
 
 
 def main(argv=None):
@@ -81,18 +82,22 @@ def train(argv):
         base, tok = load_base(cfg.base, dtype=dtype, device=cfg.device)
         is_t5 = base.config.model_type == "t5"
     template = cfg.template or task.template
-    train_rows, valid_rows, test_rows = task.splits["train"], task.splits["validation"][:cfg.eval_examples], task.splits["test"]
+    train_rows, test_rows = task.splits["train"], task.splits["test"]
+    valid_rows = task.splits["validation"][:cfg.eval_examples]
     metric = "accuracy" if task.labels else "rougeL"
 
     def evaluate(model, rows, what):
         progress = Progress(what)
         if task.labels:
             return rank_classify(model, tok, rows, template, task.labels, is_t5, progress=progress)[0]
-        return evaluate_generation(model, tok, rows, template, max_new_tokens=64, is_t5=is_t5, progress=progress)["rougeL"]
+        return evaluate_generation(model, tok, rows, template, max_new_tokens=64, is_t5=is_t5,
+                                   progress=progress)["rougeL"]
 
     say(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    say(f"task {task.name}: {len(train_rows)} train / {len(valid_rows)} validation / {len(test_rows)} test, metric {metric}")
-    zero_shot = evaluate(base, test_rows, "zero-shot test") if main_process else None  # before attach: LoRA changes the base
+    say(f"task {task.name}: {len(train_rows)} train / {len(valid_rows)} validation / {len(test_rows)} test, "
+        f"metric {metric}")
+    # before attach: LoRA changes the base
+    zero_shot = evaluate(base, test_rows, "zero-shot test") if main_process else None
     if main_process:
         say(f"zero-shot test {metric}: {zero_shot:.4f}")
 
@@ -107,7 +112,8 @@ def train(argv):
     params = model.trainable_parameters()
     for p in params:
         p.data = p.data.float()
-    say(f"method {cfg.method}: {model.num_trainable():,} trainable parameters ({model.method.describe_count()})")
+    say(f"method {cfg.method}: {model.num_trainable():,} trainable parameters "
+        f"({model.method.describe_count()})")
     optimizer = make_optimizer(cfg, params)
     batches = Batches(len(train_rows), cfg.batch_size * cfg.grad_accum, cfg.seed,
                       lengths=[len(r["input"]) for r in train_rows], bucket_batches=cfg.bucket_batches)
@@ -119,7 +125,8 @@ def train(argv):
     last_saved = start  # the step of the checkpoint on disk (0: none)
     if main_process:
         take_over_out_dir(out, cfg)
-        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"))
+        saved_config = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
+        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(saved_config))
         log = MetricsLog(out / "metrics.jsonl", keep_until_step=start if cfg.resume else None)
     ddp = DistributedDataParallel(model) if world > 1 else model
 
@@ -143,8 +150,8 @@ def train(argv):
             for i, mb in enumerate(micro):
                 n_mb = int((mb["targets"] != -100).sum())
                 with ddp.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext():
-                    _, loss = ddp(mb["input_ids" if is_t5 else "idx"], mb["targets"], attention_mask=mb["attention_mask"],
-                                  loss_only=True)
+                    _, loss = ddp(mb["input_ids" if is_t5 else "idx"], mb["targets"],
+                                  attention_mask=mb["attention_mask"], loss_only=True)
                     # a sum over this rank's target tokens / the global count: DDP's gradient average
                     # then equals the gradient of the mean loss over the whole global batch
                     (loss * n_mb * world / n_targets).backward()
@@ -153,16 +160,19 @@ def train(argv):
         except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain one
             if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                 raise
-            sys.exit(f"error: out of memory at step {done} on micro-batches of {micro[0]['targets'].shape[0]} rows; "
+            rows_each = micro[0]["targets"].shape[0]
+            sys.exit(f"error: out of memory at step {done} on micro-batches of {rows_each} rows; "
                      f"{smaller_pieces(cfg, world)}; {kept(out, last_saved)}")
         loss = all_sum(loss_sum, world) / n_targets
         if not math.isfinite(loss):  # every rank sees the same sum, so all stop here together
-            sys.exit(f"error: loss is {loss} at step {done}, stopped before the update; {kept(out, last_saved)}")
+            sys.exit(f"error: loss is {loss} at step {done}, stopped before the update; "
+                     f"{kept(out, last_saved)}")
         # a finite loss can still have inf/NaN gradients (an overflow in backward), which the
         # update would spread into every trained parameter; with max_norm inf the norm only measures
         norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
         if not math.isfinite(norm):
-            sys.exit(f"error: gradient norm is {norm} at step {done}, stopped before the update; {kept(out, last_saved)}")
+            sys.exit(f"error: gradient norm is {norm} at step {done}, stopped before the update; "
+                     f"{kept(out, last_saved)}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -170,7 +180,8 @@ def train(argv):
             elapsed = time.perf_counter() - t_start
             tok_s = seen_tokens * world / elapsed
             eta = elapsed / (done - start) * (cfg.steps - done)
-            say(f"step {done:5d}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | ETA {eta:.0f} s")
+            say(f"step {done:5d}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+                f"ETA {eta:.0f} s")
             log.add(kind="train", step=done, loss=loss, lr=lr, tokens_per_s=tok_s)
         if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.steps):
             if main_process:
@@ -189,14 +200,15 @@ def train(argv):
     if not main_process:
         return
     tuned = evaluate(model, test_rows, "test")
-    log.add(kind="test", step=cfg.steps, **{metric: tuned, "zero_shot": zero_shot}, train_seconds=train_seconds,
-            peak_rss_gb=peak_rss_gb())
+    log.add(kind="test", step=cfg.steps, **{metric: tuned, "zero_shot": zero_shot},
+            train_seconds=train_seconds, peak_rss_gb=peak_rss_gb())
     prompt_path = save(model, out / "prompt.safetensors", tok)
     plotted = plot_metrics(log.rows, metric, out / "plot.png")
     width = 26
     print()
     print(f"{'':{width}} {'zero-shot':>10} {'tuned':>10}")
-    print(f"{'test ' + metric + f' ({len(test_rows)})':{width}} {_fmt(zero_shot, metric):>10} {_fmt(tuned, metric):>10}")
+    label = f"test {metric} ({len(test_rows)})"
+    print(f"{label:{width}} {_fmt(zero_shot, metric):>10} {_fmt(tuned, metric):>10}")
     print(f"{'trainable parameters':{width}} {model.num_trainable():>21,}")
     print(f"{'training wall time':{width}} {train_seconds:>20.0f}s")
     print(f"{'peak memory (RSS)':{width}} {peak_rss_gb():>19.2f}GB")
@@ -229,7 +241,8 @@ def check_device_and_out_dir(cfg, out: Path) -> None:
     if cfg.resume and saved.exists():
         # what decides the prompt's shape, its data and its optimizer state; the schedule, the
         # intervals and the device may change
-        must_match = [f.name for f in dataclasses.fields(PromptConfig)] + ["base", "data", "template", "optimizer"]
+        must_match = [f.name for f in dataclasses.fields(PromptConfig)]
+        must_match += ["base", "data", "template", "optimizer"]
         try:
             before = json.loads(saved.read_text())
         except json.JSONDecodeError as e:
@@ -237,7 +250,8 @@ def check_device_and_out_dir(cfg, out: Path) -> None:
         now = dataclasses.asdict(cfg)
         for key in must_match:
             if key in before and before[key] != now[key]:
-                raise ValueError(f"{saved}: the run being resumed has {key}={before[key]!r}, this one {now[key]!r}; "
+                raise ValueError(f"{saved}: the run being resumed has {key}={before[key]!r}, "
+                                 f"this one {now[key]!r}; "
                                  f"resume with the same {key}, or start again with --overwrite")
 
 
@@ -261,7 +275,8 @@ def check_init_from(cfg, tok) -> None:
     saved = meta["config"]
     if saved["method"] != cfg.method:
         raise ValueError(f"{cfg.init_from}: a {saved['method']} prompt cannot initialise {cfg.method}")
-    starting_point = ("init", "init_text", "init_labels", "seed", "lora_dropout")   # what the file's values replace
+    # what the file's values replace
+    starting_point = ("init", "init_text", "init_labels", "seed", "lora_dropout")
     for key, value in cfg.method_fields().items():
         if key not in starting_point and key in saved and saved[key] != value:
             raise ValueError(f"{cfg.init_from}: saved with {key}={saved[key]!r}, this run has {value!r}")
@@ -274,18 +289,21 @@ def check_task(cfg, task, tok, model_config, world: int) -> None:
     n_train, batch = len(task.splits["train"]), cfg.batch_size * cfg.grad_accum
     sizes = ", ".join(f"{len(rows)} {split}" for split, rows in task.splits.items())
     if n_train < batch:
-        raise ValueError(f"{cfg.data}: the train split has {n_train} rows ({sizes}), fewer than one batch of {batch}; "
+        raise ValueError(f"{cfg.data}: the train split has {n_train} rows ({sizes}), "
+                         f"fewer than one batch of {batch}; "
                          "lower batch_size or give more rows")
     for split in ("validation", "test") if cfg.eval_interval else ("test",):
         if not task.splits[split]:
-            raise ValueError(f"{cfg.data}: the {split} split is empty ({sizes}); give more rows or the splits as files")
+            raise ValueError(f"{cfg.data}: the {split} split is empty ({sizes}); "
+                             "give more rows or the splits as files")
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} does not split evenly over {world} ranks")
     seen = {}
     for label in task.labels or []:
         ids = tuple(encode_text(tok, label))
         if ids in seen:
-            raise ValueError(f"{cfg.data}: labels {seen[ids]!r} and {label!r} are the same tokens {list(ids)}; "
+            raise ValueError(f"{cfg.data}: labels {seen[ids]!r} and {label!r} are the same tokens "
+                             f"{list(ids)}; "
                              "rank classification could not tell them apart")
         seen[ids] = label
     if "init_text" in cfg.method_fields() and not encode_text(tok, cfg.init_text):
@@ -302,8 +320,9 @@ def check_task(cfg, task, tok, model_config, world: int) -> None:
     if model_config.model_type == "gpt":
         virtual = method_class(cfg.method).virtual_positions(cfg)
         if cfg.max_len + virtual > model_config.max_seq_len:
-            raise ValueError(f"max_len={cfg.max_len} + num_virtual_tokens={virtual} = {cfg.max_len + virtual} positions, "
-                             f"more than the base model's context of {model_config.max_seq_len}; lower one of them")
+            raise ValueError(f"max_len={cfg.max_len} + num_virtual_tokens={virtual} = {cfg.max_len + virtual} "
+                             f"positions, more than the base model's context of {model_config.max_seq_len}; "
+                             "lower one of them")
 
 
 def take_over_out_dir(out: Path, cfg) -> None:
@@ -320,7 +339,8 @@ def take_over_out_dir(out: Path, cfg) -> None:
 def smaller_pieces(cfg, world: int) -> str:
     """Out-of-memory advice: the same global batch, half of it in memory at a time."""
     if cfg.batch_size % (2 * world) == 0:
-        return f"try --batch_size={cfg.batch_size // 2} --grad_accum={cfg.grad_accum * 2} (the same batch in halves)"
+        return (f"try --batch_size={cfg.batch_size // 2} --grad_accum={cfg.grad_accum * 2} "
+                "(the same batch in halves)")
     return "try --grad_checkpointing=true or a shorter --max_len"
 
 
