@@ -118,24 +118,45 @@ def _check_context(model, T: int, max_new_tokens: int):
                          f"of {model.config.max_seq_len}")
 
 
-def _decoder_steps(model, prompts, max_new_tokens, pad_id, device, pick):
-    """Yield the next token of every row, max_new_tokens times."""
+def _decoder_loop(model, prompts, steps, pad_id, device):
+    """The one decoding loop of a decoder model, under `generate` and `decode_steps`: the
+    prompts left-padded and prefilled into the KV cache, then one token per forward. Yields
+    each step's last-position logits (B, 1, V) and is sent the tokens (B,) chosen from them;
+    ends after `steps` tokens, freeing the cache however it ends."""
     ids, mask = pad_batch(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     B, T = ids.shape
-    _check_context(model, T, max_new_tokens)
+    # a batch without padding needs no mask at all (the cheaper attention path)
     padded = bool((mask == 0).any())
     step = _one_token_forward(model)
-    model.setup_cache(B, T + max_new_tokens)
-    logits, _ = model(ids, attention_mask=mask if padded else None, cache_pos=0, last_only=True)
-    for pos in range(T, T + max_new_tokens):
-        nxt = pick(logits)
-        yield nxt
-        if pos + 1 == T + max_new_tokens:
-            break
-        if padded:
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        logits, _ = step(nxt[:, None], attention_mask=mask if padded else None, cache_pos=pos, last_only=True)
+    model.setup_cache(B, T + steps)
+    try:
+        logits, _ = model(ids, attention_mask=mask if padded else None, cache_pos=0, last_only=True)
+        for pos in range(T, T + steps):
+            nxt = yield logits
+            if pos + 1 == T + steps:
+                return
+            if padded:
+                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            logits, _ = step(nxt[:, None], attention_mask=mask if padded else None, cache_pos=pos, last_only=True)
+    finally:
+        model.clear_cache()
+
+
+def _decoder_steps(model, prompts, max_new_tokens, pad_id, device, pick):
+    """Yield the next token of every row, max_new_tokens times."""
+    _check_context(model, max(len(p) for p in prompts), max_new_tokens)
+    loop = _decoder_loop(model, prompts, max_new_tokens, pad_id, device)
+    try:
+        logits = next(loop)
+        while True:
+            nxt = pick(logits)
+            yield nxt
+            logits = loop.send(nxt)
+    except StopIteration:
+        return
+    finally:
+        loop.close()
 
 
 def compile_decoding(model):
@@ -272,18 +293,12 @@ def decode_steps(model, prompts: list[list[int]], max_new_tokens, *, temperature
     gens = [None if s is None else torch.Generator(device=device).manual_seed(s) for s in seeds]
     sampled = [i for i in range(B) if temps[i] and temps[i] > 0]
 
-    ids, mask = pad_batch(prompts, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    T = ids.size(1)
-    # a batch without padding needs no mask at all (the cheaper attention path), as in generate
-    padded = bool((mask == 0).any())
     live = [n > 0 for n in max_new]
     count = [0] * B
-    step = _one_token_forward(model)
-    model.setup_cache(B, T + steps)
+    loop = _decoder_loop(model, prompts, steps, pad_id, device)
     try:
-        logits, _ = model(ids, attention_mask=mask if padded else None, cache_pos=0, last_only=True)
-        for pos in range(T, T + steps):
+        logits = next(loop)
+        while True:
             last = logits[:, -1]
             nxt = last.argmax(-1)
             for i in sampled:
@@ -299,11 +314,11 @@ def decode_steps(model, prompts: list[list[int]], max_new_tokens, *, temperature
                 live[i] = t not in eos and count[i] < max_new[i]
             yield out
             if not any(live):
-                break
+                return
             # stopped rows keep decoding (their tokens are ignored): the static cache has a
             # fixed batch, and the live rows' step costs about the same either way
-            if padded:
-                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            logits, _ = step(nxt[:, None], attention_mask=mask if padded else None, cache_pos=pos, last_only=True)
+            logits = loop.send(nxt)
+    except StopIteration:
+        return
     finally:
-        model.clear_cache()
+        loop.close()
