@@ -39,7 +39,7 @@ def _limit(model, max_len, reserve=0):
     max_len says otherwise."""
     if max_len is None:
         max_len = getattr(model.config, "max_seq_len", 512)
-        max_len -= getattr(model, "extra_positions", 0)
+        max_len -= model.extra_positions
     return max_len - reserve
 
 
@@ -100,7 +100,7 @@ def _single_token_scores(model, tok, rows, template, label_tokens, batch_size, m
     Prompts are left-padded so that every row's last prompt token sits in the last column.
     """
     prompts = [encode_text(tok, template.format(input=r["input"]))[-(max_len - 1):] for r in rows]
-    K = getattr(model, "n_members", 1)
+    K = model.n_members
     scores = torch.empty(len(rows), K, len(label_tokens))
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))  # similar lengths, little padding
     pad_id, device = _pad_id(tok, False, model), _device(model)
@@ -120,7 +120,7 @@ def _label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len
     pairs = [encode_example(tok, template, {"input": r["input"], "target": label}, max_len, is_t5)
              for r in rows for label in labels]
     inputs = "input_ids" if is_t5 else "idx"
-    K = getattr(model, "n_members", 1)
+    K = model.n_members
     scores = torch.empty(len(pairs), K)
     order = sorted(range(len(pairs)), key=lambda j: len(pairs[j][inputs]))
     pad_id, device = _pad_id(tok, is_t5, model), _device(model)

@@ -112,7 +112,7 @@ def stepwise_logits(model, ids: list[int]):
 
 
 def _check_context(model, T: int, max_new_tokens: int):
-    extra = getattr(model, "extra_positions", 0)  # a prompt method's virtual tokens / prefix
+    extra = model.extra_positions  # a prompt method's virtual tokens / prefix
     if extra + T + max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"generate: {extra} virtual + {T} prompt + {max_new_tokens} new tokens exceed the context "
                          f"of {model.config.max_seq_len}")
@@ -279,7 +279,7 @@ def decode_steps(model, prompts: list[list[int]], max_new_tokens, *, temperature
     temps, top_ks, top_ps = (_per_row(v, B, n) for v, n in ((temperature, "temperature"), (top_k, "top_k"),
                                                            (top_p, "top_p")))
     seeds = _per_row(seed, B, "seed")
-    extras = _per_row(getattr(model, "extra_positions", 0) if extra_positions is None else extra_positions, B,
+    extras = _per_row(model.extra_positions if extra_positions is None else extra_positions, B,
                       "extra_positions")
     eos = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     for i, (p, n, extra) in enumerate(zip(prompts, max_new, extras)):

@@ -38,6 +38,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    extra_positions, n_members = 0, 1      # no prompt of its own (minipt.protocol.DecodingModel)
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = cfg = config

@@ -168,6 +168,8 @@ class DecoderBlock(nn.Module):
 
 
 class T5(nn.Module):
+    extra_positions, n_members = 0, 1      # no prompt of its own (minipt.protocol.DecodingModel)
+
     def __init__(self, config: T5Config):
         super().__init__()
         self.config = cfg = config

@@ -140,3 +140,19 @@ def test_a_prompt_file_refuses_a_foreign_base(base_dirs, family, method, tmp_pat
     other_family = load_model(base_dirs["gpt2" if family == "llama" else "llama"])
     with pytest.raises(ValueError, match="trained on a different base model"):
         load(path, other_family)
+
+
+def test_every_model_kind_implements_the_protocol(base_dirs, tmp_path):
+    """What evaluation, generation and the server read, present on every kind of model."""
+    from minipt.evaluation import Ensemble
+    from minipt.prompts.mixed import PromptBank
+    from minipt.protocol import DecodingModel, LanguageModel
+    gpt, t5 = load_model(base_dirs["llama"]), load_model(base_dirs["t5"])
+    prompted_model = prompted(base_dirs, "llama", "prompt_tuning")
+    bank = PromptBank(load_model(base_dirs["llama"]))
+    bank.add("soft", save(prompted_model, tmp_path / "soft.safetensors"))
+    for model in (gpt, t5, prompted_model, bank.for_rows(["soft", None])):
+        assert isinstance(model, DecodingModel), type(model).__name__
+    ensemble = Ensemble(bank, ["soft", "soft"])
+    assert isinstance(ensemble, LanguageModel) and ensemble.n_members == 2 and ensemble.extra_positions == 4
+    assert (gpt.extra_positions, prompted_model.extra_positions) == (0, 4)

@@ -195,6 +195,7 @@ class PromptBank(nn.Module):
 
 class BoundRows(nn.Module):
     """A PromptBank whose rows' prompts are fixed (what generation needs)."""
+    n_members = 1                          # (minipt.protocol.DecodingModel)
 
     def __init__(self, bank: PromptBank, rows):
         super().__init__()

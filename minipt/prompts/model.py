@@ -90,6 +90,8 @@ def place_prompt(x, mask, targets, P, vectors, vmask, offset, cache_pos) -> Plac
 
 
 class PromptedModel(nn.Module):
+    n_members = 1                          # one output row per input row (minipt.protocol.DecodingModel)
+
     def __init__(self, base: nn.Module, method: PromptMethod):
         super().__init__()
         base.requires_grad_(method.trains_base)  # the base stays frozen, bit for bit, unless fine-tuned in full
