@@ -93,7 +93,7 @@ def classify(model, tok, args):
     """Rank classification: the most likely of the candidate labels after each text."""
     labels = parse_labels(args.labels)
     rows = [{"input": t, "target": labels[0]} for t in args.text]  # targets are unused here
-    _, predictions, probs = rank_classify(model, tok, rows, "{input}", labels, isinstance(model.config, T5Config))
+    _, predictions, probs = rank_classify(model, tok, rows, "{input}", labels)
     for text, label, p in zip(args.text, predictions, probs):
         print(f"{label.strip()}\t{p.max().item():.3f}\t{text!r}")
 

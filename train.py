@@ -89,9 +89,8 @@ def train(argv):
     def evaluate(model, rows, what):
         progress = Progress(what)
         if task.labels:
-            return rank_classify(model, tok, rows, template, task.labels, is_t5, progress=progress)[0]
-        return evaluate_generation(model, tok, rows, template, max_new_tokens=64, is_t5=is_t5,
-                                   progress=progress)["rougeL"]
+            return rank_classify(model, tok, rows, template, task.labels, progress=progress)[0]
+        return evaluate_generation(model, tok, rows, template, max_new_tokens=64, progress=progress)["rougeL"]
 
     say(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     say(f"task {task.name}: {len(train_rows)} train / {len(valid_rows)} validation / {len(test_rows)} test, "

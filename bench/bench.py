@@ -413,7 +413,7 @@ def accuracy_worker(args) -> dict:
     if args.side == "minipt":
         model, params, tok = build_minipt("prompt_tuning", getattr(torch, cfg.dtype))
         loss_fn = lambda b: minipt_loss(model, b)
-        evaluate = lambda: rank_classify(model, tok, test_rows, task.template, task.labels, False)[0]
+        evaluate = lambda: rank_classify(model, tok, test_rows, task.template, task.labels)[0]
         dtype = cfg.dtype
     else:
         model, params = build_peft("prompt_tuning", torch.float32)

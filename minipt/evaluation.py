@@ -56,7 +56,7 @@ def _pad_id(tok, is_t5, model):
 # --------------------------------------------------------------------------- rank classification
 
 
-def rank_classify(model, tok, rows, template, labels, is_t5, batch_size=32, max_len=None, progress=None):
+def rank_classify(model, tok, rows, template, labels, batch_size=32, max_len=None, progress=None):
     """Pick, for every row, the label with the highest log p(label | prompt).
 
     rows: [{"input", "target"}, ...], every target one of labels. max_len bounds prompt +
@@ -66,13 +66,13 @@ def rank_classify(model, tok, rows, template, labels, is_t5, batch_size=32, max_
     tensor, the softmax over the labels' scores). progress: called as progress(rows done, rows)
     after every batch (a `minipt.progress.Progress`).
     """
-    scores = label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len, progress)[:, 0]
+    scores = label_scores(model, tok, rows, template, labels, batch_size, max_len, progress)[:, 0]
     best = scores.argmax(-1).tolist()
     predictions = [labels[i] for i in best]
     return _accuracy(predictions, rows), predictions, scores.softmax(-1)
 
 
-def label_scores(model, tok, rows, template, labels, is_t5, batch_size=32, max_len=None, progress=None):
+def label_scores(model, tok, rows, template, labels, batch_size=32, max_len=None, progress=None):
     """(N, K, L) log p(label | prompt) of every row and label under each of the model's K
     members (K = 1 but for an `Ensemble`)."""
     if not labels:
@@ -83,6 +83,7 @@ def label_scores(model, tok, rows, template, labels, is_t5, batch_size=32, max_l
     max_len = _limit(model, max_len)
     label_ids = [encode_text(tok, label) for label in labels]
     progress = progress or (lambda done, total: None)
+    is_t5 = model.config.model_type == "t5"
     with _evaluating(model):
         if not is_t5 and all(len(ids) == 1 for ids in label_ids):
             return _single_token_scores(model, tok, rows, template, [ids[0] for ids in label_ids], batch_size, max_len,
@@ -181,7 +182,7 @@ def ensemble_classify(bank, members, tok, rows, template, labels, batch_size=32,
     Returns {"members": [accuracy per member], "mean": accuracy, "vote": accuracy,
     "predictions": {"mean": [...], "vote": [...]}}.
     """
-    scores = label_scores(Ensemble(bank, members), tok, rows, template, labels, False, batch_size, max_len)  # (N, K, L)
+    scores = label_scores(Ensemble(bank, members), tok, rows, template, labels, batch_size, max_len)  # (N, K, L)
     mean = scores.mean(1)                                                        # (N, L)
     votes = torch.zeros_like(mean).scatter_add_(1, scores.argmax(-1), torch.ones_like(scores[..., 0]))
     by_vote = (votes + 1e-3 * mean.softmax(-1)).argmax(-1)                  # a tie goes to the higher mean
@@ -225,13 +226,13 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(normal(prediction) == normal(reference))
 
 
-def generate_predictions(model, tok, rows, template, max_new_tokens, is_t5, batch_size=16, max_len=None,
-                         progress=None):
+def generate_predictions(model, tok, rows, template, max_new_tokens, batch_size=16, max_len=None, progress=None):
     """Greedy continuations of each row's prompt, decoded to text (EOS and specials dropped).
 
     Decoder prompts are cut from the left so prompt + new tokens fit the context. progress:
     as in rank_classify.
     """
+    is_t5 = model.config.model_type == "t5"
     limit = _limit(model, max_len, reserve=0 if is_t5 else max_new_tokens)
     prompts = []
     for r in rows:
@@ -251,11 +252,10 @@ def generate_predictions(model, tok, rows, template, max_new_tokens, is_t5, batc
     return texts
 
 
-def evaluate_generation(model, tok, rows, template, max_new_tokens, is_t5, batch_size=16, max_len=None,
+def evaluate_generation(model, tok, rows, template, max_new_tokens, batch_size=16, max_len=None,
                         progress=None) -> dict:
     """Greedy generation scored against each row's target: {"rougeL": mean, "exact_match": mean}."""
-    predictions = generate_predictions(model, tok, rows, template, max_new_tokens, is_t5, batch_size, max_len,
-                                       progress)
+    predictions = generate_predictions(model, tok, rows, template, max_new_tokens, batch_size, max_len, progress)
     n = max(len(rows), 1)
     return {"rougeL": sum(rouge_l(p, r["target"]) for p, r in zip(predictions, rows)) / n,
             "exact_match": sum(exact_match(p, r["target"]) for p, r in zip(predictions, rows)) / n}

@@ -123,7 +123,7 @@ def test_rank_classify_equals_brute_force_decoder(bpe, labels, prompted):
     prompts = [bpe.encode(TEMPLATE.format(input=r["input"])) for r in rows]
     expected = brute_force(model, prompts, [bpe.encode(label) for label in labels], False).log_softmax(-1)
     model.train()
-    acc, predictions, probs = rank_classify(model, bpe, rows, TEMPLATE, labels, is_t5=False, batch_size=3)
+    acc, predictions, probs = rank_classify(model, bpe, rows, TEMPLATE, labels, batch_size=3)
     assert model.training                                                # the caller's mode comes back
     # compared in log space: with labels of different lengths the probabilities saturate
     assert probs.shape == (len(rows), 2) and torch.allclose(probs.log(), expected, atol=1e-4)
@@ -142,11 +142,11 @@ def test_ensemble_members_and_combinations_equal_each_prompt_scored_alone(bpe, l
     prompts = [bpe.encode(TEMPLATE.format(input=r["input"])) for r in rows]
     label_ids = [bpe.encode(label) for label in labels]
     alone = torch.stack([brute_force(m, prompts, label_ids, False) for m in members], 1)   # (N, K, L)
-    scores = label_scores(Ensemble(bank, ["seed0", "seed1", "seed2"]), bpe, rows, TEMPLATE, labels, False, batch_size=2)
+    scores = label_scores(Ensemble(bank, ["seed0", "seed1", "seed2"]), bpe, rows, TEMPLATE, labels, batch_size=2)
     assert torch.allclose(scores, alone, atol=1e-4)                                       # each member's own scores
     result = ensemble_classify(bank, ["seed0", "seed1", "seed2"], bpe, rows, TEMPLATE, labels, batch_size=2)
     for k, m in enumerate(members):
-        assert result["members"][k] == rank_classify(m, bpe, rows, TEMPLATE, labels, is_t5=False)[0]
+        assert result["members"][k] == rank_classify(m, bpe, rows, TEMPLATE, labels)[0]
     assert result["predictions"]["mean"] == [labels[i] for i in alone.mean(1).argmax(-1).tolist()]
     votes = torch.nn.functional.one_hot(alone.argmax(-1), len(labels)).sum(1)             # (N, L)
     for i, vote in enumerate(result["predictions"]["vote"]):
@@ -160,24 +160,23 @@ def test_rank_classify_equals_brute_force_t5():
     rows = [dict(r, target=r["target"].strip()) for r in ROWS]
     prompts = [tok.encode(f"sst2 sentence: {r['input']}") for r in rows]
     expected = brute_force(model, prompts, [tok.encode(label) for label in labels], True).log_softmax(-1)
-    acc, predictions, probs = rank_classify(model, tok, rows, "sst2 sentence: {input}", labels, is_t5=True,
-                                            batch_size=4)
+    acc, predictions, probs = rank_classify(model, tok, rows, "sst2 sentence: {input}", labels, batch_size=4)
     assert torch.allclose(probs.log(), expected, atol=1e-4)
     assert predictions == [labels[k] for k in expected.argmax(-1).tolist()]
 
 
 def test_rank_classify_rejects_unknown_targets(bpe):
     with pytest.raises(ValueError, match="not one of the labels"):
-        rank_classify(tiny_gpt(bpe.vocab_size), bpe, ROWS, TEMPLATE, ["negative", "positive"], is_t5=False)
+        rank_classify(tiny_gpt(bpe.vocab_size), bpe, ROWS, TEMPLATE, ["negative", "positive"])
 
 
 def test_generation_is_batch_independent(bpe):
     model = tiny_gpt(bpe.vocab_size)
-    one = generate_predictions(model, bpe, ROWS, TEMPLATE, 6, is_t5=False, batch_size=1)
-    many = generate_predictions(model, bpe, ROWS, TEMPLATE, 6, is_t5=False, batch_size=4)
+    one = generate_predictions(model, bpe, ROWS, TEMPLATE, 6, batch_size=1)
+    many = generate_predictions(model, bpe, ROWS, TEMPLATE, 6, batch_size=4)
     assert one == many and all(isinstance(p, str) for p in one)
     rows = [dict(r, target=p) for r, p in zip(ROWS, one)]                # the model's own output is a perfect answer
-    assert evaluate_generation(model, bpe, rows, TEMPLATE, 6, is_t5=False)["exact_match"] == 1.0
+    assert evaluate_generation(model, bpe, rows, TEMPLATE, 6)["exact_match"] == 1.0
 
 
 # --------------------------------------------------------------------------- the real model
@@ -186,8 +185,7 @@ def test_generation_is_batch_independent(bpe):
 def test_smollm2_zero_shot_sentiment(smollm2_dir):
     model, tok = load_base(smollm2_dir, dtype=torch.bfloat16)
     task = load_task("sentiment")
-    acc, predictions, probs = rank_classify(model, tok, task.splits["test"][:200], task.template, task.labels,
-                                            is_t5=False)
+    acc, predictions, probs = rank_classify(model, tok, task.splits["test"][:200], task.template, task.labels)
     print(f"SmolLM2-135M-Instruct zero-shot sentiment, first 200 test sentences: {acc:.1%}")
     assert acc > 0.65
     assert torch.allclose(probs.sum(-1), torch.ones(200))

@@ -71,12 +71,12 @@ def logged_test_row(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()][-1]
 
 
-def reloaded_test_accuracy(out, base_dir, task_file, is_t5):
+def reloaded_test_accuracy(out, base_dir, task_file):
     """The test accuracy of the saved prompt file, reloaded onto a fresh base."""
     base, tok = load_base(base_dir)
     model = load(Path(out) / "prompt.safetensors", base, tok)
     task = load_task(str(task_file))
-    return rank_classify(model, tok, task.splits["test"], "Review: {input}\nSentiment:", task.labels, is_t5)[0]
+    return rank_classify(model, tok, task.splits["test"], "Review: {input}\nSentiment:", task.labels)[0]
 
 
 # ---- configuration -----------------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_outputs_and_reload_give_the_reported_accuracy(llama_dir, task_file, tmp
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["steps"] == 6 and saved["method"] == "prompt_tuning"
-    assert reloaded_test_accuracy(tmp_path, llama_dir, task_file, is_t5=False) == logged_test_row(tmp_path)["accuracy"]
+    assert reloaded_test_accuracy(tmp_path, llama_dir, task_file) == logged_test_row(tmp_path)["accuracy"]
 
 
 def test_prompt_transfer_starts_from_the_given_prompt(llama_dir, task_file, tmp_path):
@@ -187,7 +187,7 @@ def test_t5_end_to_end(method, t5_dir, task_file, tmp_path):
     train.main(args(t5_dir, task_file, tmp_path, method=method, steps=8, lr=0.1))
     losses = train_losses(tmp_path)
     assert sum(losses[-3:]) < sum(losses[:3]), losses
-    assert reloaded_test_accuracy(tmp_path, t5_dir, task_file, is_t5=True) == logged_test_row(tmp_path)["accuracy"]
+    assert reloaded_test_accuracy(tmp_path, t5_dir, task_file) == logged_test_row(tmp_path)["accuracy"]
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
