@@ -79,7 +79,7 @@ class TrainConfig(PromptConfig):
     seed: int = 0                    # data order, dropout and the method's random initialisation
     out_dir: str = "out/sentiment"   # where the prompt file, config.json, metrics.jsonl and plot.png go
     resume: bool = False             # continue out_dir's last checkpoint
-    overwrite: bool = False          # replace an earlier run in out_dir (without it, or resume, that is refused)
+    overwrite: bool = False          # replace an earlier run in out_dir (without it or resume: refused)
 
     def __post_init__(self):
         for key, value in RECIPES.get(self.method, {}).items():
@@ -92,8 +92,9 @@ class TrainConfig(PromptConfig):
             if f.name in NOT_EMPTY and not value.strip():
                 raise ValueError(f"{f.name}={value!r}: must not be empty")
         super().__post_init__()
-        for key, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("max_len", 2), ("log_interval", 1),
-                         ("eval_examples", 1), ("warmup_steps", 0), ("eval_interval", 0), ("ckpt_interval", 0),
+        for key, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("max_len", 2),
+                         ("log_interval", 1), ("eval_examples", 1), ("warmup_steps", 0),
+                         ("eval_interval", 0), ("ckpt_interval", 0),
                          ("bucket_batches", 0), ("lr", 0), ("weight_decay", 0), ("grad_clip", 0)):
             if getattr(self, key) < low:
                 raise ValueError(f"{key}={getattr(self, key)}: must be at least {low}")
@@ -105,13 +106,16 @@ class TrainConfig(PromptConfig):
         if self.template:
             check_template(self.template)
         if self.init_text and not self.init_text.strip():
-            raise ValueError(f"init_text={self.init_text!r}: only spaces; give words, or leave it unset for the task's own")
+            raise ValueError(f"init_text={self.init_text!r}: only spaces; give words, or leave it unset "
+                             "for the task's own")
         if self.init == "text" and not self.init_text and "init" in self.method_fields():
             if self.data not in BUILTIN:
-                raise ValueError(f"init=text: give init_text (data={self.data!r} is no built-in task with an instruction)")
+                raise ValueError(f"init=text: give init_text (data={self.data!r} is no built-in task "
+                                 "with an instruction)")
             self.init_text = BUILTIN[self.data][4]
         if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite exclude each other: continue the run in out_dir, or replace it")
+            raise ValueError("resume and overwrite exclude each other: continue the run in out_dir, "
+                             "or replace it")
 
 
 HELP_GROUPS = {
@@ -146,7 +150,8 @@ def help_text() -> str:
     kind = lambda t: " | ".join("None" if a is type(None) else a.__name__ for a in typing.get_args(t) or [t])
     from_recipe = {key for recipe in RECIPES.values() for key in recipe}
     lines = ["usage: python train.py [config/NAME.py] [--key=value ...]",
-             "Each key's default is below; a config file sets keys as `key = value` lines, later arguments win."]
+             "Each key's default is below; a config file sets keys as `key = value` lines; "
+             "later arguments win."]
     for group, keys in HELP_GROUPS.items():
         lines += ["", f"{group}:"]
         for key in keys:
@@ -177,11 +182,15 @@ def _parse_value(key: str, text: str, typ):
 
 def _check_type(key: str, value, typ):
     """A value from a config file must already have the field's type (ints pass as floats)."""
-    allowed = [t for t in typing.get_args(typ) if typing.get_origin(typ) is not list] or [typing.get_origin(typ) or typ]
+    allowed = [t for t in typing.get_args(typ) if typing.get_origin(typ) is not list]
+    allowed = allowed or [typing.get_origin(typ) or typ]
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if not any(value is None if t is type(None) else isinstance(value, t) and not (t is int and isinstance(value, bool))
-               for t in allowed):
+    def fits(t):
+        if t is type(None):
+            return value is None
+        return isinstance(value, t) and not (t is int and isinstance(value, bool))   # True is an int in Python
+    if not any(fits(t) for t in allowed):
         raise ValueError(f"{key}={value!r}: expected {' or '.join(t.__name__ for t in allowed)}")
     return value
 
@@ -195,7 +204,8 @@ def _read_config_file(path: str) -> dict:
     except IsADirectoryError:
         raise ValueError(f"{path}: a directory, not a config file (config/NAME.py)") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+        bad = e.object[e.start]
+        raise ValueError(f"{path}: not UTF-8 text (byte {bad:#04x} at offset {e.start})") from None
     try:
         body = ast.parse(src, filename=path).body
     except SyntaxError as e:
@@ -204,12 +214,14 @@ def _read_config_file(path: str) -> dict:
     for node in body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # a docstring
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if not (len(targets) == 1 and isinstance(targets[0], ast.Name)):
             raise ValueError(f"{path}:{node.lineno}: only `key = value` lines are allowed")
         try:
             values[node.targets[0].id] = (node.lineno, ast.literal_eval(node.value))
         except ValueError:
-            raise ValueError(f"{path}:{node.lineno}: the value must be a literal (number, string, list, bool)") from None
+            raise ValueError(f"{path}:{node.lineno}: the value must be a literal "
+                             "(number, string, list, bool)") from None
     return values
 
 
