@@ -189,7 +189,7 @@ def _check_type(key: str, value, typ):
     def fits(t):
         if t is type(None):
             return value is None
-        return isinstance(value, t) and not (t is int and isinstance(value, bool))   # True is an int in Python
+        return isinstance(value, t) and not (t is int and isinstance(value, bool))  # True is an int too
     if not any(fits(t) for t in allowed):
         raise ValueError(f"{key}={value!r}: expected {' or '.join(t.__name__ for t in allowed)}")
     return value
