@@ -1,7 +1,8 @@
 """Generate text with a minipt base model, optionally with a trained prompt file.
 
     python generate.py --base weights/smollm2-135m-instruct --chat --text "What is the capital of France?"
-    python generate.py --base weights/smollm2-135m-instruct --text "Once upon a time" --temperature 0.8 --top-p 0.9
+    python generate.py --base weights/smollm2-135m-instruct --text "Once upon a time" \
+        --temperature 0.8 --top-p 0.9
     python generate.py --base weights/smollm2-135m-instruct --prompt out/sentiment/prompt.safetensors \
         --text $'Review: a gripping, funny film\nSentiment:' --labels " negative, positive"
 
@@ -29,9 +30,10 @@ def parse_args(argv=None):
     ap = ArgumentParser(description="Generate text with a minipt base model.")
     ap.add_argument("--base", required=True, help="minipt checkpoint directory (see weights/)")
     ap.add_argument("--text", action="append", required=True, help="input text; repeat for a batch")
-    ap.add_argument("--prompt", help="a prompt file from train.py; style.safetensors+task.safetensors composes "
-                                     "several (their virtual tokens and prefixes in that order)")
-    ap.add_argument("--labels", help="comma-separated candidates: rank-classify each text instead of generating")
+    ap.add_argument("--prompt", help="a prompt file from train.py; style.safetensors+task.safetensors "
+                                     "composes several (their virtual tokens and prefixes in that order)")
+    ap.add_argument("--labels", help="comma-separated candidates: rank-classify each text instead of "
+                                     "generating")
     ap.add_argument("--chat", action="store_true", help="wrap each text as a user turn of the chat template")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
@@ -39,15 +41,16 @@ def parse_args(argv=None):
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--lookup", type=int, default=0,
-                    help="greedy, one text: check up to N prompt-lookup draft tokens per forward (same tokens, "
-                         "faster when the text repeats itself)")
+                    help="greedy, one text: check up to N prompt-lookup draft tokens per forward "
+                         "(same tokens, faster when the text repeats itself)")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     ap.add_argument("--packed", action="store_true",
-                    help="CPU: decode from the 4-bit codes of a checkpoint converted from GGUF Q4_1 (minipt.packed), "
-                         "~2x faster; the projections' inputs are rounded to bf16")
+                    help="CPU: decode from the 4-bit codes of a checkpoint converted from GGUF Q4_1 "
+                         "(minipt.packed), ~2x faster; the projections' inputs are rounded to bf16")
     ap.add_argument("--compile", action="store_true",
-                    help="decoder models: torch.compile the one-token step; with --packed 1.3-1.7x faster per "
-                         "token, after one to three minutes of compiling (minipt.generation.compile_decoding)")
+                    help="decoder models: torch.compile the one-token step; with --packed 1.3-1.7x faster "
+                         "per token, after one to three minutes of compiling "
+                         "(minipt.generation.compile_decoding)")
     ap.add_argument("--device", default="cpu")
     return ap.parse_args(argv)
 
@@ -57,7 +60,8 @@ def parse_labels(text: str) -> list:
     labels = [label for label in text.split(",") if label.strip()]
     labels = [" " + label.strip() if label.startswith(" ") else label.strip() for label in labels]
     if not labels:
-        raise ValueError(f"--labels={text!r}: no labels; give them comma-separated, e.g. ' negative, positive'")
+        raise ValueError(f"--labels={text!r}: no labels; give them comma-separated, "
+                         "e.g. ' negative, positive'")
     return labels
 
 
@@ -81,7 +85,8 @@ def check_args(args):
     if args.chat and (not hasattr(tok, "apply_chat_template") or tok.chat_format is None):
         raise ValueError(f"{args.base}: this tokenizer has no chat template (drop --chat)")
     if is_t5 and (args.compile or args.lookup):
-        raise ValueError(f"--{'compile' if args.compile else 'lookup'}: decoder models only; {args.base} is T5")
+        option = "compile" if args.compile else "lookup"
+        raise ValueError(f"--{option}: decoder models only; {args.base} is T5")
     if args.prompt:
         here = checkpoint_fingerprint(args.base, tok)
         for path in args.prompt.split("+"):
@@ -132,8 +137,9 @@ def main(argv=None):
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
     t0 = time.perf_counter()
     try:  # bad settings (--lookup with sampling, a context overflow) are generate's ValueErrors
-        outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, eos_id=tok.eos_id, pad_id=pad or 0, seed=args.seed, lookup=args.lookup)
+        outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, eos_id=tok.eos_id, pad_id=pad or 0,
+                           seed=args.seed, lookup=args.lookup)
     except ValueError as e:
         sys.exit(f"error: {e}")
     seconds = time.perf_counter() - t0
