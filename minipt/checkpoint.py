@@ -65,7 +65,8 @@ def check_checkpoint(directory):
     if not directory.exists():
         raise FileNotFoundError(f"{directory}: no such checkpoint directory")
     if not directory.is_dir():
-        hint = " (convert it first: python -m minipt.convert SRC OUT)" if directory.suffix in CONVERTIBLE else ""
+        convertible = directory.suffix in CONVERTIBLE
+        hint = " (convert it first: python -m minipt.convert SRC OUT)" if convertible else ""
         raise ValueError(f"{directory}: a file, not a minipt checkpoint directory{hint}")
     config = load_config(directory)
     path = directory / "model.safetensors"

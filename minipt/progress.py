@@ -11,7 +11,8 @@ class Progress:
     def __init__(self, what: str, unit: str = "rows", every: float = 10.0, stream=None):
         self.what, self.unit, self.every = what, unit, every
         self.stream = stream or sys.stderr
-        self.start = self.last = time.perf_counter()     # nothing before the first interval: a quick loop prints once
+        # nothing before the first interval: a quick loop prints its last line only
+        self.start = self.last = time.perf_counter()
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter()

@@ -38,13 +38,15 @@ def method_class(name: str) -> type:
     module, cls = entry.split(":")
     return getattr(importlib.import_module(f".{module}", __package__), cls)
 
+
+T5_SITES = ("encoder", "decoder", "cross")   # T5's three kinds of attention
 AT_LEAST = {"num_virtual_tokens": 1, "encoder_hidden": 1, "projection_hidden": 1, "lora_r": 1, "seed": 0}
 NOT_EMPTY = ("init_labels", "lora_targets")   # (no t5_prefix_sites is allowed: the base, unchanged)
 
 
 @dataclass
 class PromptConfig:
-    method: str = "prompt_tuning"         # prompt_tuning | p_tuning | prefix_tuning | p_tuning_v2 | adapter | lora | full
+    method: str = "prompt_tuning"         # a name in REGISTRY (above): the methods, LoRA, full fine-tuning
     num_virtual_tokens: int = 20          # soft prompt / P-tuning / prefix length; adapter prompt length
     # soft prompt and P-tuning initialisation (Lester et al. 2021, §3.2)
     init: str = "vocab"                   # random (uniform ±0.5) | vocab | text | labels
@@ -58,7 +60,7 @@ class PromptConfig:
     # prefix tuning / P-tuning v2 (Li & Liang 2021; Liu et al. 2022)
     prefix_projection: "bool | None" = None   # MLP reparameterisation; None: on for prefix_tuning, off for v2
     projection_hidden: int = 512          # the MLP's hidden size (with prefix_projection)
-    t5_prefix_sites: list = field(default_factory=lambda: ["encoder", "decoder", "cross"])  # T5 attentions with prefixes
+    t5_prefix_sites: list = field(default_factory=lambda: list(T5_SITES))  # T5 attentions with prefixes
     # prompt adapter (LLaMA-Adapter, Zhang et al. 2023)
     adapter_layers: int = 8               # the top L layers get adaption prompts; -k: all but the lowest k
     # LoRA (Hu et al. 2021)
@@ -79,7 +81,8 @@ class PromptConfig:
         cls, reads = method_class(self.method), fields_read(self.method, self.init)
         for key, allowed in cls.choices.items():
             value = getattr(self, key)
-            if key in reads and any(v not in allowed for v in (value if isinstance(value, list) else [value])):
+            items = value if isinstance(value, list) else [value]
+            if key in reads and any(v not in allowed for v in items):
                 raise ValueError(f"{key}={value!r}: {self.method} takes {' | '.join(allowed)}")
         for key in reads:
             value, low = getattr(self, key), AT_LEAST.get(key)

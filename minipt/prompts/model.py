@@ -94,7 +94,7 @@ class PromptedModel(nn.Module):
 
     def __init__(self, base: nn.Module, method: PromptMethod):
         super().__init__()
-        base.requires_grad_(method.trains_base)  # the base stays frozen, bit for bit, unless fine-tuned in full
+        base.requires_grad_(method.trains_base)  # frozen, bit for bit, unless fine-tuned in full
         self.base, self.method = base, method
         method.attach(base)
         self.is_t5 = base.config.model_type == "t5"

@@ -47,10 +47,8 @@ import torch
 import torch.nn as nn
 
 from ..layers import LayerPrefix
-from .base import PromptConfig, PromptMethod, model_dims, text_activations
+from .base import T5_SITES, PromptConfig, PromptMethod, model_dims, text_activations
 from .soft_prompt import initial_token_ids
-
-T5_SITES = ("encoder", "decoder", "cross")
 
 
 def _linear(d_in: int, d_out: int, g: torch.Generator) -> nn.Linear:
