@@ -10,8 +10,8 @@ fast.off():`, runs the plain code everywhere):
     one 16-bit query in decoding;
   - the unpadding's gather with a plain store as its backward;
   - few-row fp32 products as row blocks on CPUs where MKL runs them on one thread.
-The model-level tricks (unpadded batches, the soft prompt run once per batch) are switched
-by the same flag in `GPT.forward`.
+The model-level tricks (unpadded batches in `GPT.forward`, the soft prompt run once per
+batch in `PromptedModel.forward`) read the same flag.
 """
 import os
 from contextlib import contextmanager
@@ -40,9 +40,10 @@ def training(*tensors) -> bool:
 
 # Training memory: autograd would keep, for every norm, the fp32 copy of its input; for every
 # SwiGLU, silu(gate) next to gate and up; for every attention, the scores in fp32 and bf16 and
-# the grouped keys/values repeated per head. The three functions below keep only their inputs
-# (in the model's dtype) and recompute the rest in backward, which roughly halves the
-# activations of a bf16 training step for a few percent more elementwise work.
+# the grouped keys/values repeated per head. The three functions for them (the attention's
+# is further down) keep only their inputs, in the model's dtype, and recompute the rest in
+# backward, which roughly halves a bf16 training step's activations for a few percent more
+# elementwise work.
 
 class RMSNormFunction(torch.autograd.Function):
     """layers.RMSNorm's formula, saving x only; backward recomputes 1/rms(x) in fp32."""
