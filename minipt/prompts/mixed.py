@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from ..layers import LayerPrefix
 from .base import METHODS, method_class
-from .model import place_prompt
+from .model import place_prompt, whole_mask
 
 MIXABLE = tuple(m for m in METHODS if not method_class(m).changes_base)   # methods that leave the base alone
 
@@ -89,7 +89,10 @@ class PromptBank(nn.Module):
         from . import load, read_prompt
         if "+" in name or not name:
             raise ValueError(f"PromptBank.add: {name!r} is not a usable name ('+' composes prompts)")
-        kind = prompt.method.config.method if isinstance(prompt, nn.Module) else read_prompt(prompt)[0]["config"]["method"]
+        if isinstance(prompt, nn.Module):
+            kind = prompt.method.config.method
+        else:
+            kind = read_prompt(prompt)[0]["config"]["method"]
         if kind not in MIXABLE:  # checked before loading: loading LoRA would change the shared base
             raise ValueError(f"{prompt}: {kind} changes the base weights and cannot share a batch with other "
                              f"prompts (mixable: {', '.join(MIXABLE)})")
@@ -158,7 +161,7 @@ class PromptBank(nn.Module):
         v = torch.zeros_like(k)
         # a row without this piece: no slot is kept in a joined prefix; in a gated one all are
         # (zero keys and values, gate 0: adds exactly zero, where an empty softmax would be NaN)
-        mask = torch.zeros(B, P, dtype=torch.bool, device=k.device) if not gate else torch.ones(B, P, dtype=torch.bool, device=k.device)
+        mask = torch.full((B, P), gate, dtype=torch.bool, device=k.device)
         gates = torch.zeros(B, self.base.config.n_head, device=k.device) if gate else None
         for b, x in enumerate(items):
             if x is None:
@@ -176,10 +179,8 @@ class PromptBank(nn.Module):
         """Like PromptedModel.forward, with rows[b] naming row b's prompt. Pass `layout`
         (from batch_layout) to reuse it across the calls of one generation."""
         layout = layout or self.batch_layout(rows)
-        B, T = idx.shape
         x = self.base.embed(idx)
-        mask = attention_mask if attention_mask is not None else torch.ones(B, (cache_pos or 0) + T, dtype=torch.long,
-                                                                             device=idx.device)
+        mask = whole_mask(attention_mask, idx, cache_pos)
         placed = place_prompt(x, mask, targets, layout["P"], layout["vectors"], layout["vmask"],
                               layout["offsets"][:, None], cache_pos)
         logits, loss = self.base(inputs_embeds=placed.x, targets=placed.targets, attention_mask=placed.mask,

@@ -69,6 +69,15 @@ class Placed:
         return logits
 
 
+def whole_mask(attention_mask, idx, cache_pos):
+    """The attention mask as given, or, without one (no padding), ones over every position
+    so far: the cached ones and the new `idx` (B, T)."""
+    if attention_mask is not None:
+        return attention_mask
+    B, T = idx.shape
+    return torch.ones(B, (cache_pos or 0) + T, dtype=torch.long, device=idx.device)
+
+
 def place_prompt(x, mask, targets, P, vectors, vmask, offset, cache_pos) -> Placed:
     """Put each row's P prompt vectors (B, P, C) right after its left padding, with vmask
     (B, P) saying which are real, and count positions over the real tokens from `offset`
@@ -129,15 +138,14 @@ class PromptedModel(nn.Module):
 
     # ---- decoder-only --------------------------------------------------------------------
 
-    def forward(self, idx=None, targets=None, *, attention_mask=None, cache_pos=None, last_only=False, loss_only=False,
-                decoder_input_ids=None):
+    def forward(self, idx=None, targets=None, *, attention_mask=None, cache_pos=None, last_only=False,
+                loss_only=False, decoder_input_ids=None):
         if self.is_t5:
             return self._t5_forward(idx, decoder_input_ids, targets, attention_mask)
         base = self.base
         B, T = idx.shape
         x = base.embed(idx)                                                   # (B, T, C)
-        # no mask means no padding; it must still span every position so far, cached ones included
-        mask = attention_mask if attention_mask is not None else torch.ones(B, (cache_pos or 0) + T, dtype=torch.long, device=idx.device)
+        mask = whole_mask(attention_mask, idx, cache_pos)
         P = self.n_prompt
         prefixes = self.method.prefixes(B)
         if P and cache_pos is None and not prefixes and fast.ENABLED:
@@ -146,7 +154,8 @@ class PromptedModel(nn.Module):
             return base(inputs_embeds=x, targets=targets, attention_mask=mask, position_ids=positions,
                         shared=self.method.input_prompt(), last_only=last_only, loss_only=loss_only)
         vectors = self.method.input_prompt()[None].expand(B, -1, -1) if P and not cache_pos else None
-        placed = place_prompt(x, mask, targets, P, vectors, mask.new_ones(B, P), self.method.position_offset, cache_pos)
+        placed = place_prompt(x, mask, targets, P, vectors, mask.new_ones(B, P), self.method.position_offset,
+                              cache_pos)
         logits, loss = base(inputs_embeds=placed.x, targets=placed.targets, attention_mask=placed.mask,
                             position_ids=placed.positions, prefixes=prefixes["self"] if prefixes else None,
                             cache_pos=placed.cache_pos, last_only=last_only, loss_only=loss_only)
