@@ -307,10 +307,10 @@ def check_task(cfg, task, tok, model_config, world: int) -> None:
         seen[ids] = label
     if "init_text" in cfg.method_fields() and not encode_text(tok, cfg.init_text):
         raise ValueError(f"init_text={cfg.init_text!r}: no tokens to start the prompt from")
-    if cfg.method == "adapter":
+    if "adapter_layers" in cfg.method_fields():
         adapted_layers(cfg.adapter_layers, model_config.n_decoder_layer if model_config.model_type == "t5"
                        else model_config.n_layer)
-    if cfg.method == "lora":
+    if "lora_targets" in cfg.method_fields():
         with torch.device("meta"):     # the layers by name, nothing allocated
             find_targets(build_model(model_config), cfg.lora_targets)
     if cfg.compile and model_config.model_type != "gpt":

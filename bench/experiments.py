@@ -49,7 +49,7 @@ from minipt.tasks import BUILTIN, load_task  # noqa: E402
 EXPERIMENTS = ("methods", "init", "length", "ensemble", "interpretation")
 
 # Method settings besides each method's recipe (learning rate, warm-up, adapter layers), which
-# train.py takes from minipt.train_config.RECIPES: every prompt is 20 tokens, initialised from the
+# train.py takes from each method class's recipe(): every prompt is 20 tokens, initialised from the
 # task's text.
 METHODS = {
     "prompt_tuning": dict(num_virtual_tokens=20),
@@ -324,7 +324,7 @@ def markdown(report: dict) -> str:
              f"numbers are accuracies in % on fixed "
              f"test subsets ({', '.join(f'{t}: {n} rows' for t, n in size['test_rows'].items())}), "
              f"mean ± std over seeds. Training: {training}, "
-             f"AdamW with each method's recipe (minipt.train_config.RECIPES), bf16 frozen weights.\n"]
+             f"AdamW with each method's recipe (its class's recipe()), bf16 frozen weights.\n"]
     if "methods" in report:
         parts.append("## Methods\n")
         for task in TASKS:

@@ -20,7 +20,7 @@ Directory layout (a convention; `--table` finds runs by their files, in any sub-
 
 The same harness. Every setting comes from `parse_train_config(minipt_argv(...))`, the very
 call train.py makes with the printed command line, so nothing can drift: the method's recipe
-(minipt.train_config.RECIPES: lr, warm-up, adapter layers), batch size, steps, linear schedule
+(each method class's recipe(): lr, warm-up, adapter layers), batch size, steps, linear schedule
 (`lr_at`), AdamW with weight decay (`make_optimizer`), grad clip, max_len, the seed; the
 batches are train.py's (`Batches` seeded by the seed with its `bucket_batches`, collated by
 minipt's `collate` with minipt's tokenizer, so both sides see the same token ids in the same

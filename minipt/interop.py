@@ -40,9 +40,9 @@ from safetensors.torch import load_file, save_file
 from .cli import ArgumentParser
 from .prompts import PromptConfig, PromptedModel, build_method, save
 from .prompts.files import check_base, check_fingerprint, checkpoint_fingerprint, read_prompt
-from .prompts.prefix import PrefixTable
+from .prompts.base import REGISTRY, method_class
+from .prompts.prefix import PrefixTable, PrefixTuning
 
-EXPORTABLE = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "lora")
 PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "LORA")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
@@ -68,23 +68,23 @@ def peft_adapter(meta: dict, tensors: dict, base_name=None) -> tuple[dict, dict]
     """(adapter_config.json, adapter_model.safetensors) for a prompt file's metadata and
     tensors, with the config fields peft writes itself."""
     cfg, model = PromptConfig.from_dict(meta["config"]), meta["base"]["model"]
+    method = method_class(cfg.method)
     config = {"task_type": "CAUSAL_LM", "inference_mode": True, "base_model_name_or_path": base_name,
               "revision": None, "auto_mapping": None, "modules_to_save": None}
-    if cfg.method == "lora":
+    if method.peft_type == "LORA":
         return _lora_adapter(cfg, model["source"], tensors, config)
     config.update(num_virtual_tokens=cfg.num_virtual_tokens, num_transformer_submodules=1,
                   num_layers=model["n_layer"], token_dim=model["n_embd"], num_attention_heads=model["n_head"])
-    if cfg.method == "prompt_tuning":
+    if method.peft_type == "PROMPT_TUNING":
         config.update(peft_type="PROMPT_TUNING", prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
                       tokenizer_name_or_path=None, tokenizer_kwargs=None)
         return config, {"prompt_embeddings": tensors["prompt"]}
-    if cfg.method == "p_tuning":  # the file holds the encoder's output as "prompt"
+    if method.peft_type == "P_TUNING":  # the file holds the encoder's output as "prompt"
         config.update(peft_type="P_TUNING", encoder_reparameterization_type=cfg.encoder_type.upper(),
                       encoder_hidden_size=cfg.encoder_hidden, encoder_num_layers=2, encoder_dropout=0.0)
         return config, {"prompt_embeddings": tensors["prompt"]}
-    projection = cfg.prefix_projection if cfg.prefix_projection is not None else cfg.method == "prefix_tuning"
     config.update(peft_type="PREFIX_TUNING", token_dim=_prefix_width(model), num_attention_heads=model["n_kv_head"],
-                  prefix_projection=projection, encoder_hidden_size=cfg.projection_hidden, init_weights=None)
+                  prefix_projection=PrefixTuning.projected(cfg), encoder_hidden_size=cfg.projection_hidden, init_weights=None)
     return config, {"prompt_embeddings": _prefix_table(cfg, model, tensors)}
 
 
@@ -126,11 +126,12 @@ def _lora_hf_module(family: str, path: str) -> str:
 
 def _exportable(path, meta: dict) -> None:
     method, model = meta["config"]["method"], meta["base"]["model"]
-    if method not in EXPORTABLE:
-        raise ValueError(f"{path}: method {method!r} has no peft export here ({', '.join(EXPORTABLE)})")
+    exportable = [name for name in REGISTRY if method_class(name).peft_type]
+    if method not in exportable:
+        raise ValueError(f"{path}: method {method!r} has no peft export here ({', '.join(exportable)})")
     if model.get("model_type") != "gpt":
         raise ValueError(f"{path}: trained on a {model.get('model_type')!r} base; peft export is for decoder-only models")
-    if method == "lora" and model.get("source") not in LORA_MODULES:
+    if method_class(method).peft_type == "LORA" and model.get("source") not in LORA_MODULES:
         raise ValueError(f"{path}: LoRA on a {model.get('source')!r} checkpoint has no module map "
                          f"({', '.join(LORA_MODULES)})")
 

@@ -13,36 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import check_template
-from .prompts.base import PromptConfig
+from .prompts.base import REGISTRY, PromptConfig, method_class
 from .tasks import BUILTIN
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("bfloat16", "float16", "float32")
 NOT_EMPTY = ("method", "init", "base", "data", "out_dir", "optimizer", "schedule", "dtype", "device")
-
-
-# Each method's recipe: what train.py uses for a field left unset. Every prompt method starts
-# from the text (init="text", train.py's default; see the method files). The paper's values,
-# and test accuracy measured here with the recipe (SmolLM2-135M, 200 steps of 16, one seed,
-# sentiment / topic; zero-shot 77.6 / 59.6 %; bench/results/methods/):
-#   prompt_tuning  lr 3e-2, 20 tokens; Lester et al.: Adafactor lr 0.3       85.9 / 94.0 %
-#   p_tuning       lr 1e-2 (the embeddings train as a soft prompt's do)     85.2 / 91.2 %
-#   prefix_tuning  lr 5e-4 through the MLP (its output moves ~hidden x lr
-#                  per step); Li & Liang: 5e-5 over many epochs              87.4 / 94.9 %
-#   p_tuning_v2    lr 1e-2 on the table; Liu et al. 2022: 5e-3 to 1e-2       87.0 / 93.6 %
-#   adapter        lr 9e-3, 20 warm-up steps, all layers but the lowest two;
-#                  LLaMA-Adapter: base LR 9e-3, 30 of 32 layers              86.1 / 95.4 %
-#   lora, full     lr 2e-3 and 2e-5: the usual ranges scaled up for runs of a few hundred steps
-RECIPES = {
-    "prompt_tuning": dict(lr=3e-2, warmup_steps=10),
-    "p_tuning": dict(lr=1e-2, warmup_steps=10),
-    "prefix_tuning": dict(lr=5e-4, warmup_steps=10),
-    "p_tuning_v2": dict(lr=1e-2, warmup_steps=10),
-    "adapter": dict(lr=9e-3, warmup_steps=20, adapter_layers=-2),   # negative: all but that many
-    "lora": dict(lr=2e-3, warmup_steps=10),
-    "full": dict(lr=2e-5, warmup_steps=10),
-}
 
 
 @dataclass
@@ -61,7 +38,7 @@ class TrainConfig(PromptConfig):
     grad_accum: int = 1              # micro-batches per optimizer step
     bucket_batches: int = 8          # rows sorted by length within windows of this many batches (0: off)
     steps: int = 200                 # optimizer steps
-    lr: "float | None" = None        # None: the method's recipe (RECIPES)
+    lr: "float | None" = None        # None: the method's recipe (PromptMethod.recipe)
     optimizer: str = "adamw"         # adamw | adafactor (Lester et al.: lr 0.3, decay 1e-5)
     weight_decay: float = 0.01       # AdamW decoupled weight decay (Adafactor: its own decay)
     warmup_steps: "int | None" = None   # None: the method's recipe
@@ -82,7 +59,8 @@ class TrainConfig(PromptConfig):
     overwrite: bool = False          # replace an earlier run in out_dir (without it or resume: refused)
 
     def __post_init__(self):
-        for key, value in RECIPES.get(self.method, {}).items():
+        recipe = method_class(self.method).recipe(self) if self.method in REGISTRY else {}
+        for key, value in recipe.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         for f in dataclasses.fields(self):
@@ -148,7 +126,8 @@ def help_text() -> str:
     defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(TrainConfig)}
     kind = lambda t: " | ".join("None" if a is type(None) else a.__name__ for a in typing.get_args(t) or [t])
-    from_recipe = {key for recipe in RECIPES.values() for key in recipe}
+    from_recipe = {key for name in REGISTRY
+                   for key in method_class(name).recipe(PromptConfig(method=name))}
     lines = ["usage: python train.py [config/NAME.py] [--key=value ...]",
              "Each key's default is below; a config file sets keys as `key = value` lines; "
              "later arguments win."]

@@ -44,7 +44,8 @@ def assert_hard_prompt_equivalent(model, base, hard, ids, mask, atol=1e-5):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
 @pytest.mark.parametrize("method, projection", [("prefix_tuning", True), ("prefix_tuning", False),
-                                                ("p_tuning_v2", None), ("prompt_tuning", None), ("p_tuning", None)])
+                                                ("p_tuning_v2", None), ("prompt_tuning", None),
+                                                ("p_tuning", None)])
 def test_step_0_is_the_base_with_the_tokens_as_a_hard_prompt(kind, method, projection, converted):
     base = converted(kind)
     extra = dict(prefix_projection=projection, projection_hidden=8) if method == "prefix_tuning" else {}
@@ -125,7 +126,8 @@ def test_smollm2_text_init_is_the_text_as_a_hard_prompt(smollm2_dir):
     batch = torch.tensor([[0] * (T - len(i)) + i for i in ids])
     mask = torch.tensor([[0] * (T - len(i)) + [1] * len(i) for i in ids])
     for method in ("p_tuning_v2", "prefix_tuning"):
-        cfg = PromptConfig(method=method, num_virtual_tokens=len(tok.encode(text)), init="text", init_text=text)
+        cfg = PromptConfig(method=method, num_virtual_tokens=len(tok.encode(text)), init="text",
+                           init_text=text)
         model = attach(base, cfg, tok)
         assert_hard_prompt_equivalent(model, base, tok.encode(text), batch, mask, atol=2e-4)
 
@@ -144,15 +146,21 @@ def test_fields_a_method_does_not_read_are_refused():
     # train.py's defaults (a text init) are no error for a method without one
     cfg = parse_train_config(["--method=lora"])
     assert PromptConfig(**cfg.method_fields()).init == "vocab"
-    assert set(cfg.method_fields()) == {"method", "seed", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"}
+    assert set(cfg.method_fields()) == {"method", "seed", "lora_r", "lora_alpha", "lora_dropout",
+                                        "lora_targets"}
 
 
 def test_each_method_has_its_recipe():
-    from minipt.train_config import RECIPES
-    for method, recipe in RECIPES.items():
+    from minipt.prompts.base import REGISTRY, method_class
+    for method in REGISTRY:
+        recipe = method_class(method).recipe(PromptConfig(method=method))
         cfg = parse_train_config([f"--method={method}"])
         assert cfg.lr == recipe["lr"] and cfg.warmup_steps == recipe["warmup_steps"]
-    assert parse_train_config(["--method=adapter"]).adapter_layers == RECIPES["adapter"]["adapter_layers"]
+    assert parse_train_config(["--method=adapter"]).adapter_layers == -2
+    # the recipe follows the parameterisation, not the name: P-tuning v2 through an MLP is prefix tuning's
+    assert parse_train_config(["--method=prefix_tuning"]).lr == 5e-4
+    assert parse_train_config(["--method=p_tuning_v2", "--prefix_projection=true"]).lr == 5e-4
+    assert parse_train_config(["--method=p_tuning_v2"]).lr == 1e-2
     assert parse_train_config(["--method=adapter", "--lr=0.1"]).lr == 0.1          # a given value wins
     assert parse_train_config(["--method=prompt_tuning"]).adapter_layers is None   # not read, not set
 
@@ -165,7 +173,8 @@ def test_adapter_all_but_the_lowest_layers(converted):
 
 def test_a_prefix_file_from_before_the_anchor_loads(converted):
     """Files written before the MLP prefix had an anchor hold none: it loads as zeros."""
-    model = attach(converted("llama"), PromptConfig(method="prefix_tuning", num_virtual_tokens=P, projection_hidden=8))
+    model = attach(converted("llama"), PromptConfig(method="prefix_tuning", num_virtual_tokens=P,
+                                                    projection_hidden=8))
     table = model.method.sites["self"]
     assert table.anchor.abs().max() > 0                                   # the activations of the tokens
     state = model.method.state_for_saving()

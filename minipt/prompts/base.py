@@ -167,6 +167,13 @@ class PromptMethod(nn.Module):
     changes_base = False   # changes the base's own layers (LoRA) or weights: no mixing with other prompts
     trains_base = False    # the base's weights are the parameters (full fine-tuning): fp32, saved whole
     holds_soft_prompt = False  # the file's "prompt" tensor is (P, C) input vectors (inspect's neighbours)
+    peft_type = None       # peft's name for the same method, if interop can export it
+
+    @classmethod
+    def recipe(cls, config: "PromptConfig") -> dict:
+        """What train.py uses for the fields a run leaves unset (lr, warmup_steps, ...): the
+        values this method was measured with (bench/results/methods/)."""
+        return {}
 
     @classmethod
     def virtual_positions(cls, config: "PromptConfig") -> int:

@@ -22,6 +22,10 @@ class FullFineTuning(PromptMethod):
     uses = ()
     changes_base = trains_base = True
 
+    @classmethod
+    def recipe(cls, config):
+        return dict(lr=2e-5, warmup_steps=10)
+
     def __init__(self, config: PromptConfig, base, tokenizer=None):
         super().__init__(config)
         # a reference, not a submodule: the PromptedModel owns the base, and registering it
@@ -42,4 +46,5 @@ class FullFineTuning(PromptMethod):
         missing, unexpected = self.base.load_state_dict(state, strict=False)
         missing = sorted(set(missing) - tied_aliases(self.base))  # tied ones are filled through their twin
         if missing or unexpected:
-            raise RuntimeError(f"{'missing' if missing else 'unexpected'} tensor {(missing or unexpected)[0]}")
+            raise RuntimeError(f"{'missing' if missing else 'unexpected'} tensor "
+                               f"{(missing or unexpected)[0]}")

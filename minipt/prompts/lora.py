@@ -106,6 +106,11 @@ def _key(path: str) -> str:
 class LoRA(PromptMethod):
     uses = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
     changes_base = True
+    peft_type = "LORA"
+
+    @classmethod
+    def recipe(cls, config):
+        return dict(lr=2e-3, warmup_steps=10)   # the usual range, scaled up for a few hundred steps
 
     def __init__(self, config: PromptConfig, base, tokenizer=None):
         super().__init__(config)

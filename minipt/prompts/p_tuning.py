@@ -43,10 +43,11 @@ class PromptEncoder(nn.Module):
             self.embedding.weight.copy_(init)
         if kind == "lstm":
             self.lstm_head = nn.LSTM(C, hidden, num_layers=2, bidirectional=True, batch_first=True)
-            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, C))
+            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(),
+                                          nn.Linear(2 * hidden, C))
         elif kind == "mlp":
-            self.mlp_head = nn.Sequential(nn.Linear(C, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                          nn.Linear(hidden, C))
+            self.mlp_head = nn.Sequential(nn.Linear(C, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                          nn.ReLU(), nn.Linear(hidden, C))
         else:
             raise ValueError(f"P-tuning: encoder_type {kind!r} unknown; choose lstm or mlp")
         if residual:
@@ -62,10 +63,16 @@ class PromptEncoder(nn.Module):
 
 
 class PTuning(PromptMethod):
-    uses = ("num_virtual_tokens", "init", "init_text", "init_labels", "placement", "encoder_type", "encoder_hidden",
-            "encoder_residual")
+    uses = ("num_virtual_tokens", "init", "init_text", "init_labels", "placement", "encoder_type",
+            "encoder_hidden", "encoder_residual")
     choices = {**SoftPrompt.choices, "encoder_type": ("lstm", "mlp")}
     holds_soft_prompt = True                # the encoder's output, saved as "prompt" (see load_saved)
+    peft_type = "P_TUNING"
+
+    @classmethod
+    def recipe(cls, config):
+        # the embeddings train as a soft prompt's do; 84.2 % sentiment, 89.2 % topic (as SoftPrompt)
+        return dict(lr=1e-2, warmup_steps=10)
 
     @classmethod
     def virtual_positions(cls, config):
@@ -78,7 +85,8 @@ class PTuning(PromptMethod):
         init = initial_prompt(config, base.embed.weight, tokenizer, P)
         with torch.random.fork_rng(devices=[]):  # seeded LSTM/Linear init, global RNG untouched
             torch.manual_seed(config.seed)
-            self.encoder = PromptEncoder(init, config.encoder_hidden, config.encoder_type, config.encoder_residual)
+            self.encoder = PromptEncoder(init, config.encoder_hidden, config.encoder_type,
+                                         config.encoder_residual)
         self.register_buffer("collapsed", None, persistent=False)               # (P, C) once collapsed
 
     def input_prompt(self):
@@ -122,6 +130,7 @@ class PTuning(PromptMethod):
         state = dict(state)
         prompt = state.pop("prompt", None)
         if prompt is None or prompt.shape != (self.n_input_tokens, self.d_model):
-            raise RuntimeError(f"P-tuning: collapsed prompt missing or not ({self.n_input_tokens}, {self.d_model})")
+            raise RuntimeError("P-tuning: collapsed prompt missing or not "
+                               f"({self.n_input_tokens}, {self.d_model})")
         self.load_state_dict(state, strict=True)
         self.collapsed = prompt.to(self.encoder.embedding.weight.device)
