@@ -32,7 +32,8 @@ def step(model, batch, dtype):
 
 
 # full fine-tuning trains fp32 weights (train.py loads the base so), the others a bf16 base too
-CASES = [(m, d) for m in METHODS for d in (torch.float32, torch.bfloat16) if not (m == "full" and d != torch.float32)]
+CASES = [(m, d) for m in METHODS for d in (torch.float32, torch.bfloat16)
+         if not (m == "full" and d != torch.float32)]
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -69,12 +70,16 @@ def test_generation_gives_the_same_tokens_with_the_switch_off(kind, converted_di
 def test_the_switch_really_switches(converted_dir, monkeypatch):
     """Off, none of the fast functions runs: the plain path is what is compared above."""
     calls = []
-    for name in ("RMSNormFunction", "SiluMulFunction", "TakeRows", "ExplicitAttention"):
+    fast_functions = {"RMSNormFunction", "SiluMulFunction", "TakeRows", "ExplicitAttention", "LowRankUpdate"}
+    for name in fast_functions:
         real = getattr(fast, name).apply
-        monkeypatch.setattr(getattr(fast, name), "apply", lambda *a, real=real, name=name: (calls.append(name), real(*a))[1])
-    model = attach(load_model(converted_dir("llama")), PromptConfig(num_virtual_tokens=4, init="random")).train()
-    with fast.off():
+        monkeypatch.setattr(getattr(fast, name), "apply",
+                            lambda *a, real=real, name=name: (calls.append(name), real(*a))[1])
+    for config in (PromptConfig(num_virtual_tokens=4, init="random"), PromptConfig(method="lora", lora_r=2)):
+        model = attach(load_model(converted_dir("llama")), config).train()
+        before = len(calls)
+        with fast.off():
+            step(model, padded_batch(), torch.float32)
+        assert calls[before:] == []
         step(model, padded_batch(), torch.float32)
-    assert calls == []
-    step(model, padded_batch(), torch.float32)
-    assert set(calls) == {"RMSNormFunction", "SiluMulFunction", "TakeRows", "ExplicitAttention"}
+    assert set(calls) == fast_functions

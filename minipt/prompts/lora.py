@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import fast
 from .base import PromptConfig, PromptMethod
 
 
@@ -44,10 +45,10 @@ class LoRALinear(nn.Module):
         y = self.base(x)                                                        # (..., out)
         if self.merged:
             return y
-        if self.dropout.p and self.training:
-            h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)   # (..., r)
-            return y + (F.linear(h, self.lora_B) * self.scale).to(y.dtype)
-        return y + _LowRankUpdate.apply(x, self.lora_A, self.lora_B, self.scale).to(y.dtype)
+        if fast.ENABLED and not (self.dropout.p and self.training):
+            return y + fast.LowRankUpdate.apply(x, self.lora_A, self.lora_B, self.scale).to(y.dtype)
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)       # (..., r)
+        return y + (F.linear(h, self.lora_B) * self.scale).to(y.dtype)
 
     @torch.no_grad()
     def merge(self):
@@ -60,30 +61,6 @@ class LoRALinear(nn.Module):
         if self.merged:
             self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
             self.merged = False
-
-
-class _LowRankUpdate(torch.autograd.Function):
-    """scale * B A x in the adapter's dtype (fp32), as autograd would compute it, but saving x
-    in its own dtype: on a bf16 base autograd would keep x's fp32 copy, once per adapted
-    projection (q and v read the same x), ~15 % of a LoRA step's activations. The cast is
-    exact, so backward redoes it and gets the same bits."""
-
-    @staticmethod
-    def forward(ctx, x, A, B, scale):
-        h = F.linear(x.to(A.dtype), A)                                          # (..., r)
-        ctx.save_for_backward(x, h, A, B)
-        ctx.scale = scale
-        return F.linear(h, B) * scale                                           # (..., out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, h, A, B = ctx.saved_tensors
-        g = grad * ctx.scale
-        dh = g @ B                                                              # (..., r)
-        dB = g.flatten(0, -2).t() @ h.flatten(0, -2)                            # (out, r)
-        dA = dh.flatten(0, -2).t() @ x.to(A.dtype).flatten(0, -2)               # (r, in)
-        dx = (dh @ A).to(x.dtype) if ctx.needs_input_grad[0] else None
-        return dx, dA, dB, None
 
 
 def find_targets(base: nn.Module, names) -> list:
