@@ -114,15 +114,7 @@ class GPT(nn.Module):
         unpadded = None
         padded = attention_mask is not None and not attention_mask.all()
         if cache_pos is None and (shared is not None or (fast.ENABLED and padded)):
-            # outside attention, the layers see only the real tokens (see layers.Unpadded)
-            keep = attention_mask if attention_mask is not None else torch.ones(B, T, device=x.device)
-            P = 0 if shared is None else shared.size(0)
-            causal = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()[None, None] if P else None
-            unpadded = Unpadded(keep.flatten().nonzero().squeeze(1), B, T, P, causal)
-            x, position_ids = unpadded.unpad(x), unpadded.unpad(position_ids)
-            if P:
-                x = torch.cat([shared.to(x.dtype), x])
-                position_ids = torch.cat([torch.arange(P, device=x.device), position_ids])
+            x, position_ids, unpadded = self._unpad(x, position_ids, attention_mask, shared)
         rope = None
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
@@ -140,6 +132,10 @@ class GPT(nn.Module):
         x = self.norm(x)
         if unpadded is not None:
             x = unpadded.pad(x)                                              # (B, T, C)
+        return self._head(x, targets, last_only, loss_only)
+
+    def _head(self, x, targets, last_only, loss_only):
+        """(logits, loss) from the final hidden states (B, T, C)."""
         if loss_only and targets is not None:
             keep = targets != -100                                           # (B, T)
             logits = self.lm_head(x[keep])                                   # (N, V)
@@ -151,6 +147,21 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    @staticmethod
+    def _unpad(x, position_ids, attention_mask, shared):
+        """Only the real tokens, packed in one row, for everything outside attention (see
+        layers.Unpadded), with the shared soft prompt's P tokens in front of them."""
+        B, T, _ = x.shape
+        keep = attention_mask if attention_mask is not None else torch.ones(B, T, device=x.device)
+        P = 0 if shared is None else shared.size(0)
+        causal = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()[None, None] if P else None
+        unpadded = Unpadded(keep.flatten().nonzero().squeeze(1), B, T, P, causal)
+        x, position_ids = unpadded.unpad(x), unpadded.unpad(position_ids)
+        if P:
+            x = torch.cat([shared.to(x.dtype), x])
+            position_ids = torch.cat([torch.arange(P, device=x.device), position_ids])
+        return x, position_ids, unpadded
 
     @staticmethod
     def _positions(attention_mask, start, T, B, device):
