@@ -9,4 +9,5 @@ from .generation import generate
 from .prompts import PromptConfig, attach, load as load_prompt, save as save_prompt
 from .prompts.mixed import PromptBank
 
-__all__ = ["load_base", "load_model", "generate", "PromptConfig", "attach", "load_prompt", "save_prompt", "PromptBank"]
+__all__ = ["load_base", "load_model", "generate", "PromptConfig", "attach", "load_prompt", "save_prompt",
+           "PromptBank"]

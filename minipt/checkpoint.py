@@ -42,7 +42,8 @@ def load_model(directory, dtype=None, device="cpu"):
     model.tie_weights()  # assign=True replaced the shared Parameter: share it again
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)]
     if missing or unexpected:
-        raise ValueError(f"{path}: {'missing' if missing else 'unexpected'} tensor {(missing or unexpected)[0]}")
+        raise ValueError(f"{path}: {'missing' if missing else 'unexpected'} tensor "
+                         f"{(missing or unexpected)[0]}")
     _return_freed_memory()
     return model.eval()
 

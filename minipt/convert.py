@@ -56,8 +56,10 @@ GPT2_KEYS = {
     "pos_embed.weight": "wpe.weight",
     "layers.{i}.attn_norm.weight": "h.{i}.ln_1.weight",
     "layers.{i}.attn_norm.bias": "h.{i}.ln_1.bias",
-    **{f"layers.{{i}}.attn.{name}_proj.weight": Src("h.{i}.attn.c_attn.weight", True, n, 3) for n, name in enumerate("qkv")},
-    **{f"layers.{{i}}.attn.{name}_proj.bias": Src("h.{i}.attn.c_attn.bias", False, n, 3) for n, name in enumerate("qkv")},
+    **{f"layers.{{i}}.attn.{name}_proj.weight": Src("h.{i}.attn.c_attn.weight", True, n, 3)
+       for n, name in enumerate("qkv")},
+    **{f"layers.{{i}}.attn.{name}_proj.bias": Src("h.{i}.attn.c_attn.bias", False, n, 3)
+       for n, name in enumerate("qkv")},
     "layers.{i}.attn.o_proj.weight": Src("h.{i}.attn.c_proj.weight", transpose=True),
     "layers.{i}.attn.o_proj.bias": "h.{i}.attn.c_proj.bias",
     "layers.{i}.mlp_norm.weight": "h.{i}.ln_2.weight",
@@ -69,7 +71,8 @@ GPT2_KEYS = {
     "norm.weight": "ln_f.weight",
     "norm.bias": "ln_f.bias",
 }
-GPT2_DROPPED = ["h.{i}.attn.bias", "h.{i}.attn.masked_bias", "lm_head.weight"]  # causal-mask buffers; tied head
+# causal-mask buffers; tied head
+GPT2_DROPPED = ["h.{i}.attn.bias", "h.{i}.attn.masked_bias", "lm_head.weight"]
 
 LLAMA_KEYS = {
     "embed.weight": "model.embed_tokens.weight",
@@ -77,7 +80,8 @@ LLAMA_KEYS = {
     **{f"layers.{{i}}.attn.{p}_proj.{w}": f"model.layers.{{i}}.self_attn.{p}_proj.{w}"
        for p in "qkvo" for w in ("weight", "bias")},
     "layers.{i}.mlp_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    **{f"layers.{{i}}.mlp.{p}_proj.weight": f"model.layers.{{i}}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
+    **{f"layers.{{i}}.mlp.{p}_proj.weight": f"model.layers.{{i}}.mlp.{p}_proj.weight"
+       for p in ("gate", "up", "down")},
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
@@ -175,7 +179,8 @@ def apply_key_map(src: dict, key_map: dict, dropped: list, expected: dict, n_lay
                 raise ConversionError(f"{key}: missing from the checkpoint (needed for {dst})")
             t = rule.take(src[key])
             if tuple(t.shape) != tuple(expected[dst]):
-                raise ConversionError(f"{key}: shape {tuple(src[key].shape)}, expected {tuple(expected[dst])} for {dst}")
+                raise ConversionError(f"{key}: shape {tuple(src[key].shape)}, "
+                                      f"expected {tuple(expected[dst])} for {dst}")
             out[dst], used = t, used | {key}
     unmapped = sorted(expected.keys() - out.keys())
     if unmapped:  # a model parameter the key map has not caught up with
@@ -278,7 +283,8 @@ def read_hf_weights(src: Path) -> dict:
     """All tensors of an HF directory: model.safetensors, sharded safetensors with their
     index (headers bounds-checked, see tensorfile.py), or a legacy pytorch_model.bin, loaded
     with weights_only=True: a pickle that holds anything but tensors is refused, not run."""
-    single, index, legacy = src / "model.safetensors", src / "model.safetensors.index.json", src / "pytorch_model.bin"
+    single, index, legacy = (src / "model.safetensors", src / "model.safetensors.index.json",
+                             src / "pytorch_model.bin")
     try:
         if single.exists():
             return read_tensors(single)
@@ -290,7 +296,8 @@ def read_hf_weights(src: Path) -> dict:
     except ValueError as e:  # tensorfile's one-line refusals name the file already
         raise ConversionError(str(e)) from None
     except (OSError, RuntimeError, json.JSONDecodeError, KeyError) as e:
-        raise ConversionError(f"{src}: unreadable weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise ConversionError(f"{src}: unreadable weights "
+                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     raise ConversionError(f"{src}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
@@ -303,7 +310,8 @@ def convert_hf(src: Path, out: Path) -> None:
     try:
         hf = json.loads((src / "config.json").read_text())
     except FileNotFoundError:
-        raise ConversionError(f"{src}: no config.json (expected a Hugging Face model directory or a .gguf file)") from None
+        raise ConversionError(f"{src}: no config.json "
+                              "(expected a Hugging Face model directory or a .gguf file)") from None
     except json.JSONDecodeError as e:
         raise ConversionError(f"{src / 'config.json'}:{e.lineno}: invalid JSON ({e.msg})") from None
     kind = hf.get("model_type")
@@ -321,7 +329,8 @@ def convert_hf(src: Path, out: Path) -> None:
         sd = read_hf_weights(src)
         n = max(config.n_layer, config.n_decoder_layer)
     else:
-        raise ConversionError(f"{src / 'config.json'}: model_type {kind!r} not supported (gpt2, llama, qwen2, t5)")
+        raise ConversionError(f"{src / 'config.json'}: model_type {kind!r} not supported "
+                              "(gpt2, llama, qwen2, t5)")
     weights = apply_key_map(sd, key_map, dropped, expected_shapes(config), n)
     _write_checkpoint(out, config, weights, lambda d: _hf_tokenizer(src).save(d))
 
@@ -358,11 +367,13 @@ def convert_gguf(src: Path, out: Path) -> None:
         raise ConversionError(str(e)) from None
     for name, kind, _ in table:
         if kind not in GGUF_TYPES:
-            raise ConversionError(f"{src}: tensor {name!r}: GGUF type {kind} not supported ({', '.join(sorted(GGUF_TYPES))})")
+            raise ConversionError(f"{src}: tensor {name!r}: GGUF type {kind} not supported "
+                                  f"({', '.join(sorted(GGUF_TYPES))})")
     try:
         reader = GGUFReader(src)
     except Exception as e:  # the gguf package raises ValueError, struct errors, numpy errors...
-        raise ConversionError(f"{src}: not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ConversionError(f"{src}: not a readable GGUF file "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
     def field(name, default=None):
         f = reader.fields.get(name)
@@ -388,12 +399,13 @@ def convert_gguf(src: Path, out: Path) -> None:
             w = _unpermute(w, n_kv_head)
         sd[t.name] = w
     config = GPTConfig(
-        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields
-        else field("llama.vocab_size"),
+        vocab_size=(len(reader.fields["tokenizer.ggml.tokens"].data)
+                    if "tokenizer.ggml.tokens" in reader.fields else field("llama.vocab_size")),
         n_layer=field("llama.block_count"), n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
         head_dim=field("llama.rope.dimension_count", n_embd // n_head),
         intermediate_size=field("llama.feed_forward_length"), max_seq_len=field("llama.context_length", 2048),
-        norm="rmsnorm", norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")), mlp="swiglu", pos="rope",
+        norm="rmsnorm", norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")), mlp="swiglu",
+        pos="rope",
         rope_base=float(field("llama.rope.freq_base", 10000.0)), qkv_bias=False, proj_bias=False,
         tie_embeddings="output.weight" not in sd, source="llama")
     weights = apply_key_map(sd, GGUF_KEYS, GGUF_DROPPED, expected_shapes(config), config.n_layer)

@@ -31,8 +31,8 @@ class TruncationWarning(UserWarning):
 
 def _warn_truncated(max_len: int) -> None:
     # one fixed text: Python's warning registry then shows it once, not once per example
-    warnings.warn(f"inputs longer than max_len={max_len} tokens are truncated from the left", TruncationWarning,
-                  stacklevel=3)
+    warnings.warn(f"inputs longer than max_len={max_len} tokens are truncated from the left",
+                  TruncationWarning, stacklevel=3)
 
 
 def check_template(template: str) -> None:
@@ -62,8 +62,8 @@ def encode_example(tok, template: str, row: dict, max_len: int, is_t5: bool, eos
     decoder: max_len bounds the whole sequence, prompt + target, so idx and targets get at
         most max_len - 1 ids. A long prompt loses tokens from its left end (the template's
         cue, right before the target, survives); a target that alone does not fit keeps its
-        first max_len - 1 tokens. Either way a TruncationWarning is issued. eos appends EOS to the target (generation tasks, so the
-        model learns to stop).
+        first max_len - 1 tokens. Either way a TruncationWarning is issued. eos appends EOS to
+        the target (generation tasks, so the model learns to stop).
     T5: max_len bounds the encoder input and the target separately; both end with EOS.
     """
     prompt_text = template.format(input=row["input"])
@@ -81,7 +81,8 @@ def encode_example(tok, template: str, row: dict, max_len: int, is_t5: bool, eos
     if eos:
         target = target + [tok.eos_id]
     if not prompt or not target:
-        raise ValueError(f"encode_example: empty {'prompt' if not prompt else 'target'} for input {row['input'][:50]!r}")
+        raise ValueError(f"encode_example: empty {'prompt' if not prompt else 'target'} "
+                         f"for input {row['input'][:50]!r}")
     if len(prompt) + len(target) > max_len:
         _warn_truncated(max_len)
     target = target[:max_len - 1]
@@ -90,7 +91,8 @@ def encode_example(tok, template: str, row: dict, max_len: int, is_t5: bool, eos
     return {"idx": seq[:-1], "targets": [-100] * (len(prompt) - 1) + target}
 
 
-def collate(rows: list[dict], tok, template: str, max_len: int, is_t5: bool, pad_id: int, eos: bool = False) -> dict:
+def collate(rows: list[dict], tok, template: str, max_len: int, is_t5: bool, pad_id: int,
+            eos: bool = False) -> dict:
     """A batch of rows -> right-padded tensors.
 
     decoder: idx (B, T), targets (B, T) with -100 outside the target tokens, attention_mask (B, T).
@@ -123,7 +125,8 @@ class Batches:
         Batches(len(rows), 16, seed=0).load_state(saved)   # continues with the same batches
     """
 
-    def __init__(self, n_examples: int, batch_size: int, seed: int = 0, lengths=None, bucket_batches: int = 8):
+    def __init__(self, n_examples: int, batch_size: int, seed: int = 0, lengths=None,
+                 bucket_batches: int = 8):
         if n_examples < 1 or batch_size < 1:
             raise ValueError(f"Batches: need n_examples and batch_size >= 1, got {n_examples}, {batch_size}")
         if lengths is not None and len(lengths) != n_examples:

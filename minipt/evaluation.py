@@ -86,8 +86,8 @@ def label_scores(model, tok, rows, template, labels, batch_size=32, max_len=None
     is_t5 = model.config.model_type == "t5"
     with _evaluating(model):
         if not is_t5 and all(len(ids) == 1 for ids in label_ids):
-            return _single_token_scores(model, tok, rows, template, [ids[0] for ids in label_ids], batch_size, max_len,
-                                        progress)
+            return _single_token_scores(model, tok, rows, template, [ids[0] for ids in label_ids], batch_size,
+                                        max_len, progress)
         return _label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len, progress)
 
 
@@ -131,13 +131,15 @@ def _label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len
         targets, _ = pad_batch([pairs[j]["targets"] for j in chunk], -100, left=False)
         ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
         if is_t5:
-            logits, _ = model(ids, targets=targets, attention_mask=mask)    # decoder reads targets shifted right
+            # decoder reads targets shifted right
+            logits, _ = model(ids, targets=targets, attention_mask=mask)
         else:
             logits, _ = model(ids, attention_mask=mask)
-        logits = logits[:, -targets.size(1):]  # (B, T, V); a no-op for any model that returns only its input columns
-        targets = targets.repeat_interleave(K, 0)                          # an ensemble returns K rows per row
+        # (B, T, V); a no-op for any model that returns only its input columns
+        logits = logits[:, -targets.size(1):]
+        targets = targets.repeat_interleave(K, 0)                         # an ensemble returns K rows per row
         scored = targets != -100
-        picked = logits[scored].float()                                    # (K, V): only the label positions
+        picked = logits[scored].float()                                   # (K, V): only the label positions
         token_logp = picked.gather(-1, targets[scored][:, None]).squeeze(-1) - picked.logsumexp(-1)
         row_of = torch.arange(targets.size(0), device=device)[:, None].expand_as(targets)[scored]
         summed = torch.zeros(targets.size(0), device=device).index_add_(0, row_of, token_logp)
@@ -182,7 +184,8 @@ def ensemble_classify(bank, members, tok, rows, template, labels, batch_size=32,
     Returns {"members": [accuracy per member], "mean": accuracy, "vote": accuracy,
     "predictions": {"mean": [...], "vote": [...]}}.
     """
-    scores = label_scores(Ensemble(bank, members), tok, rows, template, labels, batch_size, max_len)  # (N, K, L)
+    # (N, K, L)
+    scores = label_scores(Ensemble(bank, members), tok, rows, template, labels, batch_size, max_len)
     mean = scores.mean(1)                                                        # (N, L)
     votes = torch.zeros_like(mean).scatter_add_(1, scores.argmax(-1), torch.ones_like(scores[..., 0]))
     by_vote = (votes + 1e-3 * mean.softmax(-1)).argmax(-1)                  # a tie goes to the higher mean
@@ -226,7 +229,8 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(normal(prediction) == normal(reference))
 
 
-def generate_predictions(model, tok, rows, template, max_new_tokens, batch_size=16, max_len=None, progress=None):
+def generate_predictions(model, tok, rows, template, max_new_tokens, batch_size=16, max_len=None,
+                         progress=None):
     """Greedy continuations of each row's prompt, decoded to text (EOS and specials dropped).
 
     Decoder prompts are cut from the left so prompt + new tokens fit the context. progress:
@@ -237,14 +241,16 @@ def generate_predictions(model, tok, rows, template, max_new_tokens, batch_size=
     prompts = []
     for r in rows:
         text = template.format(input=r["input"])
-        prompts.append(tok.encode(text)[-limit:] if is_t5 else encode_text(tok, text)[-limit:])  # T5 keeps its EOS
+        # T5 keeps its EOS
+        prompts.append(tok.encode(text)[-limit:] if is_t5 else encode_text(tok, text)[-limit:])
     texts = [""] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     pad_id = _pad_id(tok, is_t5, model)
     with _evaluating(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            new = generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_id=tok.eos_id, pad_id=pad_id)
+            new = generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_id=tok.eos_id,
+                           pad_id=pad_id)
             for i, ids in zip(chunk, new):
                 texts[i] = tok.decode(ids, skip_special=True)
             if progress:
@@ -255,7 +261,8 @@ def generate_predictions(model, tok, rows, template, max_new_tokens, batch_size=
 def evaluate_generation(model, tok, rows, template, max_new_tokens, batch_size=16, max_len=None,
                         progress=None) -> dict:
     """Greedy generation scored against each row's target: {"rougeL": mean, "exact_match": mean}."""
-    predictions = generate_predictions(model, tok, rows, template, max_new_tokens, batch_size, max_len, progress)
+    predictions = generate_predictions(model, tok, rows, template, max_new_tokens, batch_size, max_len,
+                                       progress)
     n = max(len(rows), 1)
     return {"rougeL": sum(rouge_l(p, r["target"]) for p, r in zip(predictions, rows)) / n,
             "exact_match": sum(exact_match(p, r["target"]) for p, r in zip(predictions, rows)) / n}

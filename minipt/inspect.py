@@ -65,9 +65,11 @@ def report(path, meta: dict, tensors: dict, base=None, tokenizer=None, top: int 
     prompt = soft_prompt(meta, tensors)
     if prompt is not None and base is not None and top > 0:
         sims, ids = nearest_tokens(prompt, base.embed.weight, top)
-        lines.append(f"nearest vocabulary tokens (cosine similarity with the input embedding), top {ids.size(1)}:")
+        lines.append("nearest vocabulary tokens (cosine similarity with the input embedding), "
+                     f"top {ids.size(1)}:")
         for p, (row_s, row_i) in enumerate(zip(sims.tolist(), ids.tolist())):
-            lines.append(f"  {p:3d}  " + "  ".join(f"{token_text(tokenizer, i)} {s:.3f}" for s, i in zip(row_s, row_i)))
+            lines.append(f"  {p:3d}  " + "  ".join(f"{token_text(tokenizer, i)} {s:.3f}"
+                                                   for s, i in zip(row_s, row_i)))
     return "\n".join(lines)
 
 
@@ -84,7 +86,8 @@ def inspect_prompt(path, base_dir=DEFAULT_BASE, top: int = 5) -> str:
 def main(argv=None):
     ap = ArgumentParser(prog="python -m minipt.inspect", description=__doc__.split("\n\n")[0])
     ap.add_argument("prompt", help="minipt prompt file (.safetensors)")
-    ap.add_argument("--base", default=DEFAULT_BASE, help=f"minipt checkpoint the prompt was trained on (default {DEFAULT_BASE})")
+    ap.add_argument("--base", default=DEFAULT_BASE,
+                    help=f"minipt checkpoint the prompt was trained on (default {DEFAULT_BASE})")
     ap.add_argument("--top", type=int, default=5, help="nearest tokens shown per virtual token (0: none)")
     args = ap.parse_args(argv)
     if args.top < 0:

@@ -78,7 +78,8 @@ class PackedWeight:
 
     def __init__(self, linears, planes):
         self.planes = [(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
-                        torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16())   # (K/32, N, 2)
+                        # (K/32, N, 2)
+                        torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16())
                        for q, scale, zero in planes]
         self.sizes = [lin.out_features for lin in linears]
         biases = [lin.bias for lin in linears]
@@ -92,7 +93,8 @@ class PackedWeight:
         `planes_of`; None unless every weight has planes of the same kind, all or none have
         a bias, and the rows come in multiples of 16."""
         if (any(p is None for p in planes) or len({len(p) for p in planes}) > 1
-                or len({lin.bias is None for lin in linears}) > 1 or sum(lin.out_features for lin in linears) % 16):
+                or len({lin.bias is None for lin in linears}) > 1
+                or sum(lin.out_features for lin in linears) % 16):
             return None                                         # the kernel packs output rows by 16
         return cls(linears, [[torch.cat(parts) for parts in zip(*same)] for same in zip(*planes)])
 

@@ -77,13 +77,14 @@ def _field(body, key, types, default=None, required=False):
     if isinstance(value, bool) and bool not in types:
         raise APIError(f"'{key}' must be {types[0].__name__}, not a boolean", param=key)
     if not isinstance(value, types):
-        raise APIError(f"'{key}' must be {' or '.join(t.__name__ for t in types)}, got {type(value).__name__}",
-                       param=key)
+        raise APIError(f"'{key}' must be {' or '.join(t.__name__ for t in types)}, "
+                       f"got {type(value).__name__}", param=key)
     return value
 
 
 def _token_list(x) -> bool:
-    return isinstance(x, list) and len(x) > 0 and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+    return isinstance(x, list) and len(x) > 0 and all(isinstance(t, int) and not isinstance(t, bool)
+                                                      for t in x)
 
 
 def parse_request(body, chat: bool, app: "App") -> list["Row"]:
@@ -130,14 +131,15 @@ def parse_request(body, chat: bool, app: "App") -> list["Row"]:
         if isinstance(prompt, str) or _token_list(prompt):
             prompt = [prompt]
         if not prompt or not all(isinstance(p, str) or _token_list(p) for p in prompt):
-            raise APIError("'prompt' must be a string, a list of strings, a list of token ids or a list of those",
-                           param="prompt")
+            raise APIError("'prompt' must be a string, a list of strings, a list of token ids "
+                           "or a list of those", param="prompt")
         prompts = [tok.encode(p) if isinstance(p, str) else p for p in prompt]
         vocab = app.model_config.vocab_size
         if any(t < 0 or t >= vocab for p in prompts for t in p):
             raise APIError(f"token ids must be in [0, {vocab})", param="prompt")
     if any(len(p) == 0 for p in prompts):
-        raise APIError("the prompt is empty (it needs at least one token)", param="prompt" if not chat else "messages")
+        raise APIError("the prompt is empty (it needs at least one token)",
+                       param="prompt" if not chat else "messages")
 
     rows = []
     context = app.model_config.max_seq_len
@@ -145,11 +147,12 @@ def parse_request(body, chat: bool, app: "App") -> list["Row"]:
                "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "events": queue.Queue()}
     for index, ids in enumerate(prompts):
         room = context - extra - len(ids)
-        n = max_tokens if max_tokens is not None else COMPLETION_MAX_TOKENS if not chat else min(CHAT_MAX_TOKENS, room)
+        n = (max_tokens if max_tokens is not None
+             else COMPLETION_MAX_TOKENS if not chat else min(CHAT_MAX_TOKENS, room))
         if n > room or room < 1:
-            raise APIError(f"this model's context is {context} tokens: the prompt takes {len(ids)}, the virtual tokens "
-                           f"of {model!r} {extra}, which leaves {max(room, 0)} to generate, not {n}", param=key,
-                           code="context_length_exceeded")
+            raise APIError(f"this model's context is {context} tokens: the prompt takes {len(ids)}, "
+                           f"the virtual tokens of {model!r} {extra}, which leaves {max(room, 0)} "
+                           f"to generate, not {n}", param=key, code="context_length_exceeded")
         rows.append(Row(index=index, ids=ids, spec=spec, extra=extra, max_tokens=n, temperature=temperature,
                         top_p=top_p, seed=seed, stop=stop, eos=set() if ignore_eos else app.stop_ids(chat),
                         request=request, decode=app.decode))
@@ -166,7 +169,8 @@ class Row:
     (EOS, stop string, max_tokens), so rows of one batch can each end differently.
     `cancelled` is set by the HTTP side once nobody reads the events any more."""
 
-    def __init__(self, *, index, ids, spec, extra, max_tokens, temperature, top_p, seed, stop, eos, request, decode):
+    def __init__(self, *, index, ids, spec, extra, max_tokens, temperature, top_p, seed, stop, eos, request,
+                 decode):
         self.index, self.ids, self.spec, self.extra, self.decode = index, ids, spec, extra, decode
         self.max_tokens, self.temperature, self.top_p, self.seed = max_tokens, temperature, top_p, seed
         self.stop, self.eos = stop, eos
@@ -198,7 +202,8 @@ class Row:
         if self.n_tokens >= self.max_tokens:
             return self.finish("length")
         # a stop string may be starting at the end: keep those characters back for now
-        hold = max((k for s in self.stop for k in range(len(s) - 1, 0, -1) if self.text.endswith(s[:k])), default=0)
+        hold = max((k for s in self.stop for k in range(len(s) - 1, 0, -1) if self.text.endswith(s[:k])),
+                   default=0)
         self._send(len(self.text) - hold)
 
     def _send(self, upto: int) -> None:
@@ -390,7 +395,8 @@ class App:
             except KeyError:
                 pieces = None
             if pieces is None:
-                raise APIError(f"the model {model!r} does not exist (served: {', '.join([BASE_ID, *self.bank.names])}; "
+                raise APIError(f"the model {model!r} does not exist "
+                               f"(served: {', '.join([BASE_ID, *self.bank.names])}; "
                                f"'a+b' composes prompts)", 404, param="model", code="model_not_found")
         return model, (0 if pieces.vectors is None else len(pieces.vectors)) + pieces.position_offset
 
@@ -425,8 +431,10 @@ class App:
 
     def stats(self) -> dict:
         s = self.scheduler
-        return {"batches": sum(s.batch_sizes.values()), "batch_sizes": {str(k): v for k, v in sorted(s.batch_sizes.items())},
-                "generated_tokens": s.tokens, "cancelled_rows": s.cancelled_rows, "queued_rows": s.queue.qsize()}
+        return {"batches": sum(s.batch_sizes.values()),
+                "batch_sizes": {str(k): v for k, v in sorted(s.batch_sizes.items())},
+                "generated_tokens": s.tokens, "cancelled_rows": s.cancelled_rows,
+                "queued_rows": s.queue.qsize()}
 
     def close(self) -> None:
         self.scheduler.close()
@@ -462,7 +470,8 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0].rstrip("/")
         try:
             if path == "/v1/models":
-                return self._json(200, {"object": "list", "data": [self._model(m) for m in self.app.model_ids()]})
+                return self._json(200, {"object": "list",
+                                        "data": [self._model(m) for m in self.app.model_ids()]})
             if path.startswith("/v1/models/"):
                 name = path[len("/v1/models/"):]
                 self.app.resolve_model(name)
@@ -631,13 +640,15 @@ def make_server(base_dir, prompt_dir, host="127.0.0.1", port=8000, dtype=torch.f
 def parse_args(argv=None):
     ap = ArgumentParser(prog="python -m minipt.serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, help="minipt checkpoint directory (see weights/)")
-    ap.add_argument("--prompts", required=True, help="folder of prompt files, watched: NAME.safetensors is model NAME")
+    ap.add_argument("--prompts", required=True,
+                    help="folder of prompt files, watched: NAME.safetensors is model NAME")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="default bfloat16, or float32 with --packed")
     ap.add_argument("--packed", action="store_true",
-                    help="CPU: decode from the 4-bit codes of a checkpoint converted from GGUF Q4_1 (minipt.packed)")
+                    help="CPU: decode from the 4-bit codes of a checkpoint converted from GGUF Q4_1 "
+                         "(minipt.packed)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-batch", type=int, default=16, help="most rows decoded in one batch")
     ap.add_argument("--batch-window-ms", type=float, default=5.0,
@@ -666,8 +677,8 @@ def main(argv=None):
     dtype = args.dtype or ("float32" if args.packed else "bfloat16")
     try:
         check_args(args)
-        server = make_server(args.base, args.prompts, args.host, args.port, getattr(torch, dtype), args.device,
-                             args.max_batch, args.batch_window_ms / 1000, args.packed)
+        server = make_server(args.base, args.prompts, args.host, args.port, getattr(torch, dtype),
+                             args.device, args.max_batch, args.batch_window_ms / 1000, args.packed)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     log.info("serving %s on %s/v1", ", ".join(server.app.model_ids()), server.url)

@@ -98,7 +98,8 @@ class Attention(nn.Module):
             if cache_pos == 0:
                 self.source_kv = (k, v)
         elif self.source_kv is None:
-            raise RuntimeError("cross-attention: cache_pos > 0 but nothing cached (start decoding at cache_pos=0)")
+            raise RuntimeError("cross-attention: cache_pos > 0 but nothing cached "
+                               "(start decoding at cache_pos=0)")
         else:
             k, v = self.source_kv
         y = attend(q, k, v, mask, prefix, scale=1.0)                            # (B, nh, T, hs)
@@ -175,14 +176,17 @@ class T5(nn.Module):
         self.config = cfg = config
         if cfg.ff not in ("relu", "gated-gelu"):
             raise ValueError(f"unsupported T5Config: ff={cfg.ff!r} (expected 'relu' or 'gated-gelu')")
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # shared by encoder, decoder (and head if tied)
+        # shared by encoder, decoder (and head if tied)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = nn.ModuleDict(dict(
-            rel_bias=RelativePositionBias(cfg.rel_buckets, cfg.rel_max_distance, cfg.n_head, bidirectional=True),
+            rel_bias=RelativePositionBias(cfg.rel_buckets, cfg.rel_max_distance, cfg.n_head,
+                                          bidirectional=True),
             layers=nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layer)),
             norm=RMSNorm(cfg.d_model, cfg.norm_eps),
         ))
         self.decoder = nn.ModuleDict(dict(
-            rel_bias=RelativePositionBias(cfg.rel_buckets, cfg.rel_max_distance, cfg.n_head, bidirectional=False),
+            rel_bias=RelativePositionBias(cfg.rel_buckets, cfg.rel_max_distance, cfg.n_head,
+                                          bidirectional=False),
             layers=nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_decoder_layer)),
             norm=RMSNorm(cfg.d_model, cfg.norm_eps),
         ))
@@ -246,11 +250,13 @@ class T5(nn.Module):
         """
         if cache_pos is not None and self.decoder.layers[0].attn.cache is None:
             raise RuntimeError("decode: cache_pos given but there is no cache (call setup_cache first)")
-        x = self.embed(decoder_input_ids) if decoder_inputs_embeds is None else decoder_inputs_embeds  # (B, T, C)
+        # (B, T, C)
+        x = self.embed(decoder_input_ids) if decoder_inputs_embeds is None else decoder_inputs_embeds
         T = x.size(1)
         start = cache_pos or 0
         bias = self.decoder.rel_bias(start, T, start + T).to(x.dtype)             # (1, nh, T, S)
-        future = torch.arange(start + T, device=x.device) > torch.arange(start, start + T, device=x.device)[:, None]
+        future = (torch.arange(start + T, device=x.device)
+                  > torch.arange(start, start + T, device=x.device)[:, None])
         bias = bias.masked_fill(future, torch.finfo(x.dtype).min)
         cross_mask = None if encoder_mask is None else padding_bias(encoder_mask, x.dtype)  # (B, 1, 1, S_enc)
         n = len(self.decoder.layers)

@@ -113,7 +113,8 @@ def _topic_splits() -> dict[str, list[dict]]:
         headline, lead = [line.strip() for line in text.splitlines() if line.strip()][:2]
         if headline not in seen:
             seen.add(headline)
-            rows.append({"input": headline + "\n" + " ".join(lead.split()[:60]), "target": " " + path.parent.name})
+            rows.append({"input": headline + "\n" + " ".join(lead.split()[:60]),
+                         "target": " " + path.parent.name})
     random.Random(0).shuffle(rows)
     return {"train": rows[1000:], "validation": rows[800:1000], "test": rows[:800]}
 
@@ -124,10 +125,12 @@ BUILTIN = {
                   "Classify the sentiment of this movie review as positive or negative."),
     "boolq": (_boolq_splits, "{input}\nAnswer:", [" no", " yes"], "accuracy",
               "Read the passage and answer the question with yes or no."),
-    "xsum": (_xsum_splits, "Document: {input}\nSummary:", None, "rouge", "Summarize the document in one sentence."),
+    "xsum": (_xsum_splits, "Document: {input}\nSummary:", None, "rouge",
+             "Summarize the document in one sentence."),
     "topic": (_topic_splits, "Article: {input}\nTopic:",
               [" business", " entertainment", " politics", " sports", " tech"], "accuracy",
-              "Classify the topic of this news article as business, entertainment, politics, sports or tech."),
+              "Classify the topic of this news article as business, entertainment, politics, sports "
+              "or tech."),
 }
 
 
@@ -182,7 +185,8 @@ def read_jsonl(path) -> list[dict]:
         try:
             line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+            raise ValueError(f"{path}:{n}: not UTF-8 text "
+                             f"(byte {raw[e.start]:#04x} at column {e.start + 1})") from None
         if not line.strip():
             continue
         try:
@@ -259,6 +263,7 @@ def load_task(data: str, seed: int = 0, template: str | None = None) -> Task:
 if __name__ == "__main__":
     for task_name in sys.argv[1:] or list(BUILTIN):
         folder = prepare(task_name)
-        sizes = ", ".join(f"{s} {sum(1 for _ in open(folder / f'{s}.jsonl', encoding='utf-8'))}" for s in SPLITS)
+        sizes = ", ".join(f"{s} {sum(1 for _ in open(folder / f'{s}.jsonl', encoding='utf-8'))}"
+                          for s in SPLITS)
         print(f"{task_name}: {sizes}", file=sys.stderr)
         print(folder)

@@ -67,7 +67,8 @@ def read_tensors(path, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
             buf = bytearray(end - begin)
             f.seek(start + begin)
             f.readinto(buf)
-            t = torch.frombuffer(buf, dtype=DTYPES[entry["dtype"]]) if buf else torch.empty(0, dtype=DTYPES[entry["dtype"]])
+            t = (torch.frombuffer(buf, dtype=DTYPES[entry["dtype"]]) if buf
+                 else torch.empty(0, dtype=DTYPES[entry["dtype"]]))
             t = t.reshape(entry["shape"])
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
@@ -88,7 +89,8 @@ def load_pickle(path, mapped: bool = False):
 
 # ---- GGUF headers -------------------------------------------------------------------------
 
-GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                12: "<d"}
 GGUF_STRING, GGUF_ARRAY = 8, 9
 
 
@@ -128,7 +130,8 @@ def check_gguf(path) -> list[tuple[str, str, tuple]]:
             if item in GGUF_SCALARS:
                 take(n * struct.calcsize(GGUF_SCALARS[item]), what)  # skipped, not read
             elif n * 8 > size - pos:  # every string or array item has at least an 8-byte length
-                raise ValueError(f"{path}: {what}: claims {n:,} items, the file has {size - pos:,} bytes left")
+                raise ValueError(f"{path}: {what}: claims {n:,} items, "
+                                 f"the file has {size - pos:,} bytes left")
             else:
                 for _ in range(n):
                     value(item, what)
@@ -171,10 +174,11 @@ def check_gguf(path) -> list[tuple[str, str, tuple]]:
     for name, kind, dims, offset in table:
         block, block_bytes = GGML_QUANT_SIZES[kind]
         if dims and dims[0] % block:
-            raise ValueError(f"{path}: tensor {name!r}: rows of {dims[0]} do not split into {kind.name} blocks of {block}")
+            raise ValueError(f"{path}: tensor {name!r}: rows of {dims[0]} do not split into "
+                             f"{kind.name} blocks of {block}")
         nbytes = math.prod(dims) // block * block_bytes
         if offset + nbytes > data:
-            raise ValueError(f"{path}: tensor {name!r}: {kind.name}{list(dims)} needs {nbytes:,} bytes at offset "
-                             f"{offset:,}, the data section has {max(data, 0):,}")
+            raise ValueError(f"{path}: tensor {name!r}: {kind.name}{list(dims)} needs {nbytes:,} bytes "
+                             f"at offset {offset:,}, the data section has {max(data, 0):,}")
         out.append((name, kind.name, dims))
     return out

@@ -34,7 +34,8 @@ def _byte_to_char() -> dict[int, str]:
     ...) are moved up to chr(256), chr(257), ... in byte order. That is why a space shows
     up as 'Ġ' (chr(288)) inside GPT-2 tokens.
     """
-    visible = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    visible = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+               *range(ord("®"), ord("ÿ") + 1)}
     table, moved = {}, 0
     for b in range(256):
         if b in visible:
@@ -287,7 +288,8 @@ class BPETokenizer:
         kinds = []
         for step in steps:
             step = step or {}
-            if step.get("type") == "ByteLevel" and not step.get("add_prefix_space") and step.get("use_regex", True):
+            if (step.get("type") == "ByteLevel" and not step.get("add_prefix_space")
+                    and step.get("use_regex", True)):
                 kinds.append("bytelevel")
             elif step.get("type") == "Digits" and step.get("individual_digits"):
                 kinds.append("digits")
@@ -319,7 +321,8 @@ class BPETokenizer:
 
         model, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre", "gpt2")
         if model != "gpt2":
-            raise ValueError(f"{path}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is supported")
+            raise ValueError(f"{path}: tokenizer.ggml.model is {model!r}; "
+                             "only byte-level BPE ('gpt2') is supported")
         # llama.cpp's 'smollm' pre-tokenizer splits off every \p{N} character, then uses GPT-2's regex
         if pre not in ("gpt2", "smollm"):
             raise ValueError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported (known: 'gpt2', 'smollm')")
@@ -329,11 +332,13 @@ class BPETokenizer:
         specials = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == CONTROL}
         alphabet = set(_byte_to_char().values())
         # a few converters store plain tokens as raw text; respell those in the byte alphabet
-        vocab = {t if t in specials or set(t) <= alphabet else _spell(t.encode("utf-8")): i for i, t in enumerate(tokens)}
+        vocab = {t if t in specials or set(t) <= alphabet else _spell(t.encode("utf-8")): i
+                 for i, t in enumerate(tokens)}
         merges = [tuple(m.split(" ")) for m in field("tokenizer.ggml.merges", [])]
         return cls(vocab, merges, specials, split_digits=(pre == "smollm"),
                    bos_id=field("tokenizer.ggml.bos_token_id"), eos_id=field("tokenizer.ggml.eos_token_id"),
-                   pad_id=field("tokenizer.ggml.padding_token_id"), chat_template=field("tokenizer.chat_template"))
+                   pad_id=field("tokenizer.ggml.padding_token_id"),
+                   chat_template=field("tokenizer.chat_template"))
 
     # ---- encode / decode
 
@@ -420,10 +425,12 @@ class BPETokenizer:
             "normalizer": None,
             "pre_tokenizer": pre_tokenizer,
             "post_processor": None,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                        "use_regex": True},
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                      "ignore_merges": False, "vocab": self.vocab, "merges": [" ".join(m) for m in self.merges]},
+                      "ignore_merges": False, "vocab": self.vocab,
+                      "merges": [" ".join(m) for m in self.merges]},
         }
         token_text = {i: t for t, i in {**self.vocab, **self.special_tokens}.items()}
         config = {
@@ -490,7 +497,8 @@ class SentencePieceTokenizer:
         def flush():
             if run:
                 text = self.sp.decode(run)
-                # sentencepiece drops the word-start '▁' of the first piece; after a sentinel keep it as a space
+                # sentencepiece drops the word-start '▁' of the first piece; after a sentinel keep it
+                # as a space
                 if out and self.sp.id_to_piece(run[0]).startswith("▁"):
                     text = " " + text
                 out.append(text)

@@ -15,7 +15,8 @@ def tiny_hf_model(kind: str, vocab_size: int = 120):
     real vocabulary size when real text goes through it."""
     import transformers as tf
     torch.manual_seed(0)
-    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=96)
     if kind == "gpt2":
         cfg = tf.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=128,
                             bos_token_id=0, eos_token_id=0)
@@ -25,7 +26,8 @@ def tiny_hf_model(kind: str, vocab_size: int = 120):
                              max_position_embeddings=128)
         model = tf.LlamaForCausalLM(cfg)
     elif kind == "qwen2":  # q/k/v biases, tied head
-        cfg = tf.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128)
+        cfg = tf.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True,
+                             max_position_embeddings=128)
         model = tf.Qwen2ForCausalLM(cfg)
         with torch.no_grad():  # random init leaves biases at zero; make them matter
             for layer in model.model.layers:

@@ -43,7 +43,8 @@ def run(model, kind):
     """Logits of the prompted model (T5 takes decoder_input_ids by keyword)."""
     x = inputs(kind)
     if kind.startswith("t5"):
-        return model(x["input_ids"], decoder_input_ids=x["decoder_input_ids"], attention_mask=x["attention_mask"])[0]
+        return model(x["input_ids"], decoder_input_ids=x["decoder_input_ids"],
+                     attention_mask=x["attention_mask"])[0]
     return model(x["idx"], attention_mask=x["attention_mask"])[0]
 
 

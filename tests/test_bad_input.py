@@ -64,7 +64,8 @@ def jsonl(*lines):
 
 
 def rows(n, targets=(" negative", " positive")):
-    return jsonl(*(json.dumps({"input": f"review number {i}", "target": targets[i % len(targets)]}) for i in range(n)))
+    return jsonl(*(json.dumps({"input": f"review number {i}", "target": targets[i % len(targets)]})
+                   for i in range(n)))
 
 
 def base_copy(change):
@@ -124,19 +125,25 @@ def earlier_run(method):
 TRAIN_CASES = [
     ("malformed JSONL", dict(data=jsonl('{"input": "a", "target": " x"}', '{"input": "b" "target": " y"}')),
      ["bad.jsonl:2:", "not valid JSON"]),
-    ("row not an object", dict(data=jsonl('["a", " x"]')), ["bad.jsonl:1:", "expected a JSON object, got list"]),
+    ("row not an object", dict(data=jsonl('["a", " x"]')),
+     ["bad.jsonl:1:", "expected a JSON object, got list"]),
     ("missing input", dict(data=jsonl('{"input": "a", "target": " x"}', '{"target": " y"}')),
      ["bad.jsonl:2:", "missing 'input'"]),
     ("missing target", dict(data=jsonl('{"input": "a"}')), ["bad.jsonl:1:", "missing 'target'"]),
-    ("target not a string", dict(data=jsonl('{"input": "a", "target": 1}')), ["bad.jsonl:1:", "'target' must be a string"]),
-    ("target tokenizes to nothing", dict(data=jsonl('{"input": "a", "target": " x"}', '{"input": "b", "target": " "}')),
+    ("target not a string", dict(data=jsonl('{"input": "a", "target": 1}')),
+     ["bad.jsonl:1:", "'target' must be a string"]),
+    ("target tokenizes to nothing",
+     dict(data=jsonl('{"input": "a", "target": " x"}', '{"input": "b", "target": " "}')),
      ["bad.jsonl:2:", "'target' is empty"]),
     ("empty dataset", dict(data=jsonl("", "  ")), ["bad.jsonl: no rows"]),
-    ("data file missing", dict(data=lambda t: t.tmp / "nowhere.jsonl"), ["nowhere.jsonl: no such file", "sentiment"]),
+    ("data file missing", dict(data=lambda t: t.tmp / "nowhere.jsonl"),
+     ["nowhere.jsonl: no such file", "sentiment"]),
     ("split smaller than the batch", dict(data=rows(12), batch_size=16),
      ["the train split has 9 rows", "fewer than one batch of 16"]),
-    ("empty validation split", dict(data=rows(5), batch_size=2), ["the validation split is empty", "0 validation"]),
-    ("labels that are the same tokens", dict(base=lambda t: t.t5, data=rows(12, ("positive", " positive", " negative"))),
+    ("empty validation split", dict(data=rows(5), batch_size=2),
+     ["the validation split is empty", "0 validation"]),
+    ("labels that are the same tokens",
+     dict(base=lambda t: t.t5, data=rows(12, ("positive", " positive", " negative"))),
      ["labels ' positive' and 'positive' are the same tokens [1465]"]),
     ("compile with an encoder-decoder", dict(base=lambda t: t.t5, compile=True),
      ["compile=true: compiled blocks are for decoder models", "is t5"]),
@@ -163,12 +170,15 @@ TRAIN_CASES = [
     ("truncated prompt file", dict(init_from=lambda t: cut(prompt_file(t, t.llama), 200)),
      ["init_from:", "prompt.safetensors: not a readable safetensors file"]),
     ("prompt file claims a 1 TB tensor", dict(init_from=lambda t: raw_safetensors(
-        t.tmp / "big.safetensors", {"prompt": {"dtype": "F32", "shape": [2**20, 2**18], "data_offsets": [0, 2**40]}})),
+        t.tmp / "big.safetensors",
+        {"prompt": {"dtype": "F32", "shape": [2**20, 2**18], "data_offsets": [0, 2**40]}})),
      ["big.safetensors: not a readable safetensors file", "incomplete metadata"]),
-    ("missing prompt file", dict(init_from=lambda t: t.tmp / "none.safetensors"), ["none.safetensors: no such prompt file"]),
+    ("missing prompt file", dict(init_from=lambda t: t.tmp / "none.safetensors"),
+     ["none.safetensors: no such prompt file"]),
     ("checkpoint directory without config", dict(base=base_copy(lambda d: (d / "config.json").unlink())),
      ["config.json: not found", "a minipt checkpoint?"]),
-    ("config.json not JSON", dict(base=base_copy(lambda d: (d / "config.json").write_text('{"model_type": "gpt",\n}'))),
+    ("config.json not JSON",
+     dict(base=base_copy(lambda d: (d / "config.json").write_text('{"model_type": "gpt",\n}'))),
      ["config.json:2: invalid JSON"]),
     ("tokenizer file missing", dict(base=base_copy(lambda d: (d / "tokenizer.json").unlink())),
      ["no tokenizer.json or spiece.model"]),
@@ -179,7 +189,8 @@ TRAIN_CASES = [
      ["the run being resumed has method='prompt_tuning', this one 'p_tuning'", "--overwrite"]),
     ("out_dir holds an earlier run", dict(out_dir=earlier_run("prompt_tuning")),
      ["holds an earlier run (config.json, metrics.jsonl)", "--resume", "--overwrite"]),
-    ("resume and overwrite together", dict(resume=True, overwrite=True), ["resume and overwrite exclude each other"]),
+    ("resume and overwrite together", dict(resume=True, overwrite=True),
+     ["resume and overwrite exclude each other"]),
 ]
 
 
@@ -205,8 +216,8 @@ def test_cli_error_is_one_line_and_status_1(llama_dir, tmp_path):
     bad = jsonl('{"input": "a", "target": " x"}', "{oops")(SimpleNamespace(tmp=tmp_path))
     run = subprocess.run([sys.executable, "train.py", *args(llama_dir, bad, tmp_path / "out")],
                          cwd=ROOT, capture_output=True, text=True)
-    assert (run.returncode, run.stderr) == (1, f"error: {bad}:2: not valid JSON (Expecting property name enclosed "
-                                               "in double quotes)\n")
+    assert (run.returncode, run.stderr) == (1, f"error: {bad}:2: not valid JSON (Expecting property name "
+                                               "enclosed in double quotes)\n")
     assert not (tmp_path / "out").exists()
 
 
@@ -214,8 +225,8 @@ def test_cli_error_is_one_line_and_status_1(llama_dir, tmp_path):
 
 def test_long_inputs_are_truncated_with_one_warning(llama_dir, tmp_path, capsys):
     long = rows(20)(SimpleNamespace(tmp=tmp_path))
-    long.write_text("".join(json.dumps({"input": "word " * 150 + str(i), "target": [" no", " yes"][i % 2]}) + "\n"
-                            for i in range(20)))
+    long.write_text("".join(json.dumps({"input": "word " * 150 + str(i), "target": [" no", " yes"][i % 2]})
+                            + "\n" for i in range(20)))
     train.main(args(llama_dir, long, tmp_path / "out", steps=2, eval_interval=0, max_len=64))
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
@@ -249,7 +260,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(llama_dir, task_file,
     fail_training_forward(monkeypatch, 5, lambda loss: loss * float("nan"))
     out = tmp_path / "out"
     stops(lambda: train.main(args(llama_dir, task_file, out, steps=8, ckpt_interval=2, eval_interval=0)),
-          "loss is nan at step 5", "stopped before the update", "checkpoint.pt (step 4) is the last good checkpoint")
+          "loss is nan at step 5", "stopped before the update",
+          "checkpoint.pt (step 4) is the last good checkpoint")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
 
@@ -281,12 +293,14 @@ def test_nan_gradient_with_a_finite_loss_stops_before_the_update(llama_dir, task
     fail_training_forward(monkeypatch, 3, lambda loss: loss + 0 * torch.sqrt(loss - loss))
     out = tmp_path / "out"
     stops(lambda: train.main(args(llama_dir, task_file, out, steps=6, ckpt_interval=2, eval_interval=0)),
-          "gradient norm is nan at step 3", "stopped before the update", "checkpoint.pt (step 2) is the last good checkpoint")
+          "gradient norm is nan at step 3", "stopped before the update",
+          "checkpoint.pt (step 2) is the last good checkpoint")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
-                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1e12 bytes")],
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: "
+                                                "you tried to allocate 1e12 bytes")],
                          ids=["OutOfMemoryError", "cpu allocator"])
 def test_out_of_memory_suggests_grad_accum(error, llama_dir, task_file, tmp_path, monkeypatch):
     def oom(loss):
@@ -294,7 +308,8 @@ def test_out_of_memory_suggests_grad_accum(error, llama_dir, task_file, tmp_path
     fail_training_forward(monkeypatch, 1, oom)
     out = tmp_path / "out"
     stops(lambda: train.main(args(llama_dir, task_file, out, batch_size=4, eval_interval=0)),
-          "out of memory at step 1 on micro-batches of 4 rows", "--batch_size=2 --grad_accum=2", "no checkpoint was written")
+          "out of memory at step 1 on micro-batches of 4 rows", "--batch_size=2 --grad_accum=2",
+          "no checkpoint was written")
     assert not (out / "prompt.safetensors").exists()
 
 
@@ -313,8 +328,8 @@ if os.environ["RANK"] == "1":
 train.main(sys.argv[1:])
 """)
     t0 = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                          *args(llama_dir, task_file, tmp_path / "out", eval_interval=0)],
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), *args(llama_dir, task_file, tmp_path / "out", eval_interval=0)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     took = time.perf_counter() - t0
     assert run.returncode != 0 and "error: out of memory at step 1" in run.stderr, run.stderr[-3000:]
@@ -392,9 +407,11 @@ CONVERT_CASES = [
      ["tensor 'blk.0.ffn_up.weight': GGUF type Q2_K not supported", "Q4_K"]),
     ("unsupported GGUF architecture", gguf(arch="gpt2"), ["GGUF architecture 'gpt2' not supported (llama)"]),
     ("safetensors claims a 1 TB tensor",
-     hf_dir_with({"model.embed_tokens.weight": {"dtype": "F32", "shape": [2**18, 2**20], "data_offsets": [0, 2**40]}}),
+     hf_dir_with({"model.embed_tokens.weight": {"dtype": "F32", "shape": [2**18, 2**20],
+                                                "data_offsets": [0, 2**40]}}),
      ["tensor 'model.embed_tokens.weight': F32[262144, 1048576] needs 1,099,511,627,776 bytes"]),
-    ("safetensors shorter than its header", lambda tmp: cut(hf_dir_with({})(tmp) / "model.safetensors", 3).parent,
+    ("safetensors shorter than its header",
+     lambda tmp: cut(hf_dir_with({})(tmp) / "model.safetensors", 3).parent,
      ["model.safetensors: not a safetensors file"]),
 ]
 
@@ -417,15 +434,16 @@ def test_convert_refuses_a_malicious_pickle(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
     torch.save({"model.embed_tokens.weight": Evil()}, d / "pytorch_model.bin")
-    stops(lambda: convert.main([str(d), str(tmp_path / "out")]), "pytorch_model.bin: refused", "it would call",
-          "system")
+    stops(lambda: convert.main([str(d), str(tmp_path / "out")]), "pytorch_model.bin: refused",
+          "it would call", "system")
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 def test_convert_does_not_replace_out_without_force(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep").write_text("mine")
-    stops(lambda: convert.main([str(gguf()(tmp_path)), str(tmp_path / "out")]), "out: already exists", "--force")
+    stops(lambda: convert.main([str(gguf()(tmp_path)), str(tmp_path / "out")]), "out: already exists",
+          "--force")
     assert (tmp_path / "out" / "keep").read_text() == "mine"
 
 
@@ -506,17 +524,21 @@ def a_file(t):
 PATH_CASES = [
     ("base", "missing", lambda t: t.tmp / "nowhere", ["nowhere: no such checkpoint directory"]),
     ("base", "a file", a_file, ["a_file: a file, not a minipt checkpoint directory"]),
-    ("base", "a GGUF file", lambda t: junk("m.gguf", b"GGUF")(t), ["m.gguf: a file", "python -m minipt.convert"]),
+    ("base", "a GGUF file", lambda t: junk("m.gguf", b"GGUF")(t),
+     ["m.gguf: a file", "python -m minipt.convert"]),
     ("base", "a directory of something else", lambda t: t.tmp, ["config.json: not found"]),
     ("data", "a directory without splits", lambda t: t.tmp, ["train.jsonl"]),
     ("data", "a binary file", junk("rows.jsonl", bytes(range(256))), ["rows.jsonl:1:"]),
-    ("data", "a directory among the splits", lambda t: f"{t.llama},{t.llama},{t.llama}", ["a directory, not a JSONL"]),
+    ("data", "a directory among the splits", lambda t: f"{t.llama},{t.llama},{t.llama}",
+     ["a directory, not a JSONL"]),
     ("data", "unreadable", lambda t: "/proc/self/mem", ["/proc/self/mem: unreadable"]),   # EIO even for root
     ("out_dir", "a file", a_file, ["out_dir=", "a_file", "a file, not a directory"]),
-    ("out_dir", "unwritable", lambda t: "/proc/minipt-out", ["out_dir='/proc/minipt-out': cannot create files in /proc"]),
+    ("out_dir", "unwritable", lambda t: "/proc/minipt-out",
+     ["out_dir='/proc/minipt-out': cannot create files in /proc"]),
     ("out_dir", "under a file", lambda t: a_file(t) / "out", ["out_dir=", "a_file is"]),
     ("init_from", "a directory", lambda t: t.tmp, ["init_from:", "not a readable safetensors file"]),
-    ("init_from", "unreadable", lambda t: "/proc/self/mem", ["init_from:", "not a readable safetensors file"]),
+    ("init_from", "unreadable", lambda t: "/proc/self/mem",
+     ["init_from:", "not a readable safetensors file"]),
     ("init_from", "a checkpoint's weights", lambda t: t.llama / "model.safetensors",
      ["init_from:", "not a minipt prompt file"]),
 ]
@@ -553,23 +575,33 @@ def cli_cases():
         (gen("--text", "  "), ["--text='  ': empty"]),
         (gen("--labels", " , "), ["--labels=' , ': no labels"]),
         (gen("--dtype", "float8"), ["argument --dtype: invalid choice: 'float8'"]),
-        (gen("--prompt", lambda t: str(t.tmp / "none.safetensors")), ["none.safetensors: no such prompt file"]),
-        (gen("--prompt", lambda t: str(junk("p.safetensors", bytes(200))(t))), ["not a readable safetensors file"]),
+        (gen("--prompt", lambda t: str(t.tmp / "none.safetensors")),
+         ["none.safetensors: no such prompt file"]),
+        (gen("--prompt", lambda t: str(junk("p.safetensors", bytes(200))(t))),
+         ["not a readable safetensors file"]),
         (gen("--prompt", lambda t: str(prompt_file(t, base_copy(other_weights)(t)))),
          ["trained on a different base model", "embedding hash"]),
         (gen("--packed", "--device", "cuda"), ["--packed is for CPU decoding"]),
-        (("generate", lambda t: ["--base", str(t.tmp / "nowhere"), "--text", "x"]), ["nowhere: no such checkpoint"]),
-        (("generate", lambda t: ["--base", str(t.t5), "--text", "x", "--compile"]), ["--compile: decoder models only"]),
+        (("generate", lambda t: ["--base", str(t.tmp / "nowhere"), "--text", "x"]),
+         ["nowhere: no such checkpoint"]),
+        (("generate", lambda t: ["--base", str(t.t5), "--text", "x", "--compile"]),
+         ["--compile: decoder models only"]),
         (("generate", lambda t: ["--base", str(t.t5), "--text", "x", "--chat"]), ["no chat template"]),
         (("serve", lambda t: base(t) + ["--prompts", str(t.tmp), "--port", "70000"]), ["--port 70000"]),
         (("serve", lambda t: base(t) + ["--prompts", str(t.tmp), "--max-batch", "0"]), ["--max-batch 0"]),
-        (("serve", lambda t: base(t) + ["--prompts", str(t.tmp), "--batch-window-ms", "nan"]), ["--batch-window-ms nan"]),
-        (("serve", lambda t: base(t) + ["--prompts", str(t.tmp / "none")]), ["--prompts", "none: not a folder"]),
+        (("serve", lambda t: base(t) + ["--prompts", str(t.tmp), "--batch-window-ms", "nan"]),
+         ["--batch-window-ms nan"]),
+        (("serve", lambda t: base(t) + ["--prompts", str(t.tmp / "none")]),
+         ["--prompts", "none: not a folder"]),
         (("serve", lambda t: ["--base", str(a_file(t)), "--prompts", str(t.tmp)]), ["a_file: a file"]),
-        (("evaluation", lambda t: base(t) + [str(t.tmp / "none.safetensors")]), ["none.safetensors: no such prompt"]),
-        (("evaluation", lambda t: base(t) + ["--data", str(t.tmp / "none.jsonl"), "p"]), ["none.jsonl: no such file"]),
-        (("evaluation", lambda t: base(t) + ["--template", "Review:", "p"]), ["template='Review:': no {input}"]),
-        (("evaluation", lambda t: base(t) + ["--split", "dev", "p"]), ["argument --split: invalid choice: 'dev'"]),
+        (("evaluation", lambda t: base(t) + [str(t.tmp / "none.safetensors")]),
+         ["none.safetensors: no such prompt"]),
+        (("evaluation", lambda t: base(t) + ["--data", str(t.tmp / "none.jsonl"), "p"]),
+         ["none.jsonl: no such file"]),
+        (("evaluation", lambda t: base(t) + ["--template", "Review:", "p"]),
+         ["template='Review:': no {input}"]),
+        (("evaluation", lambda t: base(t) + ["--split", "dev", "p"]),
+         ["argument --split: invalid choice: 'dev'"]),
         (("inspect", lambda t: [str(t.tmp / "none.safetensors")]), ["none.safetensors: no such prompt file"]),
         (("inspect", lambda t: ["p.safetensors", "--top", "-1"]), ["--top -1: must be at least 0"]),
         (("convert", lambda t: [str(t.tmp / "none.gguf"), str(t.tmp / "out")]), ["none.gguf"]),
@@ -577,8 +609,10 @@ def cli_cases():
          ["none.npy: no such file"]),
         (("interop", lambda t: ["import", str(npy(t, (3, 7))), str(t.tmp / "p.safetensors")] + base(t)),
          ["soft prompt of shape (3, 7)", "expected (num_virtual_tokens, 64)"]),
-        (("interop", lambda t: ["import", str(t.tmp), str(t.tmp / "p.safetensors")] + base(t)), ["adapter_config.json"]),
-        (("interop", lambda t: ["export", str(prompt_file(t, t.llama)), str(t.tmp / "peft"), "--base", str(a_file(t))]),
+        (("interop", lambda t: ["import", str(t.tmp), str(t.tmp / "p.safetensors")] + base(t)),
+         ["adapter_config.json"]),
+        (("interop", lambda t: ["export", str(prompt_file(t, t.llama)), str(t.tmp / "peft"),
+                                "--base", str(a_file(t))]),
          ["a_file: a file, not a minipt checkpoint directory"]),
     ]
     return cases
@@ -640,7 +674,8 @@ def test_odd_but_valid_data_trains(kind, llama_dir, task_file, tmp_path, capsys)
         rows = [dict(r, input=f"Très bien 😀 — 日本語の映画 {r['input']} ✓") for r in rows]
     if kind == "duplicated rows":
         rows = rows[:20] * 3
-    path = write_rows(tmp_path / "rows.jsonl", rows, **(dict(newline="\r\n", bom=True) if kind == "BOM and CRLF" else {}))
+    path = write_rows(tmp_path / "rows.jsonl", rows,
+                      **(dict(newline="\r\n", bom=True) if kind == "BOM and CRLF" else {}))
     out = tmp_path / "out"
     train.main(args(llama_dir, path, out, steps=2, eval_interval=0))
     assert (out / "prompt.safetensors").exists() and "test accuracy" in capsys.readouterr().out

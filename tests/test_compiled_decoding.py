@@ -31,7 +31,8 @@ def test_compiled_packed_step_matches_the_eager_one_and_a_changed_weight_is_noti
     with torch.no_grad():
         model.layers[1].mlp.down_proj.weight.mul_(2)                  # e.g. a LoRA merged after packing
     changed = stepwise_logits(model, ids)
-    assert len(calls) == len(ids) - 1                                 # the compiled step would use the old codes
+    # the compiled step would use the old codes
+    assert len(calls) == len(ids) - 1
     del model.compiled_step
     assert torch.equal(changed, stepwise_logits(model, ids))
     assert not torch.allclose(changed, eager, atol=1e-3)

@@ -30,7 +30,8 @@ def assert_refused(src, out, *words):
     msg = str(err.value)
     assert "\n" not in msg and all(w in msg for w in words), msg
     assert not out.exists(), "a failed conversion left output behind"
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "temporary files left behind"
+    assert not [p for p in out.parent.iterdir()
+                if p.name.startswith(f".{out.name}.")], "temporary files left behind"
 
 
 def test_missing_key_is_named(hf_dir, tmp_path):
@@ -77,7 +78,8 @@ def test_legacy_bin_is_loaded_without_unpickling_code(hf_dir, tmp_path):
     (hf_dir / "model.safetensors").unlink()
     torch.save(sd, hf_dir / "pytorch_model.bin")
     convert(hf_dir, tmp_path / "ok")
-    assert torch.equal(load_file(tmp_path / "ok" / "model.safetensors")["norm.weight"], sd["model.norm.weight"])
+    assert torch.equal(load_file(tmp_path / "ok" / "model.safetensors")["norm.weight"],
+                       sd["model.norm.weight"])
 
     class Evil:
         def __reduce__(self):

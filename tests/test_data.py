@@ -39,14 +39,16 @@ def test_sentiment_split_is_the_reference_one():
     for rows in (train, valid, test):
         assert {r["target"] for r in rows} == set(task.labels)
         assert 0.4 < sum(r["target"] == " positive" for r in rows) / len(rows) < 0.6
-    assert not inputs(train) & inputs(valid) and not inputs(train) & inputs(test) and not inputs(valid) & inputs(test)
+    assert (not inputs(train) & inputs(valid) and not inputs(train) & inputs(test)
+            and not inputs(valid) & inputs(test))
     # derived again here from the raw file: shuffle all 4,000 with Random(0), the last 800 are test
     with open(fetch("polarity-csv"), encoding="utf-8-sig", newline="") as f:
         raw = [(text.strip(), label) for label, text in csv.reader(f)]
     assert len(raw) == 4000
     random.Random(0).shuffle(raw)
     assert [r["input"] for r in test] == [text for text, _ in raw[3200:]]
-    assert [r["target"] for r in test] == [" positive" if label == "1" else " negative" for _, label in raw[3200:]]
+    assert [r["target"] for r in test] == [" positive" if label == "1" else " negative"
+                                           for _, label in raw[3200:]]
     assert [r["input"] for r in train + valid] == [text for text, _ in raw[:3200]]
     assert load_task("sentiment").splits == task.splits
 
@@ -55,7 +57,8 @@ def test_prepare_writes_the_same_files_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(tasks, "CACHE", tmp_path)
     out = prepare("sentiment")
     assert out == tmp_path / "tasks" / "sentiment"
-    assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == ["sentiment"]  # no temporary folders left
+    # no temporary folders left
+    assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == ["sentiment"]
     monkeypatch.undo()
     default = prepare("sentiment")
     for split in ("train", "validation", "test"):
@@ -66,7 +69,8 @@ def test_boolq_and_xsum_sizes():
     boolq = load_task("boolq")
     assert {s: len(r) for s, r in boolq.splits.items()} == {"train": 11197, "validation": 500, "test": 1000}
     assert boolq.labels == [" no", " yes"] and boolq.metric == "accuracy"
-    assert 0.55 < sum(r["target"] == " yes" for r in boolq.splits["train"]) / 11197 < 0.68  # BoolQ is ~62 % yes
+    # BoolQ is ~62 % yes
+    assert 0.55 < sum(r["target"] == " yes" for r in boolq.splits["train"]) / 11197 < 0.68
     row = boolq.splits["test"][0]
     assert "\nQuestion: " in row["input"] and row["input"].endswith("?")
     assert boolq.prompt(row).endswith("?\nAnswer:")
@@ -92,7 +96,8 @@ def test_topic_split_is_the_documented_one(tok):
         assert all(0.1 < sum(r["target"] == label for r in rows) / len(rows) < 0.3 for label in task.labels)
     headlines = [r["input"].split("\n")[0] for r in train + valid + test]
     assert len(set(headlines)) == len(headlines) == 2096  # no article in two splits, or twice in one
-    assert all(len(r["input"].split("\n")) == 2 and len(r["input"].split()) < 90 for r in train + valid + test)
+    assert all(len(r["input"].split("\n")) == 2 and len(r["input"].split()) < 90
+               for r in train + valid + test)
     # derived again here from the raw files: the first article of each headline, in path
     # order, shuffled with Random(0); the first 800 are test, the next 200 validation
     raw, seen = [], set()
@@ -147,7 +152,8 @@ def test_jsonl_task_split_and_labels(tmp_path):
     assert load_task(str(path), seed=1).splits != task.splits
 
     free = [{"input": f"q{i}", "target": f" answer {i}", "task": "qa"} for i in range(20)]
-    files = [write_jsonl(tmp_path / f"{s}.jsonl", free[i::3]) for i, s in enumerate(("train", "valid", "test"))]
+    files = [write_jsonl(tmp_path / f"{s}.jsonl", free[i::3])
+             for i, s in enumerate(("train", "valid", "test"))]
     task = load_task(",".join(map(str, files)))
     assert task.labels is None and task.metric == "rouge" and task.name == "qa"
     assert task.splits["validation"] == free[1::3]
@@ -203,7 +209,8 @@ def test_loss_mask_covers_exactly_the_target(tok):
 
 
 def test_generation_targets_end_with_eos(tok):
-    batch = collate([{"input": "x", "target": " a summary."}], tok, "Document: {input}\nSummary:", 64, False, 0, eos=True)
+    batch = collate([{"input": "x", "target": " a summary."}], tok, "Document: {input}\nSummary:", 64, False,
+                    0, eos=True)
     t = batch["targets"][0]
     labels = t[t != -100].tolist()
     assert labels[-1] == tok.eos_id and tok.decode(labels[:-1]) == " a summary."
@@ -223,7 +230,8 @@ def test_left_truncation_keeps_the_target(tok):
 
 def test_t5_collation():
     tok = SentencePieceTokenizer(fetch("t5-spiece"))
-    rows = [{"input": "translate English to German: The house is wonderful.", "target": "Das Haus ist wunderbar."},
+    rows = [{"input": "translate English to German: The house is wonderful.",
+             "target": "Das Haus ist wunderbar."},
             {"input": "cola sentence: yes", "target": "acceptable"}]
     batch = collate(rows, tok, "{input}", max_len=64, is_t5=True, pad_id=tok.pad_id)
     assert set(batch) == {"input_ids", "attention_mask", "targets"}

@@ -105,7 +105,8 @@ def brute_force(model, prompts, label_ids, is_t5):
                 else:
                     seq = prompt + label
                     logits, _ = model(torch.tensor([seq]))
-                    logp = logits[0, -len(seq):].float().log_softmax(-1)  # a prompted model may put its virtual columns first
+                    # a prompted model may put its virtual columns first
+                    logp = logits[0, -len(seq):].float().log_softmax(-1)
                     scores[i, j] = sum(logp[len(prompt) - 1 + k, t] for k, t in enumerate(label))
     return scores
 
@@ -142,8 +143,10 @@ def test_ensemble_members_and_combinations_equal_each_prompt_scored_alone(bpe, l
     prompts = [bpe.encode(TEMPLATE.format(input=r["input"])) for r in rows]
     label_ids = [bpe.encode(label) for label in labels]
     alone = torch.stack([brute_force(m, prompts, label_ids, False) for m in members], 1)   # (N, K, L)
-    scores = label_scores(Ensemble(bank, ["seed0", "seed1", "seed2"]), bpe, rows, TEMPLATE, labels, batch_size=2)
-    assert torch.allclose(scores, alone, atol=1e-4)                                       # each member's own scores
+    scores = label_scores(Ensemble(bank, ["seed0", "seed1", "seed2"]), bpe, rows, TEMPLATE, labels,
+                          batch_size=2)
+    # each member's own scores
+    assert torch.allclose(scores, alone, atol=1e-4)
     result = ensemble_classify(bank, ["seed0", "seed1", "seed2"], bpe, rows, TEMPLATE, labels, batch_size=2)
     for k, m in enumerate(members):
         assert result["members"][k] == rank_classify(m, bpe, rows, TEMPLATE, labels)[0]
@@ -175,7 +178,8 @@ def test_generation_is_batch_independent(bpe):
     one = generate_predictions(model, bpe, ROWS, TEMPLATE, 6, batch_size=1)
     many = generate_predictions(model, bpe, ROWS, TEMPLATE, 6, batch_size=4)
     assert one == many and all(isinstance(p, str) for p in one)
-    rows = [dict(r, target=p) for r, p in zip(ROWS, one)]                # the model's own output is a perfect answer
+    # the model's own output is a perfect answer
+    rows = [dict(r, target=p) for r, p in zip(ROWS, one)]
     assert evaluate_generation(model, bpe, rows, TEMPLATE, 6)["exact_match"] == 1.0
 
 

@@ -20,7 +20,8 @@ def quick_run(tmp_path_factory):
     from minipt.convert import convert
     root = tmp_path_factory.mktemp("experiments")
     hf = tiny_hf_model("llama", vocab_size=49152)  # real text goes through it
-    hf.config.max_position_embeddings = 256  # room for the topic task's 128 tokens and a prompt (RoPE: no table to resize)
+    # room for the topic task's 128 tokens and a prompt (RoPE: no table to resize)
+    hf.config.max_position_embeddings = 256
     save_tiny_hf(hf, root / "hf")
     convert(root / "hf", root / "base")
     argv = ["--quick", "--methods", ",".join(METHODS), "--base", str(root / "base"),
@@ -40,7 +41,8 @@ def test_methods_rows_per_method_and_seed(quick_run):
     for r in runs:
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["zero_shot"] <= 1.0
         assert r["train_seconds"] >= 0 and 0.1 < r["peak_rss_gb"] < 64
-        expected = 20 * 64 if r["method"] == "prompt_tuning" else n_params  # 20 tokens x d_model 64; every weight
+        # 20 tokens x d_model 64; every weight
+        expected = 20 * 64 if r["method"] == "prompt_tuning" else n_params
         assert r["trainable_parameters"] == expected
         assert r["prompt_file_bytes"] > 4 * expected  # fp32 tensors plus the header
     summary = report["methods"]

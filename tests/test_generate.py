@@ -52,8 +52,8 @@ def test_prompt_and_composition_match_the_api(setup, capsys):
 
 def test_labels_with_a_composed_prompt(setup, capsys):
     base_dir, (soft, prefix) = setup
-    out = run(capsys, "--base", str(base_dir), "--prompt", f"{soft}+{prefix}", "--text", TEXT, "--text", "dull",
-              "--labels", " negative, positive")
+    out = run(capsys, "--base", str(base_dir), "--prompt", f"{soft}+{prefix}", "--text", TEXT,
+              "--text", "dull", "--labels", " negative, positive")
     lines = out.splitlines()
     assert len(lines) == 2 and all(line.split("\t")[0] in ("negative", "positive") for line in lines)
     assert all(0.5 <= float(line.split("\t")[1]) <= 1.0 for line in lines)
@@ -75,8 +75,8 @@ def test_lookup_gives_the_greedy_tokens(setup, capsys):
     ids = tok.encode(text)
     plain = generate(model, [ids], 40)
     assert generate(model, [ids], 40, lookup=6) == plain
-    generate_cli.main(["--base", str(directory), "--prompt", str(files[0]), "--text", text, "--max-new-tokens", "40",
-                       "--lookup", "6"])
+    generate_cli.main(["--base", str(directory), "--prompt", str(files[0]), "--text", text,
+                       "--max-new-tokens", "40", "--lookup", "6"])
     assert capsys.readouterr().out.strip() == tok.decode(plain[0], skip_special=True).strip()
     with pytest.raises(SystemExit, match="--lookup=4: a count >= 0, for greedy decoding of one text"):
         generate_cli.main(["--base", str(directory), "--text", text, "--lookup", "4", "--temperature", "0.7"])

@@ -81,7 +81,8 @@ def test_padding_is_left_out_of_all_but_attention(pair):
     hook = model.layers[0].mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
     grads, losses = [], []
     for run in (lambda e: model(inputs_embeds=e, targets=targets, attention_mask=mask)[1],
-                lambda e: hf(inputs_embeds=e, attention_mask=mask, position_ids=positions, labels=labels).loss):
+                lambda e: hf(inputs_embeds=e, attention_mask=mask, position_ids=positions,
+                             labels=labels).loss):
         emb = model.embed(ids).detach().requires_grad_()
         loss = run(emb)
         loss.backward()
@@ -151,7 +152,8 @@ def test_prefix_with_cache_equals_full_forward(pair):
     model.setup_cache(ids.size(0), ids.size(1))
     steps = [model(ids[:, :6], attention_mask=mask[:, :6], cache_pos=0, prefixes=prefixes)[0]]
     for t in range(6, ids.size(1)):
-        steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache_pos=t, prefixes=prefixes)[0])
+        steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache_pos=t,
+                           prefixes=prefixes)[0])
     model.clear_cache()
     assert (torch.cat(steps, 1) - full)[mask.bool()].abs().max() <= 1e-4
 
@@ -179,8 +181,9 @@ def test_compiled_blocks_train_like_eager(method):
     packed in front of the batch's tokens, or LoRA inside the projections: the same loss and
     gradients as eager, in fp32; inference stays eager (the compiled blocks are not called)."""
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=120, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, intermediate_size=64,
-                    max_seq_len=64, norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, proj_bias=False)
+    cfg = GPTConfig(vocab_size=120, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8,
+                    intermediate_size=64, max_seq_len=64, norm="rmsnorm", mlp="swiglu", pos="rope",
+                    qkv_bias=False, proj_bias=False)
     model = attach(GPT(cfg), PromptConfig.for_method(method, num_virtual_tokens=3, init="random")).train()
     ids, mask = batch()
     targets = ids.masked_fill(~mask.bool(), -100)

@@ -25,12 +25,14 @@ def test_copies_of_token_embeddings_find_those_tokens(converted_dir, tmp_path):
     assert ids.shape == sims.shape == (len(KNOWN), 3)
     assert ids[:, 0].tolist() == KNOWN
     assert torch.allclose(sims[:, 0], torch.ones(len(KNOWN)), atol=1e-5)
-    assert (sims[:, 1] < 0.9).all() and (sims[:, :-1] >= sims[:, 1:]).all()  # random embeddings: far apart, sorted
+    # random embeddings: far apart, sorted
+    assert (sims[:, 1] < 0.9).all() and (sims[:, :-1] >= sims[:, 1:]).all()
 
 
 def test_p_tuning_is_read_through_its_computed_prompt(converted_dir, tmp_path):
     base = load_model(converted_dir("llama"))
-    model = attach(base, PromptConfig(method="p_tuning", num_virtual_tokens=3, init="random", encoder_hidden=16))
+    model = attach(base, PromptConfig(method="p_tuning", num_virtual_tokens=3, init="random",
+                                      encoder_hidden=16))
     path = save(model, tmp_path / "pt.safetensors")
     with torch.no_grad():
         assert torch.equal(soft_prompt(*read_prompt(path)), model.method.input_prompt())
@@ -54,4 +56,5 @@ def test_cli_missing_file_is_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as e:        # sys.exit(message): Python prints it and exits with 1
         main([str(tmp_path / "missing.safetensors")])
     line = e.value.code
-    assert line.startswith("error: ") and "\n" not in line and "missing.safetensors: no such prompt file" in line
+    assert (line.startswith("error: ") and "\n" not in line
+            and "missing.safetensors: no such prompt file" in line)

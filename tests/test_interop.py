@@ -35,7 +35,8 @@ def ids_batch():
 
 def trained_like(base, method, **overrides):
     """A method with values away from any fresh initialisation (LoRA's B is zero at first)."""
-    model = attach(base, PromptConfig.for_method(method, num_virtual_tokens=P, **{**CASES[method], **overrides}))
+    model = attach(base, PromptConfig.for_method(method, num_virtual_tokens=P,
+                                                 **{**CASES[method], **overrides}))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.method.parameters():
@@ -70,7 +71,8 @@ def test_export_loads_in_peft_and_imports_back(kind, method, converted_dir, tmp_
     else:
         assert names == {"prompt_embeddings"} and config["num_virtual_tokens"] == P
     if method in ("prefix_tuning", "p_tuning_v2"):  # llama: grouped-query, 2 kv heads of 16
-        assert (config["token_dim"], config["num_attention_heads"]) == ((32, 2) if kind == "llama" else (64, 4))
+        assert ((config["token_dim"], config["num_attention_heads"])
+                == ((32, 2) if kind == "llama" else (64, 4)))
 
     n_prompt = P if method in ("prompt_tuning", "p_tuning") else 0
     theirs = peft_logits(kind, out, n_prompt)
@@ -89,11 +91,14 @@ def test_exported_lora_is_what_peft_itself_saves(converted_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     model = trained_like(load_model(converted_dir("llama")), "lora")
     export_peft(save(model, tmp_path / "lora.safetensors"), tmp_path / "ours")
-    peft = get_peft_model(tiny_hf_model("llama"), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8.0,
-                                                             target_modules=["q_proj", "v_proj", "down_proj"]))
+    peft = get_peft_model(tiny_hf_model("llama"),
+                          LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8.0,
+                                     target_modules=["q_proj", "v_proj", "down_proj"]))
     peft.save_pretrained(tmp_path / "theirs")
-    ours, theirs = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("ours", "theirs"))
-    for key in ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "bias", "fan_in_fan_out", "use_rslora"):
+    ours, theirs = (json.loads((tmp_path / d / "adapter_config.json").read_text())
+                    for d in ("ours", "theirs"))
+    for key in ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "bias", "fan_in_fan_out",
+                "use_rslora"):
         assert ours[key] == theirs[key], key
     assert sorted(ours["target_modules"]) == sorted(theirs["target_modules"])
     with safe_open(tmp_path / "ours" / "adapter_model.safetensors", "pt") as a, \
@@ -159,7 +164,8 @@ def test_refusals(converted_dir, tmp_path):
     model = trained_like(load_model(converted_dir("gpt2")), "lora", lora_targets=["q_proj"])
     with pytest.raises(ValueError, match="q_proj has no transformers counterpart.*c_attn"):
         export_peft(save(model, tmp_path / "qkv.safetensors"), tmp_path / "out")
-    adapter_prompt = save(attach(load_model(llama), PromptConfig(method="adapter", num_virtual_tokens=P, adapter_layers=1)),
+    adapter_prompt = save(attach(load_model(llama), PromptConfig(method="adapter", num_virtual_tokens=P,
+                                                                 adapter_layers=1)),
                           tmp_path / "adapter.safetensors")
     with pytest.raises(ValueError, match="method 'adapter' has no peft export"):
         export_peft(adapter_prompt, tmp_path / "out")

@@ -38,13 +38,15 @@ def rand(*shape, dtype, seed, grad=True):
 def test_rms_norm(dtype, weight_trained):
     x, w = rand(3, 5, 16, dtype=dtype, seed=0), rand(16, dtype=dtype, seed=1, grad=weight_trained)
     plain = lambda x, w: w * F.rms_norm(x.float(), (16,), eps=1e-6).to(x.dtype)
-    assert_same(grads_of(lambda x, w: RMSNormFunction.apply(x, w, 1e-6), [x, w]), grads_of(plain, [x, w]), dtype)
+    assert_same(grads_of(lambda x, w: RMSNormFunction.apply(x, w, 1e-6), [x, w]), grads_of(plain, [x, w]),
+                dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_mul(dtype):
     gate, up = rand(4, 7, 32, dtype=dtype, seed=2), rand(4, 7, 32, dtype=dtype, seed=3)
-    assert_same(grads_of(SiluMulFunction.apply, [gate, up]), grads_of(lambda g, u: F.silu(g) * u, [gate, up]), dtype)
+    assert_same(grads_of(SiluMulFunction.apply, [gate, up]), grads_of(lambda g, u: F.silu(g) * u, [gate, up]),
+                dtype)
 
 
 def plain_attention(q, k, v, mask, scale):
@@ -61,7 +63,8 @@ def plain_attention(q, k, v, mask, scale):
 def test_explicit_attention(dtype, case):
     B, H, T, S, hs = 2, 6, 5, 8, 4
     nkv = 2 if case.startswith("gqa") else H
-    q, k, v = rand(B, H, T, hs, dtype=dtype, seed=4), rand(B, nkv, S, hs, dtype=dtype, seed=5), rand(B, nkv, S, hs, dtype=dtype, seed=6)
+    q, k, v = (rand(B, H, T, hs, dtype=dtype, seed=4), rand(B, nkv, S, hs, dtype=dtype, seed=5),
+               rand(B, nkv, S, hs, dtype=dtype, seed=6))
     mask = None
     if case == "gqa-causal-padded":  # a prefix of 3 columns, then causal text; row 1 has 2 padded keys
         keep = torch.ones(B, 1, T, S, dtype=torch.bool)
@@ -84,7 +87,8 @@ def test_explicit_attention(dtype, case):
 def test_one_query_decoding_path_equals_sdpa(dtype):
     """16-bit decoding (one query, no grad) skips SDPA on CPU; same result, padded keys masked."""
     from minipt.layers import attend
-    q, k, v = rand(2, 6, 1, 8, dtype=dtype, seed=9), rand(2, 2, 7, 8, dtype=dtype, seed=10), rand(2, 2, 7, 8, dtype=dtype, seed=11)
+    q, k, v = (rand(2, 6, 1, 8, dtype=dtype, seed=9), rand(2, 2, 7, 8, dtype=dtype, seed=10),
+               rand(2, 2, 7, 8, dtype=dtype, seed=11))
     mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
     mask[1, ..., :3] = False
     with torch.no_grad():
@@ -101,8 +105,9 @@ def test_few_row_linear_equals_f_linear(lead, out_features, monkeypatch):
     (8 here, as on the CPUs where it pays)."""
     from minipt import fast
     monkeypatch.setattr(fast, "FEW_ROWS", 8)
-    x, w, b = rand(*lead, 24, dtype=torch.float32, seed=12), rand(out_features, 24, dtype=torch.float32, seed=13), \
-        rand(out_features, dtype=torch.float32, seed=14)
+    x, w, b = (rand(*lead, 24, dtype=torch.float32, seed=12),
+               rand(out_features, 24, dtype=torch.float32, seed=13),
+               rand(out_features, dtype=torch.float32, seed=14))
     calls = []
     monkeypatch.setattr(fast.torch, "bmm", lambda *a: calls.append(1) or torch.matmul(*a))
     with torch.no_grad():

@@ -40,7 +40,8 @@ def test_logits_and_gradients_match_peft(llama_dir):
     model = attach(load_model(llama_dir), lora())
     randomise_B(model)  # else A gets no gradient and B's alignment goes untested
     peft = get_peft_model(tiny_hf_model("llama"),
-                          LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+                          LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"],
+                                     lora_dropout=0.0))
     pairs = []
     for path, ours in model.method.wrappers.items():  # "layers.0.attn.q_proj"
         _, i, _, name = path.split(".")
@@ -48,10 +49,12 @@ def test_logits_and_gradients_match_peft(llama_dir):
         with torch.no_grad():
             theirs.lora_A["default"].weight.copy_(ours.lora_A)
             theirs.lora_B["default"].weight.copy_(ours.lora_B)
-        pairs += [(ours.lora_A, theirs.lora_A["default"].weight), (ours.lora_B, theirs.lora_B["default"].weight)]
+        pairs += [(ours.lora_A, theirs.lora_A["default"].weight),
+                  (ours.lora_B, theirs.lora_B["default"].weight)]
     assert len(pairs) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
     # GQA: v_proj maps 64 -> 32
-    assert model.num_trainable() == model.method.closed_form_parameters() == 2 * (R * (64 + 64) + R * (64 + 32))
+    assert (model.num_trainable() == model.method.closed_form_parameters()
+            == 2 * (R * (64 + 64) + R * (64 + 32)))
     assert model.num_trainable() == sum(p.numel() for p in peft.parameters() if p.requires_grad)
 
     ids = torch.randint(0, 120, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -96,7 +99,8 @@ def test_zero_B_start_merge_and_detach(t5_dir):
     before, _ = base(ids, decoder_input_ids=dec, attention_mask=mask)
     keys = list(base.state_dict())
     model = attach(base, lora(lora_targets=["q_proj", "v_proj", "o_proj", "down_proj"]))
-    assert torch.equal(model(ids, decoder_input_ids=dec, attention_mask=mask)[0], before)  # B = 0: exactly the base
+    # B = 0: exactly the base
+    assert torch.equal(model(ids, decoder_input_ids=dec, attention_mask=mask)[0], before)
 
     randomise_B(model)
     unmerged, _ = model(ids, decoder_input_ids=dec, attention_mask=mask)
@@ -123,7 +127,8 @@ def test_prompt_file_holds_only_lora_and_round_trips(t5_dir, tmp_path):
         names = set(f.keys())
     # 2 encoder self-attn + 2 decoder self-attn + 2 cross-attn, each q and v, each A and B
     assert len(names) == 6 * 2 * 2
-    assert all(k.endswith((".lora_A", ".lora_B")) and k.rsplit(".", 1)[0] + ".weight" in base_keys for k in names)
+    assert all(k.endswith((".lora_A", ".lora_B")) and k.rsplit(".", 1)[0] + ".weight" in base_keys
+               for k in names)
 
     loaded = load(path, load_model(t5_dir))
     with torch.no_grad():

@@ -61,7 +61,8 @@ def test_left_padded_row_equals_row_alone(base_dirs, family, method):
 def batch_for(family):
     g = torch.Generator().manual_seed(1)
     if family == "t5":
-        return dict(idx=torch.randint(2, 100, (4, 8), generator=g), targets=torch.randint(2, 100, (4, 5), generator=g))
+        return dict(idx=torch.randint(2, 100, (4, 8), generator=g),
+                    targets=torch.randint(2, 100, (4, 5), generator=g))
     ids = torch.randint(0, 120, (4, 12), generator=g)
     return dict(idx=ids[:, :-1], targets=ids[:, 1:])
 
@@ -115,7 +116,8 @@ def test_what_a_method_declares_is_what_it_does(base_dirs, method):
         load_model(base_dirs["llama"]), PromptConfig(method="full"))
     assert cls.virtual_positions(model.method.config) == model.extra_positions
     fresh = load_model(base_dirs["llama"])
-    swapped = [type(a) for a in model.base.modules()] != [type(b) for b in fresh.modules()]   # LoRA's wrappers
+    # LoRA's wrappers
+    swapped = [type(a) for a in model.base.modules()] != [type(b) for b in fresh.modules()]
     assert cls.changes_base == (swapped or cls.trains_base)
     assert cls.trains_base == all(p.requires_grad for p in model.base.parameters())
     assert cls.holds_soft_prompt == (model.method.input_prompt() is not None)

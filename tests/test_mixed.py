@@ -21,9 +21,10 @@ def prompt_files(llama_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("prompts")
     files = {}
     for seed, (name, method, P) in enumerate([(m, m, LENGTHS[m]) for m in MIXABLE]
-                                             + [("soft_b", "prompt_tuning", 2), ("prefix_b", "prefix_tuning", 3)]):
-        cfg = PromptConfig.for_method(method, num_virtual_tokens=P, init="random", seed=seed, encoder_hidden=16,
-                           projection_hidden=24, adapter_layers=2)
+                                             + [("soft_b", "prompt_tuning", 2),
+                                                ("prefix_b", "prefix_tuning", 3)]):
+        cfg = PromptConfig.for_method(method, num_virtual_tokens=P, init="random", seed=seed,
+                                      encoder_hidden=16, projection_hidden=24, adapter_layers=2)
         model = attach(load_model(llama_dir), cfg)
         with torch.no_grad():
             if method == "adapter":
@@ -91,8 +92,10 @@ def test_mixed_generation_equals_each_prompt_generating_alone(llama_dir, prompt_
 
 @torch.no_grad()
 def test_composed_soft_prompts_equal_one_prompt_of_both(llama_dir, prompt_files, bank):
-    a, b = load(prompt_files["prompt_tuning"], load_model(llama_dir)), load(prompt_files["soft_b"], load_model(llama_dir))
-    joined = attach(load_model(llama_dir), PromptConfig(method="prompt_tuning", num_virtual_tokens=5, init="random"))
+    a, b = (load(prompt_files["prompt_tuning"], load_model(llama_dir)),
+            load(prompt_files["soft_b"], load_model(llama_dir)))
+    joined = attach(load_model(llama_dir), PromptConfig(method="prompt_tuning", num_virtual_tokens=5,
+                                                        init="random"))
     joined.method.prompt.copy_(torch.cat([a.method.input_prompt(), b.method.input_prompt()]))
     ids = torch.randint(3, 120, (1, 6), generator=torch.Generator().manual_seed(2))
     composed, _ = bank(ids, rows=["prompt_tuning+soft_b"])
@@ -106,7 +109,8 @@ def test_composed_prefixes_equal_one_prefix_of_both(llama_dir, prompt_files, ban
     joined = attach(load_model(llama_dir), PromptConfig(method="prefix_tuning", num_virtual_tokens=7,
                                                         prefix_projection=False))
     ka, kb = a.prefixes(1)["self"], b.prefixes(1)["self"]
-    table = torch.stack([torch.stack([torch.cat([x.k, y.k], 2)[0], torch.cat([x.v, y.v], 2)[0]]) for x, y in zip(ka, kb)])
+    table = torch.stack([torch.stack([torch.cat([x.k, y.k], 2)[0], torch.cat([x.v, y.v], 2)[0]])
+                         for x, y in zip(ka, kb)])
     # (L, 2, nkv, P, hs) -> the (P, L * 2 * nkv * hs) table PrefixTuning reads its prefixes from
     joined.method.sites["self"].table.copy_(table.permute(3, 0, 1, 2, 4).reshape(7, -1))
     ids = torch.randint(3, 120, (1, 6), generator=torch.Generator().manual_seed(3))
@@ -120,7 +124,8 @@ def test_bank_refuses_what_it_cannot_mix(llama_dir, bank, tmp_path, converted_di
     before = {k: v.clone() for k, v in bank.base.state_dict().items()}
     with pytest.raises(ValueError, match="lora changes the base weights"):
         bank.add("lora", path)
-    assert all(torch.equal(before[k], v) for k, v in bank.base.state_dict().items())  # the shared base untouched
+    # the shared base untouched
+    assert all(torch.equal(before[k], v) for k, v in bank.base.state_dict().items())
     with pytest.raises(KeyError, match="unknown prompt 'nope'"):
         bank(torch.ones(1, 3, dtype=torch.long), rows=["nope"])
     with pytest.raises(ValueError, match="'a\\+b' is not a usable name"):

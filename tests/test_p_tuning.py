@@ -40,7 +40,8 @@ def test_logits_and_gradients_match_peft(kind, llama_dir):
         encoder_reparameterization_type=kind.upper()))
     theirs = peft.prompt_encoder["default"]
     theirs.load_state_dict(model.method.encoder.state_dict())  # same names, same shapes
-    assert model.num_trainable() == model.method.closed_form_parameters() == sum(p.numel() for p in theirs.parameters())
+    assert (model.num_trainable() == model.method.closed_form_parameters()
+            == sum(p.numel() for p in theirs.parameters()))
     print(f"p-tuning {kind}: {model.method.describe_count()} = {model.num_trainable():,}")
 
     ids, _ = llama_batch()

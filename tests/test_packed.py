@@ -59,7 +59,8 @@ def test_q4_1_codes_are_the_gguf_blocks():
 def test_q8_0_codes_are_the_gguf_blocks():
     raw, w = gguf_blocks(torch.randn(64, 96), "Q8_0")             # block: d (fp16), 32 int8
     q, d = packed.q8_0_codes(w)
-    assert torch.equal(q.view(64, 3, 32), torch.from_numpy(raw[..., 2:].copy().view(np.int8).astype(np.int32)))
+    assert torch.equal(q.view(64, 3, 32),
+                       torch.from_numpy(raw[..., 2:].copy().view(np.int8).astype(np.int32)))
     assert torch.equal(d, torch.from_numpy(raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)))
 
 
@@ -141,6 +142,7 @@ def test_smollm2_packed_decoding_stays_closer_to_fp32_than_bf16(smollm2_dir):
 
 
 def test_generate_cli_packed(smollm2_dir, capsys):
-    generate_cli.main(["--base", str(smollm2_dir), "--chat", "--text", "What is the capital of France?", "--packed"])
+    generate_cli.main(["--base", str(smollm2_dir), "--chat", "--text", "What is the capital of France?",
+                       "--packed"])
     out = capsys.readouterr()
     assert "Paris" in out.out and ", packed]" in out.err

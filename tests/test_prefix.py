@@ -187,7 +187,8 @@ def test_bf16_base_with_fp32_prefix(converted):
 
 # ---- counts and files -------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind,method,sites", [("llama", "prefix_tuning", None), ("gpt2", "p_tuning_v2", None),
+@pytest.mark.parametrize("kind,method,sites", [("llama", "prefix_tuning", None),
+                                               ("gpt2", "p_tuning_v2", None),
                                                ("t5-v1.0", "prefix_tuning", ["encoder", "cross"]),
                                                ("t5-v1.1", "p_tuning_v2", ["decoder"])])
 def test_counts_and_save_load_round_trip(kind, method, sites, converted, tmp_path):

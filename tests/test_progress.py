@@ -19,7 +19,8 @@ def test_a_log_gets_a_plain_line_per_interval_and_the_last_one_always():
         for done in range(1, 11):
             progress(done, 10)
         lines = log.getvalue().splitlines()
-        assert [int(line.split()[1].split("/")[0]) for line in lines] == printed and "\r" not in log.getvalue()
+        assert ([int(line.split()[1].split("/")[0]) for line in lines] == printed
+                and "\r" not in log.getvalue())
         assert all("ETA" in line for line in lines[:-1]) and lines[-1].startswith("test: 10/10 rows |")
 
 

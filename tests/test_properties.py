@@ -51,12 +51,14 @@ WHITESPACE = [" ", "  ", "\t", "\n", "\r\n", "\u00a0", "\u3000", "\u2028", "\x85
 def mixed_text(specials=()):
     """Any unicode (no lone surrogates: those are not encodable text), interleaved with
     whitespace runs, digits and special-token text, where tokenizers have their edge cases."""
-    piece = st.one_of(st.text(max_size=12), st.sampled_from(WHITESPACE), st.from_regex(r"[0-9]{1,6}", fullmatch=True),
+    piece = st.one_of(st.text(max_size=12), st.sampled_from(WHITESPACE),
+                      st.from_regex(r"[0-9]{1,6}", fullmatch=True),
                       *([st.sampled_from(list(specials))] if specials else []))
     return st.lists(piece, max_size=8).map("".join)
 
 
-@pytest.fixture(scope="module", params=["gpt2-files", "gpt2-tiktoken", "smollm2-gguf", "smollm2-tokenizer-json"])
+@pytest.fixture(scope="module",
+                params=["gpt2-files", "gpt2-tiktoken", "smollm2-gguf", "smollm2-tokenizer-json"])
 def bpe(request, tmp_path_factory):
     """Every way minipt reads a byte-level BPE tokenizer."""
     if request.param == "gpt2-files":
@@ -123,7 +125,8 @@ def t5_normal_form(t5, text: str) -> str:
 
 def ascii_normal_form(text: str) -> str:
     """Tab, LF, FF and CR are spaces, the other controls but NUL and DEL go, runs of spaces are one."""
-    kept = "".join(" " if c in "\t\n\x0c\r" else c for c in text if " " <= c < "\x7f" or c in "\x00\t\n\x0c\r")
+    kept = "".join(" " if c in "\t\n\x0c\r" else c for c in text
+                   if " " <= c < "\x7f" or c in "\x00\t\n\x0c\r")
     return " ".join(w for w in kept.split(" ") if w)
 
 
@@ -148,9 +151,10 @@ def test_t5_normal_form_of_ascii(t5, text):
 
 
 # text that mostly stays inside the vocabulary, with what the normaliser rewrites
-T5_NORMALISED = st.lists(st.one_of(T5_WORDS, st.sampled_from(WHITESPACE + ["\x00", "\x07", "\x1f", "\u2581", "\ufeff"]),
-                                   st.sampled_from(["ﬁ", "ＡＢＣ", "１２３", "…", "½", "e\u0301", "Ⅻ", "™", "x²"])),
-                         max_size=10).map("".join)
+T5_NORMALISED = st.lists(st.one_of(
+    T5_WORDS, st.sampled_from(WHITESPACE + ["\x00", "\x07", "\x1f", "\u2581", "\ufeff"]),
+    st.sampled_from(["ﬁ", "ＡＢＣ", "１２３", "…", "½", "e\u0301", "Ⅻ", "™", "x²"])),
+    max_size=10).map("".join)
 
 
 @given(text=T5_NORMALISED)
@@ -184,7 +188,8 @@ def test_t5_round_trip_on_any_text(t5, text):
 SENTINELS = st.integers(0, 99).map(lambda n: f"<extra_id_{n}>")
 
 
-@given(pieces=st.lists(T5_NORMALISED, min_size=1, max_size=4), sentinels=st.lists(SENTINELS, min_size=3, max_size=3))
+@given(pieces=st.lists(T5_NORMALISED, min_size=1, max_size=4),
+       sentinels=st.lists(SENTINELS, min_size=3, max_size=3))
 @FEW
 def test_t5_round_trip_with_sentinels(t5, pieces, sentinels):
     """Sentinels come back verbatim; the text between them in normal form, the text after a
@@ -203,10 +208,10 @@ def test_t5_round_trip_with_sentinels(t5, pieces, sentinels):
 # ==== 2. padding invariance of the decoder's logits ==========================================
 
 FAMILIES = {
-    "gpt2": dict(norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True, proj_bias=True, tie_embeddings=True,
-                 n_kv_head=4, source="gpt2"),
-    "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, proj_bias=False, tie_embeddings=False,
-                  n_kv_head=2, source="llama"),
+    "gpt2": dict(norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True, proj_bias=True,
+                 tie_embeddings=True, n_kv_head=4, source="gpt2"),
+    "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, proj_bias=False,
+                  tie_embeddings=False, n_kv_head=2, source="llama"),
 }
 PAD_METHODS = [None, *METHODS]
 VOCAB = 100
@@ -221,12 +226,13 @@ def decoders():
     def get(family, method):
         if (family, method) not in made:
             torch.manual_seed(0)
-            cfg = GPTConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, head_dim=8, intermediate_size=48,
-                            max_seq_len=64, **FAMILIES[family])
+            cfg = GPTConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, head_dim=8,
+                            intermediate_size=48, max_seq_len=64, **FAMILIES[family])
             model = GPT(cfg)
             if method:
-                model = attach(model, PromptConfig.for_method(method, num_virtual_tokens=3, init="random", encoder_hidden=16,
-                                                   projection_hidden=24, adapter_layers=2, lora_r=2))
+                model = attach(model, PromptConfig.for_method(method, num_virtual_tokens=3, init="random",
+                                                              encoder_hidden=16, projection_hidden=24,
+                                                              adapter_layers=2, lora_r=2))
                 with torch.no_grad():
                     for p in model.method.parameters():
                         p.add_(torch.randn_like(p) * 0.5)
@@ -245,14 +251,16 @@ def left_padded(rows, extra_pad, pad_values):
 
 
 TOKEN_ROWS = st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8), min_size=1, max_size=4)
-PADDING = dict(extra_pad=st.integers(0, 3), pad_values=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=3))
+PADDING = dict(extra_pad=st.integers(0, 3),
+               pad_values=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=3))
 
 
 @pytest.mark.parametrize("method", PAD_METHODS, ids=lambda m: m or "bare")
 @given(family=st.sampled_from(list(FAMILIES)), rows=TOKEN_ROWS, **PADDING)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @torch.no_grad()
-def test_left_padding_leaves_the_real_tokens_logits_alone(decoders, family, method, rows, extra_pad, pad_values):
+def test_left_padding_leaves_the_real_tokens_logits_alone(decoders, family, method, rows, extra_pad,
+                                                          pad_values):
     """Whatever the padding's length and ids, each row's real tokens get the logits they get
     with the row alone and unpadded: masks hide the pads, positions count real tokens only,
     and a prompt's virtual tokens go after the padding."""
@@ -278,7 +286,8 @@ def single_prompt_models(llama_dir, prompt_files):
             for name in [None, *BANK_NAMES]}
 
 
-@given(rows=st.lists(st.tuples(ROW_SPEC, st.lists(st.integers(3, 119), min_size=1, max_size=9)), min_size=1, max_size=5),
+@given(rows=st.lists(st.tuples(ROW_SPEC, st.lists(st.integers(3, 119), min_size=1, max_size=9)),
+                     min_size=1, max_size=5),
        pad=st.integers(0, 119))
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @torch.no_grad()

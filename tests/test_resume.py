@@ -25,7 +25,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def test_sigkill_at_a_random_step_then_resume_is_exact(llama_dir, task_file, tmp_path):
-    common = dict(steps=8, ckpt_interval=2, eval_interval=0, method="lora", lora_dropout=0.1)  # dropout: RNG restored too
+    # dropout: RNG restored too
+    common = dict(steps=8, ckpt_interval=2, eval_interval=0, method="lora", lora_dropout=0.1)
     train_py = [sys.executable, "train.py"]
     straight = subprocess.run([*train_py, *args(llama_dir, task_file, tmp_path / "straight", **common)],
                               cwd=ROOT, env=ENV, capture_output=True, text=True)
@@ -72,7 +73,8 @@ from minipt.gpt import GPT
 from minipt.prompts import PromptConfig, attach
 torch.manual_seed(0)
 model = attach(GPT(GPTConfig(vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=8, head_dim=4,
-                             intermediate_size=16, max_seq_len=16)), PromptConfig(num_virtual_tokens=2, init="random"))
+                             intermediate_size=16, max_seq_len=16)),
+               PromptConfig(num_virtual_tokens=2, init="random"))
 def write(data):
     files.save_prompt(path, model)
 def die_halfway(data):
@@ -106,7 +108,8 @@ die_halfway(b"the next file, which never gets written completely")
     assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
     assert path.read_bytes() == (tmp_path / "before").read_bytes()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("file", "before")]
-    assert len(leftovers) == 1 and leftovers[0].startswith(".file.") and leftovers[0].endswith(".tmp"), leftovers
+    assert (len(leftovers) == 1 and leftovers[0].startswith(".file.")
+            and leftovers[0].endswith(".tmp")), leftovers
 
 
 def test_overwrite_replaces_an_earlier_run_only_when_asked(llama_dir, task_file, tmp_path):
@@ -123,7 +126,8 @@ def test_overwrite_replaces_an_earlier_run_only_when_asked(llama_dir, task_file,
     assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier  # a refused run destroys nothing
 
     train.main(args(llama_dir, task_file, out, steps=2, eval_interval=0, overwrite=True))
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "plot.png", "prompt.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "plot.png",
+                                                     "prompt.safetensors"]
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 2]
 
 
@@ -151,7 +155,8 @@ def test_every_run_file_is_written_through_atomic_write(llama_dir, task_file, tm
     for module in (train, training, files):
         monkeypatch.setattr(module, "atomic_write", recording)
     train.main(args(llama_dir, task_file, tmp_path / "out", steps=4, ckpt_interval=2, eval_interval=0))
-    assert {"config.json", "checkpoint.pt", "metrics.jsonl", "plot.png", "prompt.safetensors"} <= set(written), written
+    assert ({"config.json", "checkpoint.pt", "metrics.jsonl", "plot.png", "prompt.safetensors"}
+            <= set(written)), written
 
 
 def resumable_run(llama_dir, task_file, out):
@@ -162,7 +167,8 @@ def resumable_run(llama_dir, task_file, out):
     return args(llama_dir, task_file, out, steps=4, ckpt_interval=2, eval_interval=0, resume=True)
 
 
-@pytest.mark.parametrize("key, value", [("base", "copy"), ("data", "copy"), ("template", "Text: {input}\nLabel:"),
+@pytest.mark.parametrize("key, value", [("base", "copy"), ("data", "copy"),
+                                        ("template", "Text: {input}\nLabel:"),
                                         ("optimizer", "adafactor"), ("num_virtual_tokens", 5)])
 def test_resume_refuses_a_changed_setting(key, value, llama_dir, task_file, tmp_path):
     out = tmp_path / "out"
@@ -187,7 +193,8 @@ def test_resume_accepts_changed_steps_and_intervals(llama_dir, task_file, tmp_pa
     assert "resumed from" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 6]   # log_interval 1 before, then 3
-    assert [r["step"] for r in rows if r["kind"] == "valid"] == [3, 6] and (out / "prompt.safetensors").exists()
+    assert ([r["step"] for r in rows if r["kind"] == "valid"] == [3, 6]
+            and (out / "prompt.safetensors").exists())
 
 
 def test_a_checkpoint_that_would_run_code_is_refused(llama_dir, task_file, tmp_path, monkeypatch):

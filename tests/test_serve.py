@@ -24,8 +24,10 @@ from minipt.serve import make_server
 from minipt.tokenizer import BPETokenizer, _spell
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-TEXTS = ["Hello there", "The capital of France is", "a", "1, 2, 3,", "Once upon a time, in a village by the sea"]
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\n' }}{% endif %}")
+TEXTS = ["Hello there", "The capital of France is", "a", "1, 2, 3,",
+         "Once upon a time, in a village by the sea"]
 METHODS = {"soft": dict(method="prompt_tuning", num_virtual_tokens=4),
            "ptune": dict(method="p_tuning", num_virtual_tokens=3, encoder_hidden=16),
            "prefix": dict(method="prefix_tuning", num_virtual_tokens=3, projection_hidden=24)}
@@ -46,9 +48,9 @@ def base_dir(tmp_path_factory):
     PyTorch's default init, whose logits are spread enough that greedy picks have clear
     winners (batched and single rows round differently in the last bits)."""
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=120, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, intermediate_size=64,
-                    max_seq_len=1024, norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, proj_bias=False,
-                    tie_embeddings=False, source="llama")
+    cfg = GPTConfig(vocab_size=120, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8,
+                    intermediate_size=64, max_seq_len=1024, norm="rmsnorm", mlp="swiglu", pos="rope",
+                    qkv_bias=False, proj_bias=False, tie_embeddings=False, source="llama")
     directory = tmp_path_factory.mktemp("base")
     save_config(cfg, directory)
     save_file({k: v.contiguous() for k, v in GPT(cfg).state_dict().items()}, directory / "model.safetensors")
@@ -152,7 +154,8 @@ def test_decode_steps_matches_generate_and_honours_per_row_limits(base_dir):
     for i, n in enumerate([12, 5, 9]):
         row = [s[i] for s in steps]
         assert row[:n] == expected[i][:n] and row[n:] == [None] * (12 - n)
-    sampled = lambda batch: [s[0] for s in decode_steps(model, batch, 10, temperature=[1.0] + [0.0] * (len(batch) - 1),
+    sampled = lambda batch: [s[0] for s in decode_steps(model, batch, 10,
+                                                        temperature=[1.0] + [0.0] * (len(batch) - 1),
                                                         seed=[7] + [None] * (len(batch) - 1), pad_id=2)]
     alone = sampled(prompts[:1])
     assert alone == sampled(prompts) and alone != expected[0][:10]
@@ -178,8 +181,10 @@ def test_completion_equals_generate_with_the_prompt_alone(client, oracle, name, 
         r = client.completions.create(model=name, prompt=text, max_tokens=12, temperature=0)
         if name == "soft+prefix":  # composition: one method holding soft's virtual tokens and prefix's keys
             base, tok = load_base(base_dir)
-            soft, prefix = (load(prompt_dir / f"{n}.safetensors", base, tok).method for n in ("soft", "prefix"))
-            out = generate(PromptedModel(base, Both(soft, prefix)), [tok.encode(text)], 12, eos_id=2, pad_id=2)[0]
+            soft, prefix = (load(prompt_dir / f"{n}.safetensors", base, tok).method
+                            for n in ("soft", "prefix"))
+            out = generate(PromptedModel(base, Both(soft, prefix)), [tok.encode(text)], 12, eos_id=2,
+                           pad_id=2)[0]
             expected = (tok.decode(out, skip_special=True), "length" if len(out) == 12 else "stop", len(out))
         else:
             expected = oracle(name, text, 12)
@@ -187,21 +192,23 @@ def test_completion_equals_generate_with_the_prompt_alone(client, oracle, name, 
         assert r.model == name and r.object == "text_completion"
         assert r.usage.prompt_tokens == len(text)  # one byte, one token in this vocabulary
         assert r.usage.total_tokens == len(text) + expected[2]
-    outputs = {client.completions.create(model=m, prompt=TEXTS[0], max_tokens=12, temperature=0).choices[0].text
+    outputs = {client.completions.create(model=m, prompt=TEXTS[0], max_tokens=12,
+                                         temperature=0).choices[0].text
                for m in ("base", name)}
     assert name == "base" or len(outputs) == 2  # the prompt changes the answer
 
 
 def test_prompt_list_and_token_ids(client, oracle):
-    r = client.completions.create(model="soft", prompt=[TEXTS[0], TEXTS[3], [5, 6, 7]], max_tokens=8, temperature=0)
+    r = client.completions.create(model="soft", prompt=[TEXTS[0], TEXTS[3], [5, 6, 7]], max_tokens=8,
+                                  temperature=0)
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert [c.text for c in r.choices] == [oracle("soft", p, 8)[0] for p in (TEXTS[0], TEXTS[3], [5, 6, 7])]
     assert r.usage.prompt_tokens == len(TEXTS[0]) + len(TEXTS[3]) + 3
 
 
 def test_chat_completion(client, oracle):
-    r = client.chat.completions.create(model="ptune", messages=[{"role": "user", "content": "Hi!"}], max_tokens=10,
-                                       temperature=0)
+    r = client.chat.completions.create(model="ptune", messages=[{"role": "user", "content": "Hi!"}],
+                                       max_tokens=10, temperature=0)
     text, reason, _ = oracle("ptune", "Hi!", 10, chat=True)
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == (text, reason)
     assert r.choices[0].message.role == "assistant" and r.object == "chat.completion"
@@ -210,13 +217,15 @@ def test_chat_completion(client, oracle):
 
 
 def test_stop_strings_cut_the_text(client):
-    full = client.completions.create(model="soft", prompt=TEXTS[1], max_tokens=20, temperature=0).choices[0].text
+    full = client.completions.create(model="soft", prompt=TEXTS[1], max_tokens=20,
+                                     temperature=0).choices[0].text
     stop = full[5:7]
     expected = full[:full.find(stop)]
-    r = client.completions.create(model="soft", prompt=TEXTS[1], max_tokens=20, temperature=0, stop=[stop, "@@@"])
+    r = client.completions.create(model="soft", prompt=TEXTS[1], max_tokens=20, temperature=0,
+                                  stop=[stop, "@@@"])
     assert (r.choices[0].text, r.choices[0].finish_reason) == (expected, "stop")
-    streamed = client.completions.create(model="soft", prompt=TEXTS[1], max_tokens=20, temperature=0, stop=stop,
-                                         stream=True)
+    streamed = client.completions.create(model="soft", prompt=TEXTS[1], max_tokens=20, temperature=0,
+                                         stop=stop, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == expected
 
 
@@ -240,8 +249,10 @@ def test_streamed_chunks_concatenate_to_the_reply(client, server):
     assert deltas[-1].choices[0].finish_reason == chat.choices[0].finish_reason
 
     # the wire format itself: data: lines, ending with [DONE]
-    req = urllib.request.Request(server.url + "/v1/completions", method="POST", headers={"Content-Type": "application/json"},
-                                 data=json.dumps({"model": "base", "prompt": "ab", "max_tokens": 3, "stream": True}).encode())
+    req = urllib.request.Request(server.url + "/v1/completions", method="POST",
+                                 headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"model": "base", "prompt": "ab", "max_tokens": 3,
+                                                  "stream": True}).encode())
     with urllib.request.urlopen(req, timeout=60) as r:
         assert r.headers["Content-Type"] == "text/event-stream"
         events = [e for e in r.read().decode().split("\n\n") if e]
@@ -255,7 +266,8 @@ def test_concurrent_requests_are_decoded_in_one_batch(client, server, oracle):
     one batch of five rows, and each gets what it gets alone."""
     jobs = [("base", TEXTS[0], 6, 0.0), ("soft", TEXTS[1], 9, 0.0), ("ptune", TEXTS[2], 4, 0.0),
             ("prefix", TEXTS[3], 11, 0.0), ("soft+ptune", TEXTS[4], 7, 0.9)]
-    ask = lambda m, t, n, temp: client.completions.create(model=m, prompt=t, max_tokens=n, temperature=temp, seed=5)
+    ask = lambda m, t, n, temp: client.completions.create(model=m, prompt=t, max_tokens=n, temperature=temp,
+                                                          seed=5)
     alone_sampled = ask(*jobs[4]).choices[0].text  # a seeded row samples the same, batched or not
     before = stats(server)["batch_sizes"]
     results, barrier = {}, threading.Barrier(len(jobs))
@@ -329,8 +341,10 @@ BAD = [
     ("POST", "/v1/chat/completions", {"model": "soft"}, 400, None),
     ("POST", "/v1/chat/completions", {"model": "soft", "messages": []}, 400, None),
     ("POST", "/v1/chat/completions", {"model": "soft", "messages": "hi"}, 400, None),
-    ("POST", "/v1/chat/completions", {"model": "soft", "messages": [{"role": "robot", "content": "x"}]}, 400, None),
-    ("POST", "/v1/chat/completions", {"model": "soft", "messages": [{"role": "user", "content": 5}]}, 400, None),
+    ("POST", "/v1/chat/completions", {"model": "soft", "messages": [{"role": "robot", "content": "x"}]},
+     400, None),
+    ("POST", "/v1/chat/completions", {"model": "soft", "messages": [{"role": "user", "content": 5}]},
+     400, None),
     ("POST", "/v1/nothing", {"model": "soft"}, 404, None),
     ("GET", "/v1/nothing", None, 404, None),
 ]
@@ -351,7 +365,8 @@ def test_openai_client_sees_the_errors(client):
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="soft", prompt="x", max_tokens=-3)
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="soft", messages=[{"role": "user", "content": "x" * 1020}], max_tokens=50)
+        client.chat.completions.create(model="soft", messages=[{"role": "user", "content": "x" * 1020}],
+                                       max_tokens=50)
     assert e.value.code == "context_length_exceeded"
 
 
@@ -360,8 +375,9 @@ def test_a_client_leaving_mid_stream_does_not_stall_the_others(server, client, o
     the decode drops that row, the batch ends, and the next request gets its answer."""
     before = stats(server)["cancelled_rows"]
     conn = http.client.HTTPConnection(server.url.split("//")[1], timeout=60)
-    conn.request("POST", "/v1/completions", json.dumps({"model": "soft", "prompt": "x", "max_tokens": 1000,
-                                                        "stream": True, "ignore_eos": True, "temperature": 0}),
+    conn.request("POST", "/v1/completions",
+                 json.dumps({"model": "soft", "prompt": "x", "max_tokens": 1000, "stream": True,
+                             "ignore_eos": True, "temperature": 0}),
                  {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200 and resp.fp.readline().startswith(b"data: ")
@@ -390,7 +406,8 @@ def test_packed_server_answers_as_generate_on_the_packed_model(tmp_path):
     grid = q4_1_gpt(vocab_size=120, max_seq_len=256)
     (tmp_path / "base").mkdir()
     save_config(grid.config, tmp_path / "base")
-    save_file({k: v.contiguous() for k, v in grid.state_dict().items()}, tmp_path / "base" / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in grid.state_dict().items()},
+              tmp_path / "base" / "model.safetensors")
     tiny_tokenizer().save(tmp_path / "base")
     (tmp_path / "prompts").mkdir()
     server = make_server(tmp_path / "base", tmp_path / "prompts", port=0, packed=True)
@@ -398,7 +415,8 @@ def test_packed_server_answers_as_generate_on_the_packed_model(tmp_path):
     thread.start()
     try:
         base = server.app.base
-        assert all(m.packed is not None for m in base.modules() if isinstance(m, Linear) and m is not base.lm_head)
+        assert all(m.packed is not None for m in base.modules()
+                   if isinstance(m, Linear) and m is not base.lm_head)
         assert base.lm_head.packed is None                       # 120 rows: the kernel takes multiples of 16
         status, body = raw(server, "POST", "/v1/completions",
                            {"model": "base", "prompt": TEXTS[1], "max_tokens": 12, "temperature": 0})

@@ -50,8 +50,9 @@ def served(base_dir, prompt_dir):
     """(process, base url, log lines) of `python -m minipt.serve` on a free loopback port."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: one thread per matmul is fastest
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.Popen([sys.executable, "-m", "minipt.serve", "--base", str(base_dir), "--prompts", str(prompt_dir),
-                             "--port", "0", "--dtype", "float32", "--max-batch", "16"],
+    proc = subprocess.Popen([sys.executable, "-m", "minipt.serve", "--base", str(base_dir),
+                             "--prompts", str(prompt_dir), "--port", "0", "--dtype", "float32",
+                             "--max-batch", "16"],
                             cwd=root, env=env, stderr=subprocess.PIPE, text=True)
     lines, ready = collections.deque(maxlen=100_000), threading.Event()
 
@@ -85,7 +86,8 @@ def expected(base_dir, prompt_dir, oracle):
     for model in MODELS:
         for text in TEXTS:
             for n in MAX_TOKENS:
-                table["text", model, text, n] = composed(text, n) if "+" in model else oracle(model, text, n)[0]
+                table["text", model, text, n] = (composed(text, n) if "+" in model
+                                                 else oracle(model, text, n)[0])
                 if "+" not in model:
                     table["chat", model, text, n] = oracle(model, text, n, chat=True)[0]
     return table
@@ -125,11 +127,14 @@ BAD = [  # (path, body, status); JSON bodies are dumped, bytes sent as they are
     (C, b"{not json", 400), (C, b"\xff\xfe\x00", 400), (C, b"[1, 2]", 400), (C, b"", 400),
     (C, {"model": "nope", "prompt": "x"}, 404), (C, {"model": "soft+nope", "prompt": "x"}, 404),
     (C, {"model": 7, "prompt": "x"}, 400), (C, {"model": "soft", "prompt": [1.5]}, 400),
-    (C, {"model": "soft", "prompt": [999]}, 400), (C, {"model": "soft", "prompt": "x", "max_tokens": "5"}, 400),
-    (C, {"model": "soft", "prompt": "x", "temperature": "hot"}, 400), (C, {"model": "soft", "prompt": {"a": 1}}, 400),
+    (C, {"model": "soft", "prompt": [999]}, 400),
+    (C, {"model": "soft", "prompt": "x", "max_tokens": "5"}, 400),
+    (C, {"model": "soft", "prompt": "x", "temperature": "hot"}, 400),
+    (C, {"model": "soft", "prompt": {"a": 1}}, 400),
     (C, {"model": "soft", "prompt": "x", "stream": "yes"}, 400),
     (C, {"model": "soft", "prompt": "x" * 1000, "max_tokens": 100}, 400),            # over the context
-    (CHAT, {"model": "soft", "messages": "hi"}, 400), (CHAT, {"model": "soft", "messages": [{"role": "robot"}]}, 400),
+    (CHAT, {"model": "soft", "messages": "hi"}, 400),
+    (CHAT, {"model": "soft", "messages": [{"role": "robot"}]}, 400),
     (CHAT, {"model": "soft", "messages": [{"role": "user", "content": 5}]}, 400),
     ("/v1/nothing", {"model": "soft"}, 404),
 ]
@@ -150,7 +155,8 @@ def good_job(client, expected, rng):
             r = client.completions.create(model=model, prompt=texts, max_tokens=n, temperature=0)
             return [c.text for c in r.choices] == [expected["text", model, t, n] for t in texts]
         if kind == "stream":
-            chunks = client.completions.create(model=model, prompt=text, max_tokens=n, temperature=0, stream=True)
+            chunks = client.completions.create(model=model, prompt=text, max_tokens=n, temperature=0,
+                                               stream=True)
             return "".join(c.choices[0].text for c in chunks if c.choices) == expected["text", model, text, n]
         r = client.completions.create(model=model, prompt=text, max_tokens=n, temperature=0)
         return r.choices[0].text == expected["text", model, text, n]
@@ -173,8 +179,9 @@ def hang_up_job(url):
     """A long stream (ignore_eos, 1000 tokens) whose client leaves after the first event."""
     def run():
         conn = http.client.HTTPConnection(url.split("//")[1], timeout=60)
-        conn.request("POST", "/v1/completions", json.dumps({"model": "soft", "prompt": "x", "max_tokens": 1000,
-                                                            "stream": True, "ignore_eos": True}),
+        conn.request("POST", "/v1/completions",
+                     json.dumps({"model": "soft", "prompt": "x", "max_tokens": 1000, "stream": True,
+                                 "ignore_eos": True}),
                      {"Content-Type": "application/json"})
         resp = conn.getresponse()
         ok = resp.status == 200 and resp.fp.readline().startswith(b"data: ")
@@ -187,7 +194,8 @@ def hang_up_job(url):
 def one_round(url, client, expected, seed, n_good=140, n_bad=50, n_hang_up=10):
     """Send one shuffled round from THREADS threads; (failures, latencies of the good ones)."""
     rng = random.Random(seed)
-    jobs = ([good_job(client, expected, rng) for _ in range(n_good)] + [bad_job(url, rng) for _ in range(n_bad)]
+    jobs = ([good_job(client, expected, rng) for _ in range(n_good)]
+            + [bad_job(url, rng) for _ in range(n_bad)]
             + [hang_up_job(url) for _ in range(n_hang_up)])
     rng.shuffle(jobs)
     latencies = []
@@ -250,8 +258,9 @@ def test_server_under_load(served, expected):
 
     growth = min(rss[-3:]) - min(rss[1:4])
     all_latencies.sort()
-    print(f"\n{ROUNDS} rounds of 200 requests in {elapsed:.1f} s; batches {stats['batch_sizes']}; good-request "
-          f"latency p50 {all_latencies[len(all_latencies) // 2] * 1000:.0f} ms, max {all_latencies[-1] * 1000:.0f} ms; "
+    print(f"\n{ROUNDS} rounds of 200 requests in {elapsed:.1f} s; batches {stats['batch_sizes']}; "
+          f"good-request latency p50 {all_latencies[len(all_latencies) // 2] * 1000:.0f} ms, "
+          f"max {all_latencies[-1] * 1000:.0f} ms; "
           f"server RSS after each round (MiB): {', '.join(f'{r / 2**20:.1f}' for r in rss)}; "
           f"growth {growth / 2**20:+.2f} MiB")
     assert growth < RSS_GROWTH_BOUND, [r / 2**20 for r in rss]

@@ -53,7 +53,8 @@ def test_batched_greedy_matches_transformers_batched(smollm2_dir, hf_smollm2):
     prompts = [tok.encode(t) for t in TEXTS]
     ours = generate(model, prompts, 32, eos_id=tok.eos_id, pad_id=tok.pad_id)
     ids, mask = pad_batch(prompts, tok.pad_id)
-    ref = hf_smollm2.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_id)
+    ref = hf_smollm2.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
+                              pad_token_id=tok.pad_id)
     assert ours == [until_eos(r, tok.eos_id) for r in ref[:, ids.size(1):].tolist()]
 
 

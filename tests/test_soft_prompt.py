@@ -84,7 +84,8 @@ def test_initialisations(tmp_path):
     tok = StubTokenizer()
     text = attach(base, PromptConfig(num_virtual_tokens=P, init="text", init_text="abc"), tok).method.prompt
     assert torch.equal(text, emb[[97 % 100, 98 % 100, 99 % 100, 97 % 100, 98 % 100]])
-    labels = attach(base, PromptConfig(num_virtual_tokens=P, init="labels", init_labels=["b", "cd"]), tok).method.prompt
+    labels = attach(base, PromptConfig(num_virtual_tokens=P, init="labels", init_labels=["b", "cd"]),
+                    tok).method.prompt
     assert torch.equal(labels[0], emb[98]) and torch.allclose(labels[1], emb[[99, 0]].mean(0))
     with pytest.raises(ValueError, match="init_text"):
         attach(base, PromptConfig(init="text"), tok)
@@ -92,7 +93,8 @@ def test_initialisations(tmp_path):
 
 @torch.no_grad()
 def test_prompt_goes_after_left_padding(tmp_path):
-    model = attach(converted(tiny_hf_model("qwen2"), tmp_path), PromptConfig(num_virtual_tokens=P, init="random"))
+    model = attach(converted(tiny_hf_model("qwen2"), tmp_path),
+                   PromptConfig(num_virtual_tokens=P, init="random"))
     ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
@@ -102,12 +104,15 @@ def test_prompt_goes_after_left_padding(tmp_path):
 
 
 @pytest.mark.parametrize("family,method,checkpointing,padded", [
-    ("llama", "prompt_tuning", False, True), ("llama", "prompt_tuning", True, True), ("llama", "p_tuning", False, True),
-    ("llama", "p_tuning", True, True), ("llama", "prompt_tuning", False, False), ("gpt2", "prompt_tuning", False, True)])
-def test_prompt_run_once_per_batch_equals_prompt_in_every_row(family, method, checkpointing, padded, tmp_path):
+    ("llama", "prompt_tuning", False, True), ("llama", "prompt_tuning", True, True),
+    ("llama", "p_tuning", False, True), ("llama", "p_tuning", True, True),
+    ("llama", "prompt_tuning", False, False), ("gpt2", "prompt_tuning", False, True)])
+def test_prompt_run_once_per_batch_equals_prompt_in_every_row(family, method, checkpointing, padded,
+                                                              tmp_path):
     """Training runs the virtual tokens once per batch (GPT.forward's `shared`); the loss
     and gradient must equal those of the prompt inserted into each (left-padded) row."""
-    model = attach(converted(tiny_hf_model(family), tmp_path), PromptConfig.for_method(method, num_virtual_tokens=P, init="random"))
+    model = attach(converted(tiny_hf_model(family), tmp_path),
+                   PromptConfig.for_method(method, num_virtual_tokens=P, init="random"))
     model.base.grad_checkpointing = checkpointing
     model.train()
     ids = torch.randint(0, 120, (3, 9), generator=torch.Generator().manual_seed(4))
@@ -135,7 +140,8 @@ def test_prompt_run_once_per_batch_equals_prompt_in_every_row(family, method, ch
 def test_cached_generation_equals_full_forward(where, tmp_path):
     hf = tiny_hf_model("llama") if where == "gpt" else hf_t5("v1.0")
     placement = "decoder" if where == "t5-decoder" else "encoder"
-    model = attach(converted(hf, tmp_path), PromptConfig(num_virtual_tokens=P, init="random", placement=placement))
+    model = attach(converted(hf, tmp_path),
+                   PromptConfig(num_virtual_tokens=P, init="random", placement=placement))
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
     cached = model.generate(prompts, 6)
     for prompt, out in zip(prompts, cached):

@@ -56,7 +56,8 @@ def pair(request, tmp_path_factory):
 
 
 def t5_state_dict_from_hf(hf_sd, cfg):
-    return apply_key_map(hf_sd, T5_KEY_MAP, T5_DROPPED, expected_shapes(cfg), max(cfg.n_layer, cfg.n_decoder_layer))
+    return apply_key_map(hf_sd, T5_KEY_MAP, T5_DROPPED, expected_shapes(cfg),
+                         max(cfg.n_layer, cfg.n_decoder_layer))
 
 
 def batch():
@@ -149,7 +150,8 @@ def test_cached_prefill_of_several_tokens(pair):
 
 def prefix(B, P, gate=None, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return LayerPrefix(torch.randn(B, NH, P, HS, generator=g), torch.randn(B, NH, P, HS, generator=g), gate=gate)
+    return LayerPrefix(torch.randn(B, NH, P, HS, generator=g), torch.randn(B, NH, P, HS, generator=g),
+                       gate=gate)
 
 
 def hooks(n_layers, make):
@@ -165,10 +167,12 @@ def test_empty_or_zero_gated_prefixes_leave_logits_unchanged(pair):
     base, _ = model(ids, dec, attention_mask=mask)
     empty, _ = model(ids, dec, attention_mask=mask, **hooks(2, lambda s: prefix(3, 0, seed=s)))
     assert maxdiff(empty, base) <= 1e-6
-    closed, _ = model(ids, dec, attention_mask=mask, **hooks(2, lambda s: prefix(3, 4, torch.zeros(NH), seed=s)))
+    closed, _ = model(ids, dec, attention_mask=mask,
+                      **hooks(2, lambda s: prefix(3, 4, torch.zeros(NH), seed=s)))
     assert maxdiff(closed, base) <= 1e-6
     # the same prefixes do change the output once they are live
-    opened, _ = model(ids, dec, attention_mask=mask, **hooks(2, lambda s: prefix(3, 4, torch.ones(NH), seed=s)))
+    opened, _ = model(ids, dec, attention_mask=mask,
+                      **hooks(2, lambda s: prefix(3, 4, torch.ones(NH), seed=s)))
     assert maxdiff(opened, base) > 1e-3
     prefixed, _ = model(ids, dec, attention_mask=mask, **hooks(2, lambda s: prefix(3, 4, seed=s)))
     assert maxdiff(prefixed, base) > 1e-3

@@ -31,8 +31,10 @@ def raw_file(path, header: dict, data: bytes = b""):
 
 @pytest.mark.parametrize("make, words", [
     (lambda p: p.write_bytes(b"\x01\x02"), "shorter than its 8-byte header length"),
-    (lambda p: p.write_bytes((10**12).to_bytes(8, "little") + b"{}"), "header claims 1,000,000,000,000 bytes"),
-    (lambda p: raw_file(p, {"w": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 2**42]}}, b"\0" * 16),
+    (lambda p: p.write_bytes((10**12).to_bytes(8, "little") + b"{}"),
+     "header claims 1,000,000,000,000 bytes"),
+    (lambda p: raw_file(p, {"w": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 2**42]}},
+                        b"\0" * 16),
      "tensor 'w': F32[1048576, 1048576] needs 4,398,046,511,104 bytes"),
     (lambda p: raw_file(p, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
      "the data section has 8"),                                              # a truncated file

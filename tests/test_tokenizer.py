@@ -21,18 +21,22 @@ N_STRINGS = 3000
 
 # --------------------------------------------------------------------------- the corpus
 
-_WORDS = ["the", "The", "hello", "World", "tokenizer", "naïve", "café", "über", "façade", "Straße", "Ærø",
-          "łódź", "Œuvre", "señor", "ﬁne", "ＡＢＣ", "x", "I", "a"]
+_WORDS = ["the", "The", "hello", "World", "tokenizer", "naïve", "café", "über", "façade", "Straße",
+          "Ærø", "łódź", "Œuvre", "señor", "ﬁne", "ＡＢＣ", "x", "I", "a"]
 _SCRIPTS = [
-    "日本語のテキスト", "中文字符串测试", "한국어 문장", "カタカナ", "Привет мир", "Ёлка", "ελληνικά",
-    "العربية", "مَرْحَبًا", "עברית", "हिन्दी", "ภาษาไทย", "Tiếng Việt", "ქართული", "Հայերեն",
+    "日本語のテキスト", "中文字符串测试", "한국어 문장", "カタカナ",
+    "Привет мир", "Ёлка", "ελληνικά",
+    "العربية", "مَرْحَبًا", "עברית", "हिन्दी",
+    "ภาษาไทย", "Tiếng Việt", "ქართული", "Հայերեն",
 ]
 _COMBINING = ["e\u0301", "a\u0308", "c\u0327", "n\u0303", "\u0301", " \u0308x", "1\u20e3", "Z\u0335\u0336"]
-_EMOJI = ["😀", "🎉", "👍🏽", "👨‍👩‍👧‍👦", "🏳️‍🌈", "🇫🇷🇩🇪", "❤️", "1️⃣", "🧑🏿‍💻", "🐍", "✨"]
+_EMOJI = ["😀", "🎉", "👍🏽", "👨‍👩‍👧‍👦", "🏳️‍🌈", "🇫🇷🇩🇪",
+          "❤️", "1️⃣", "🧑🏿‍💻", "🐍", "✨"]
 _SPACES = [" ", "  ", "   ", "\t", "\n", "\r\n", "\n\n", " \n ", "\t\t", "\u00a0", "\u3000", "\u2003",
            "\x0b", "\x0c", "\x1c", "\x1f", "\u200b", "\u0085", "\u2028", " \t\n"]
 _NUMBERS = ["0", "7", "42", "2024", "31415926535", "3.14", "-17", "1,000,000", "1e-9", "0x1F", "2024-01-31",
-            "²", "x²", "½", "٣٤٥", "１２３", "Ⅻ", "① ②", "v1.2.3", "10%", "$5.99", "13:45", "3rd", "🔟"]
+            "²", "x²", "½", "٣٤٥", "１２３", "Ⅻ", "① ②", "v1.2.3", "10%", "$5.99",
+            "13:45", "3rd", "🔟"]
 _CODE = [
     "def f(x):\n    return x ** 2  # square\n",
     "if (a && b) { return; }",
@@ -49,8 +53,8 @@ _CODE = [
 ]
 _CONTRACTIONS = ["don't", "I'm", "we're", "they've", "you'll", "he'd", "it's", "IT'S", "DON'T", "I'M",
                  "WE'RE", "'s", "''s", "’s", "l'amour", "rock'n'roll", "o'clock", "'tis"]
-_PUNCTUATION = ["!!!", "?!", "...", "—", "–", "«»", "“quoted”", "()[]{}", "@#$%^&*", "~~", "::", "->",
-                "¿¡", "。、", "…", "•", "§", "©®™", "\\", "/", "|", "_", "'", '"', "`"]
+_PUNCTUATION = ["!!!", "?!", "...", "—", "–", "«»", "“quoted”", "()[]{}", "@#$%^&*", "~~", "::",
+                "->", "¿¡", "。、", "…", "•", "§", "©®™", "\\", "/", "|", "_", "'", '"', "`"]
 _SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_start|>user\n", "<|endof", "<|im_start|",
             "<repo_name>", "<extra_id_0>", "<extra_id_99>", "<extra_id_100>", "</s>", "<pad>", "<unk>"]
 _KINDS = [_WORDS, _SCRIPTS, _COMBINING, _EMOJI, _NUMBERS, _CODE, _CONTRACTIONS, _PUNCTUATION, _SPECIAL]
@@ -241,7 +245,8 @@ def test_t5_special_tokens(t5):
     assert t5.encode("<extra_id_0><extra_id_99><extra_id_100>")[:2] == [32099, 32000]
     assert t5.encode("Hi") == [2018, 1] and t5.encode("Hi", add_eos=False) == [2018]
     # Legacy spacing, as T5's tokenizer.json does (Metaspace prepend_scheme 'always'): text after a
-    # sentinel starts a new word, so '.' gets its '▁' (id 3). transformers' legacy=False mode gives [32099, 5].
+    # sentinel starts a new word, so '.' gets its '▁' (id 3). transformers' legacy=False mode gives
+    # [32099, 5].
     assert t5.encode("<extra_id_0>.", add_eos=False) == [32099, 3, 5]
     assert t5.decode([32099, 3, 5, 1, 0, 0]) == "<extra_id_0> ."
     assert t5.decode([2018, 1, 0], skip_special=False) == "Hi</s><pad>"
@@ -272,7 +277,8 @@ def test_t5_round_trip(t5, corpus):
     assert t5.decode(t5.encode("日本 text")) == " ⁇  text"
     hf = tokenizers.Tokenizer.from_file(str(fetch("t5-tokenizer-json")))
     ids = t5.encode("The <extra_id_0> walks in <extra_id_1> park", add_eos=False)
-    assert t5.decode(ids) == hf.decode(ids, skip_special_tokens=False) == "The<extra_id_0> walks in<extra_id_1> park"
+    assert (t5.decode(ids) == hf.decode(ids, skip_special_tokens=False)
+            == "The<extra_id_0> walks in<extra_id_1> park")
 
 
 def test_allow_special(gpt2, smollm):
@@ -291,8 +297,9 @@ def test_bpe_save_load(name, request, corpus, tmp_path):
     tok.save(tmp_path)
     again = load_tokenizer(tmp_path)
     assert isinstance(again, BPETokenizer)
-    assert (again.bos_id, again.eos_id, again.pad_id, again.vocab_size, again.split_digits, again.chat_template) == \
-        (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size, tok.split_digits, tok.chat_template)
+    assert ((again.bos_id, again.eos_id, again.pad_id, again.vocab_size, again.split_digits,
+             again.chat_template)
+            == (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size, tok.split_digits, tok.chat_template))
     hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     for s in corpus:
         ids = tok.encode(s)
@@ -337,7 +344,8 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Hi!"}],
     [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "2+2?"},
      {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?\nThanks."}],
-    [{"role": "user", "content": "Écris un haïku 🌸"}, {"role": "assistant", "content": "Vent d'automne..."}],
+    [{"role": "user", "content": "Écris un haïku 🌸"},
+     {"role": "assistant", "content": "Vent d'automne..."}],
 ]
 
 
@@ -348,7 +356,8 @@ def test_chat_template_matches_transformers(smollm, hf_smollm, tmp_path, add_gen
     for messages in CONVERSATIONS:
         ours = smollm.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         for hf in (hf_smollm, hf_saved):
-            assert ours == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            assert ours == hf.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
     assert "named SmolLM" in smollm.apply_chat_template(CONVERSATIONS[0])
     assert "named SmolLM" not in smollm.apply_chat_template(CONVERSATIONS[1])
 

@@ -54,10 +54,10 @@ def t5_dir(tmp_path_factory):
 
 
 def args(base, task, out, **over):
-    values = dict(base=base, data=task, template="Review: {input}\nSentiment:", out_dir=out, steps=6, batch_size=4,
-                  lr=0.05, warmup_steps=0, schedule="constant", log_interval=1, eval_interval=3, ckpt_interval=0,
-                  eval_examples=6, max_len=96, num_virtual_tokens=4, init="random", dtype="float32",
-                  encoder_hidden=16, projection_hidden=16, adapter_layers=1, lora_r=2)
+    values = dict(base=base, data=task, template="Review: {input}\nSentiment:", out_dir=out, steps=6,
+                  batch_size=4, lr=0.05, warmup_steps=0, schedule="constant", log_interval=1, eval_interval=3,
+                  ckpt_interval=0, eval_examples=6, max_len=96, num_virtual_tokens=4, init="random",
+                  dtype="float32", encoder_hidden=16, projection_hidden=16, adapter_layers=1, lora_r=2)
     values.update(over)
     return [f"--{k}={v}" for k, v in drop_unread(values).items()]   # one set of settings for every method
 
@@ -87,7 +87,8 @@ def test_config_overrides_file_and_types(tmp_path):
     cfg = parse_train_config([str(cfg_file), "--steps=9", "--grad_checkpointing", "--method=lora"])
     assert (cfg.steps, cfg.lr, cfg.lora_targets, cfg.grad_checkpointing) == (9, 1.0, ["q_proj"], True)
     assert isinstance(cfg.lr, float)
-    assert parse_train_config(["--method=prefix_tuning", "--prefix_projection=none"]).prefix_projection is None
+    assert parse_train_config(["--method=prefix_tuning",
+                               "--prefix_projection=none"]).prefix_projection is None
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -119,7 +120,8 @@ def test_cli_rejects_bad_key_with_exit_code(tmp_path):
 
 # ---- training ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora", "full"])
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter",
+                                    "lora", "full"])
 def test_every_method_trains_with_falling_loss(method, llama_dir, task_file, tmp_path):
     lr = 1e-3 if method == "full" else 0.05
     train.main(args(llama_dir, task_file, tmp_path, method=method, steps=8, lr=lr, eval_interval=0))
@@ -140,17 +142,19 @@ def test_prompt_transfer_starts_from_the_given_prompt(llama_dir, task_file, tmp_
     train.main(args(llama_dir, task_file, tmp_path / "source", steps=3, eval_interval=0))
     source = tmp_path / "source" / "prompt.safetensors"
     # lr 0 and no weight decay: the transferred prompt must come out exactly as it went in
-    train.main(args(llama_dir, task_file, tmp_path / "target", steps=1, eval_interval=0, init_from=source, lr=0.0,
-                    weight_decay=0.0))
+    train.main(args(llama_dir, task_file, tmp_path / "target", steps=1, eval_interval=0, init_from=source,
+                    lr=0.0, weight_decay=0.0))
     base, tok = load_base(llama_dir)
     a, b = (load(p, base, tok).method.prompt for p in (source, tmp_path / "target" / "prompt.safetensors"))
     assert torch.equal(a, b)
     with pytest.raises(SystemExit, match="a prompt_tuning prompt cannot initialise prefix_tuning"):
-        train.main(args(llama_dir, task_file, tmp_path / "bad", steps=1, init_from=source, method="prefix_tuning"))
+        train.main(args(llama_dir, task_file, tmp_path / "bad", steps=1, init_from=source,
+                        method="prefix_tuning"))
 
 
 def test_resume_after_a_crash_is_exact(llama_dir, task_file, tmp_path, monkeypatch):
-    common = dict(steps=6, ckpt_interval=3, method="lora", lora_dropout=0.1)  # dropout: the RNG must be restored too
+    # dropout: the RNG must be restored too
+    common = dict(steps=6, ckpt_interval=3, method="lora", lora_dropout=0.1)
     train.main(args(llama_dir, task_file, tmp_path / "straight", **common))
 
     real_save = training.save_checkpoint
@@ -174,8 +178,9 @@ def test_ddp_two_processes_equal_one(llama_dir, task_file, tmp_path):
     common = args(llama_dir, task_file, tmp_path / "one", steps=3, batch_size=4, eval_interval=0)
     train.main(common)
     two = args(llama_dir, task_file, tmp_path / "two", steps=3, batch_size=4, eval_interval=0)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                          "train.py", *two], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=29533", "train.py", *two],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     a = load(tmp_path / "one" / "prompt.safetensors", load_base(llama_dir)[0]).method.prompt
     b = load(tmp_path / "two" / "prompt.safetensors", load_base(llama_dir)[0]).method.prompt

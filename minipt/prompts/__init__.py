@@ -31,7 +31,8 @@ def load(path, base, tokenizer=None) -> PromptedModel:
     meta, tensors = read_prompt(path)
     check_base(path, meta, base, tokenizer)
     config = PromptConfig.from_dict(meta["config"])
-    model = attach(base, PromptConfig.for_method(**{**config.to_dict(), "init": "random"}))  # values from the file
+    # values from the file
+    model = attach(base, PromptConfig.for_method(**{**config.to_dict(), "init": "random"}))
     model.method.config = config
     _load_tensors(path, model.method, tensors)
     return model

@@ -50,8 +50,8 @@ def save_prompt(path, model, tokenizer=None) -> Path:
     """Write a PromptedModel's method to `path` atomically (temp file + rename)."""
     path = Path(path)
     method = model.method
-    meta = {"format": FORMAT, "config": method.config.to_dict(), "trainable_parameters": model.num_trainable(),
-            "base": base_fingerprint(model.base, tokenizer)}
+    meta = {"format": FORMAT, "config": method.config.to_dict(),
+            "trainable_parameters": model.num_trainable(), "base": base_fingerprint(model.base, tokenizer)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_for_saving().items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"minipt": json.dumps(meta)}))
     return path
@@ -83,15 +83,18 @@ def check_base(path, meta: dict, base, tokenizer=None) -> None:
 def check_fingerprint(path, meta: dict, here: dict) -> None:
     saved = meta["base"]
     if saved["model"] != here["model"]:
-        diff = sorted(k for k in set(saved["model"]) | set(here["model"]) if saved["model"].get(k) != here["model"].get(k))
+        diff = sorted(k for k in set(saved["model"]) | set(here["model"])
+                      if saved["model"].get(k) != here["model"].get(k))
         k = diff[0]
         raise ValueError(f"{path}: trained on a different base model ({k}: {saved['model'].get(k)!r} "
                          f"in the prompt, {here['model'].get(k)!r} here)")
     # a file that replaces every weight (full fine-tuning: its hash is of the tuned embedding)
     # needs only the architecture to match
     method = meta.get("config", {}).get("method")
-    if not (method in METHODS and method_class(method).trains_base) and saved["embedding_sha256"] != here["embedding_sha256"]:
+    if (not (method in METHODS and method_class(method).trains_base)
+            and saved["embedding_sha256"] != here["embedding_sha256"]):
         raise ValueError(f"{path}: trained on a different base model (same architecture, other weights: "
                          f"embedding hash {saved['embedding_sha256']} vs {here['embedding_sha256']})")
-    if "tokenizer_sha256" in saved and "tokenizer_sha256" in here and saved["tokenizer_sha256"] != here["tokenizer_sha256"]:
+    if ("tokenizer_sha256" in saved and "tokenizer_sha256" in here
+            and saved["tokenizer_sha256"] != here["tokenizer_sha256"]):
         raise ValueError(f"{path}: trained with a different tokenizer (vocabulary hash differs)")

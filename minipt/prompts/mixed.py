@@ -59,9 +59,11 @@ class Pieces:
         joined = []
         for i in range(n_layers):
             kv = [p.joined[i] for p in parts if p.joined[i] is not None]
-            joined.append((torch.cat([k for k, _ in kv], 1), torch.cat([v for _, v in kv], 1)) if kv else None)
+            joined.append((torch.cat([k for k, _ in kv], 1), torch.cat([v for _, v in kv], 1))
+                          if kv else None)
         gated = [sum((p.gated[i] for p in parts), []) for i in range(n_layers)]
-        return Pieces(torch.cat(vectors) if vectors else None, joined, gated, sum(p.position_offset for p in parts))
+        return Pieces(torch.cat(vectors) if vectors else None, joined, gated,
+                      sum(p.position_offset for p in parts))
 
 
 class PromptBank(nn.Module):
@@ -102,8 +104,10 @@ class PromptBank(nn.Module):
             p = Pieces.of(method, self.n_layers)
         dtype = self.base.embed.weight.dtype
         self.pieces[name] = Pieces(None if p.vectors is None else p.vectors.to(dtype),
-                                   [None if j is None else (j[0].to(dtype), j[1].to(dtype)) for j in p.joined],
-                                   [[(k.to(dtype), v.to(dtype), g.float()) for k, v, g in layer] for layer in p.gated],
+                                   [None if j is None else (j[0].to(dtype), j[1].to(dtype))
+                                    for j in p.joined],
+                                   [[(k.to(dtype), v.to(dtype), g.float()) for k, v, g in layer]
+                                    for layer in p.gated],
                                    p.position_offset)
 
     def remove(self, name: str) -> None:
@@ -132,7 +136,8 @@ class PromptBank(nn.Module):
         vectors = torch.zeros(B, P, C, dtype=dtype, device=device)
         vmask = torch.zeros(B, P, dtype=torch.long, device=device)
         for b, (p, n) in enumerate(zip(resolved, lengths)):
-            if n:                                                      # right-aligned: masked slots come first
+            # right-aligned: masked slots come first
+            if n:
                 vectors[b, P - n:], vmask[b, P - n:] = p.vectors, 1
         offsets = torch.tensor([0 if p is None else p.position_offset for p in resolved], device=device)
         prefixes = [self._layer_prefixes(resolved, i) for i in range(self.n_layers)]
@@ -149,8 +154,8 @@ class PromptBank(nn.Module):
             out.append(self._stack(joined, gate=False))
         n_slots = max(0 if p is None else len(p.gated[i]) for p in resolved)
         for s in range(n_slots):
-            out.append(self._stack([None if p is None or len(p.gated[i]) <= s else p.gated[i][s] for p in resolved],
-                                   gate=True))
+            out.append(self._stack([None if p is None or len(p.gated[i]) <= s else p.gated[i][s]
+                                    for p in resolved], gate=True))
         return out
 
     def _stack(self, items, gate: bool) -> LayerPrefix:

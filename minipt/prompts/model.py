@@ -177,7 +177,8 @@ class PromptedModel(nn.Module):
         B, S = input_ids.shape
         x = self.base.embed(input_ids)                                        # (B, S, C)
         if self._encoder_side():
-            at = leading_pads(attention_mask) if attention_mask is not None else torch.zeros(B, dtype=torch.long)
+            at = (leading_pads(attention_mask) if attention_mask is not None
+                  else torch.zeros(B, dtype=torch.long))
             x = insert_at(x, self.method.input_prompt()[None].expand(B, -1, -1), at)
         prefixes = self.method.prefixes(B) or {}
         return self.base.encode(inputs_embeds=x, attention_mask=self.encoder_mask(attention_mask),
@@ -193,20 +194,24 @@ class PromptedModel(nn.Module):
         elif P:
             cache_pos += P
         prefixes = self.method.prefixes(B) or {}
-        logits = self.base.decode(None, encoder_out, decoder_inputs_embeds=x, encoder_mask=self.encoder_mask(encoder_mask),
+        logits = self.base.decode(None, encoder_out, decoder_inputs_embeds=x,
+                                  encoder_mask=self.encoder_mask(encoder_mask),
                                   cache_pos=cache_pos, self_prefixes=prefixes.get("decoder"),
                                   cross_prefixes=prefixes.get("cross"))
-        return logits[:, -T:]                                                 # (B, T, V): the prompt's columns dropped
+        # (B, T, V): the prompt's columns dropped
+        return logits[:, -T:]
 
     def _t5_forward(self, input_ids, decoder_input_ids, targets, attention_mask):
         if decoder_input_ids is None:
             if targets is None:
                 raise ValueError("forward: give decoder_input_ids or targets")
             decoder_input_ids = self.base.shift_right(targets)
-        logits = self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), encoder_mask=attention_mask)
+        logits = self.decode(decoder_input_ids, self.encode(input_ids, attention_mask),
+                             encoder_mask=attention_mask)
         loss = None
         if targets is not None:
-            loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                               ignore_index=-100)
         return logits, loss
 
     # ---- generation --------------------------------------------------------------------
