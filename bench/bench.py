@@ -403,6 +403,25 @@ def peft_rank_accuracy(model, tok, rows, template, labels, n_virtual: int, batch
     return correct / len(rows)
 
 
+def recipe_steps(cfg, params, loss_fn, make_batch):
+    """train.py's optimisation for a model that train.py cannot hold (peft's): the optimizer,
+    learning-rate schedule and gradient clipping of `cfg`, one batch per step, no
+    accumulation. Yields (step done, loss, seconds of forward + backward + update)."""
+    optimizer = make_optimizer(cfg, params)
+    for step in range(cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        batch = make_batch()
+        t0 = time.perf_counter()
+        loss = loss_fn(batch)
+        loss.backward()
+        # train.py always measures the norm; it clips at grad_clip (inf: no clipping)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        yield step + 1, loss.item(), time.perf_counter() - t0
+
+
 def accuracy_worker(args) -> dict:
     """train.py's default loop (minipt, bf16) or the same recipe with peft (fp32), test
     accuracy every --eval-every steps; the clock runs only while training."""
@@ -421,27 +440,17 @@ def accuracy_worker(args) -> dict:
         loss_fn = lambda b: peft_loss(model, b, N_VIRTUAL)
         evaluate = lambda: peft_rank_accuracy(model, tok, test_rows, task.template, task.labels, N_VIRTUAL)
         dtype = "float32"
-    optimizer = make_optimizer(cfg, params)  # AdamW, lr 3e-2, weight decay 0.01
     batches = Batches(len(train_rows), cfg.batch_size, cfg.seed, lengths=[len(r["input"]) for r in train_rows],
                       bucket_batches=cfg.bucket_batches)
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    make_batch = lambda: collate([train_rows[i] for i in next(batches)], tok, task.template, cfg.max_len, False,
+                                 pad)
     clock, curve = 0.0, []
-    for step in range(cfg.steps):
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        batch = collate([train_rows[i] for i in next(batches)], tok, task.template, cfg.max_len, False, pad)
-        loss = loss_fn(batch)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        clock += time.perf_counter() - t0
-        done = step + 1
+    for done, loss, seconds in recipe_steps(cfg, params, loss_fn, make_batch):
+        clock += seconds
         if done % args.eval_every == 0 or done == cfg.steps:
             accuracy = evaluate()
-            curve.append({"step": done, "train_seconds": clock, "accuracy": accuracy, "loss": loss.item()})
+            curve.append({"step": done, "train_seconds": clock, "accuracy": accuracy, "loss": loss})
             print(f"  {args.side}: step {done}/{cfg.steps}, {clock:.0f} s training, test accuracy {accuracy:.4f}",
                   file=sys.stderr, flush=True)
     return {"side": args.side, "dtype": dtype, "steps": cfg.steps, "test_rows": len(test_rows), "curve": curve,

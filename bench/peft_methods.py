@@ -56,14 +56,15 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
-from bench import cpu_name, load_tokenizer_only, peak_rss_gb, peft_loss, peft_rank_accuracy  # noqa: E402
+from bench import (cpu_name, load_tokenizer_only, peak_rss_gb, peft_loss, peft_rank_accuracy,  # noqa: E402
+                   recipe_steps)
 from minipt.train_config import TrainConfig, parse_train_config  # noqa: E402
 from minipt.data import Batches, collate  # noqa: E402
 from minipt.fetch import fetch  # noqa: E402
 from minipt.prompts.adapter import adapted_layers  # noqa: E402
 from minipt.tasks import BUILTIN, load_task  # noqa: E402
 from minipt.fileio import atomic_write  # noqa: E402
-from minipt.training import lr_at, make_optimizer  # noqa: E402
+from minipt.training import lr_at  # noqa: E402
 
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora")
 TASKS = ("sentiment", "topic")
@@ -175,32 +176,25 @@ def run(args) -> dict:
     say(f"peft {args.method}: {trainable:,} trainable parameters; lr {cfg.lr}, warm-up {cfg.warmup_steps}, "
         f"{cfg.steps} steps of {cfg.batch_size}; {n_virtual} virtual positions in the logits")
 
-    optimizer = make_optimizer(cfg, params)
     batches = Batches(len(train_rows), cfg.batch_size * cfg.grad_accum, cfg.seed,
                       lengths=[len(r["input"]) for r in train_rows], bucket_batches=cfg.bucket_batches)
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
     make_batch = lambda: collate([train_rows[i] for i in next(batches)], tok, template, cfg.max_len, False, pad,
                                  eos=not task.labels)
-    losses, step_seconds = [], []
-    for step in range(cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+
+    def first_checked():
+        """The batch, and on the first one the virtual positions measured (see LOGIT_OFFSET)."""
         batch = make_batch()
-        if step == 0:
-            check_virtual_positions(model, batch, n_virtual, args.method)   # off the clock
-        t0 = time.perf_counter()
-        loss = peft_loss(model, batch, n_virtual)
-        loss.backward()
-        # train.py always measures the norm; it clips at grad_clip (inf: no clipping)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_seconds.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-        done = step + 1
+        if not losses:
+            check_virtual_positions(model, batch, n_virtual, args.method)
+        return batch
+
+    losses, step_seconds = [], []
+    for done, loss, seconds in recipe_steps(cfg, params, lambda b: peft_loss(model, b, n_virtual), first_checked):
+        step_seconds.append(seconds)
+        losses.append(loss)
         if done % cfg.log_interval == 0 or done == cfg.steps or done <= 3:
-            say(f"step {done:4d}/{cfg.steps} | loss {losses[-1]:.4f} | lr {lr_at(step, cfg):.2e} | "
-                f"{step_seconds[-1]:.2f} s")
+            say(f"step {done:4d}/{cfg.steps} | loss {loss:.4f} | lr {lr_at(done - 1, cfg):.2e} | {seconds:.2f} s")
     train_seconds = sum(step_seconds)
 
     t0 = time.perf_counter()
