@@ -319,9 +319,9 @@ def check_task(cfg, task, tok, model_config, world: int) -> None:
     if model_config.model_type == "gpt":
         virtual = method_class(cfg.method).virtual_positions(cfg)
         if cfg.max_len + virtual > model_config.max_seq_len:
-            raise ValueError(f"max_len={cfg.max_len} + num_virtual_tokens={virtual} = {cfg.max_len + virtual} "
-                             f"positions, more than the base model's context of {model_config.max_seq_len}; "
-                             "lower one of them")
+            raise ValueError(f"max_len={cfg.max_len} + num_virtual_tokens={virtual} = "
+                             f"{cfg.max_len + virtual} positions, more than the base model's context of "
+                             f"{model_config.max_seq_len}; lower one of them")
 
 
 def take_over_out_dir(out: Path, cfg) -> None:

@@ -81,7 +81,8 @@ class SiluMulFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        d_gate = torch.ops.aten.silu_backward(grad * up, gate)    # silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)
+        # silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)
+        d_gate = torch.ops.aten.silu_backward(grad * up, gate)
         return d_gate, grad * F.silu(gate)
 
 
@@ -161,7 +162,8 @@ class ExplicitAttention(torch.autograd.Function):
         dq = (ds @ k).view(B, H, T, hs)
         dk = ds.transpose(-1, -2) @ q.reshape(B, nkv, -1, hs)
         dmask = None
-        if ctx.needs_input_grad[3]:                                           # a trained additive bias (T5, full FT)
+        # a trained additive bias (T5, full FT)
+        if ctx.needs_input_grad[3]:
             dmask = dscores.view(B, H, T, S).sum_to_size(mask.shape).to(mask.dtype)
         return dq, dk, dv, dmask, None
 
@@ -194,7 +196,8 @@ def linear(x, weight, bias=None):
     """F.linear(x, weight, bias), with the row-block product for a few fp32 rows on CPU."""
     rows = x.numel() // x.size(-1)
     blocks = 8 if weight.size(0) % 8 == 0 else 2 if weight.size(0) % 2 == 0 else 1
-    if (not ENABLED or rows > FEW_ROWS or blocks == 1 or weight.dtype != torch.float32 or x.device.type != "cpu"
+    if (not ENABLED or rows > FEW_ROWS or blocks == 1 or weight.dtype != torch.float32
+            or x.device.type != "cpu"
             or not weight.is_contiguous()
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight, bias)

@@ -23,9 +23,11 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        Norm = (lambda d: RMSNorm(d, cfg.norm_eps)) if cfg.norm == "rmsnorm" else (lambda d: nn.LayerNorm(d, eps=cfg.norm_eps))
+        Norm = ((lambda d: RMSNorm(d, cfg.norm_eps)) if cfg.norm == "rmsnorm"
+                else (lambda d: nn.LayerNorm(d, eps=cfg.norm_eps)))
         self.attn_norm = Norm(cfg.n_embd)
-        self.attn = SelfAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.qkv_bias, cfg.proj_bias)
+        self.attn = SelfAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.qkv_bias,
+                                  cfg.proj_bias)
         self.mlp_norm = Norm(cfg.n_embd)
         if cfg.mlp == "swiglu":
             self.mlp = SwiGLU(cfg.n_embd, cfg.intermediate_size, cfg.proj_bias)
@@ -43,12 +45,14 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = cfg = config
-        if cfg.norm not in ("layernorm", "rmsnorm") or cfg.mlp not in ("gelu", "swiglu") or cfg.pos not in ("learned", "rope"):
+        if (cfg.norm not in ("layernorm", "rmsnorm") or cfg.mlp not in ("gelu", "swiglu")
+                or cfg.pos not in ("learned", "rope")):
             raise ValueError(f"unsupported GPTConfig: norm={cfg.norm!r} mlp={cfg.mlp!r} pos={cfg.pos!r}")
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.n_embd) if cfg.pos == "learned" else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.norm = (RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.norm == "rmsnorm"
+                     else nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps))
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.grad_checkpointing = False

@@ -83,8 +83,9 @@ def peft_adapter(meta: dict, tensors: dict, base_name=None) -> tuple[dict, dict]
         config.update(peft_type="P_TUNING", encoder_reparameterization_type=cfg.encoder_type.upper(),
                       encoder_hidden_size=cfg.encoder_hidden, encoder_num_layers=2, encoder_dropout=0.0)
         return config, {"prompt_embeddings": tensors["prompt"]}
-    config.update(peft_type="PREFIX_TUNING", token_dim=_prefix_width(model), num_attention_heads=model["n_kv_head"],
-                  prefix_projection=PrefixTuning.projected(cfg), encoder_hidden_size=cfg.projection_hidden, init_weights=None)
+    config.update(peft_type="PREFIX_TUNING", token_dim=_prefix_width(model),
+                  num_attention_heads=model["n_kv_head"], prefix_projection=PrefixTuning.projected(cfg),
+                  encoder_hidden_size=cfg.projection_hidden, init_weights=None)
     return config, {"prompt_embeddings": _prefix_table(cfg, model, tensors)}
 
 
@@ -130,7 +131,8 @@ def _exportable(path, meta: dict) -> None:
     if method not in exportable:
         raise ValueError(f"{path}: method {method!r} has no peft export here ({', '.join(exportable)})")
     if model.get("model_type") != "gpt":
-        raise ValueError(f"{path}: trained on a {model.get('model_type')!r} base; peft export is for decoder-only models")
+        raise ValueError(f"{path}: trained on a {model.get('model_type')!r} base; "
+                         "peft export is for decoder-only models")
     if method_class(method).peft_type == "LORA" and model.get("source") not in LORA_MODULES:
         raise ValueError(f"{path}: LoRA on a {model.get('source')!r} checkpoint has no module map "
                          f"({', '.join(LORA_MODULES)})")
@@ -152,7 +154,8 @@ def export_peft(prompt_path, out_dir, base=None, tokenizer=None, base_name=None,
 
     def write(tmp):
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS_FILE,
+                  metadata={"format": "pt"})
     return _write_dir(Path(out_dir), write, force)
 
 
@@ -191,7 +194,8 @@ def read_peft_weights(adapter_dir) -> dict:
     """The adapter's tensors, as fp32; safetensors only (an adapter_model.bin would be unpickled)."""
     path = Path(adapter_dir) / WEIGHTS_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path.parent}: no {WEIGHTS_FILE} (an adapter_model.bin is not read: it would be unpickled)")
+        raise FileNotFoundError(f"{path.parent}: no {WEIGHTS_FILE} "
+                                "(an adapter_model.bin is not read: it would be unpickled)")
     try:
         return {k: v.float() for k, v in load_file(path).items()}
     except (SafetensorError, OSError) as e:
@@ -241,13 +245,15 @@ def _prompt_from_peft(d: Path, config: dict, tensors: dict, model) -> tuple:
     if not isinstance(P, int):
         raise ValueError(f"{d / CONFIG_FILE}: num_virtual_tokens {P!r}, expected an integer")
     if config.get("num_transformer_submodules", 1) not in (1, None):
-        raise ValueError(f"{d}: num_transformer_submodules {config['num_transformer_submodules']}, expected 1 (CAUSAL_LM)")
+        raise ValueError(f"{d}: num_transformer_submodules {config['num_transformer_submodules']}, "
+                         "expected 1 (CAUSAL_LM)")
     if "prompt_embeddings" not in tensors:
         raise ValueError(f"{d / WEIGHTS_FILE}: no tensor 'prompt_embeddings'")
     emb = tensors["prompt_embeddings"]
     if config["peft_type"] == "PREFIX_TUNING":
         kv = model.n_kv_head * model.head_dim
-        for key, ours in (("num_layers", model.n_layer), ("token_dim", kv), ("num_attention_heads", model.n_kv_head)):
+        for key, ours in (("num_layers", model.n_layer), ("token_dim", kv),
+                          ("num_attention_heads", model.n_kv_head)):
             if config.get(key) != ours:
                 raise ValueError(f"{d / CONFIG_FILE}: {key} {config.get(key)!r}, this base needs {ours}")
         expected = (P, model.n_layer * 2 * kv)
@@ -256,16 +262,17 @@ def _prompt_from_peft(d: Path, config: dict, tensors: dict, model) -> tuple:
         state = {"sites.self.table": emb}
     else:  # prompt tuning, or P-tuning's computed prompt: a soft prompt either way
         expected = (P, model.n_embd)
-        cfg, state = PromptConfig(method="prompt_tuning", num_virtual_tokens=P, init="random"), {"prompt": emb}
+        cfg, state = (PromptConfig(method="prompt_tuning", num_virtual_tokens=P, init="random"),
+                      {"prompt": emb})
     if tuple(emb.shape) != expected:
-        raise ValueError(f"{d / WEIGHTS_FILE}: prompt_embeddings has shape {tuple(emb.shape)}, expected {expected} "
-                         "for this base")
+        raise ValueError(f"{d / WEIGHTS_FILE}: prompt_embeddings has shape {tuple(emb.shape)}, "
+                         f"expected {expected} for this base")
     return cfg, state
 
 
 # LoRA settings whose effect minipt's LoRA does not have; any of them on is refused
-LORA_OFF = ("use_dora", "lora_bias", "modules_to_save", "rank_pattern", "alpha_pattern", "trainable_token_indices",
-            "layer_replication", "target_parameters")
+LORA_OFF = ("use_dora", "lora_bias", "modules_to_save", "rank_pattern", "alpha_pattern",
+            "trainable_token_indices", "layer_replication", "target_parameters")
 
 
 def _lora_from_peft(d: Path, config: dict, tensors: dict, family: str) -> tuple:
@@ -273,15 +280,18 @@ def _lora_from_peft(d: Path, config: dict, tensors: dict, family: str) -> tuple:
     if on:
         raise ValueError(f"{d / CONFIG_FILE}: LoRA option {on[0]} = {config[on[0]]!r} is not supported")
     if family not in LORA_MODULES:
-        raise ValueError(f"{d}: LoRA onto a {family!r} checkpoint has no module map ({', '.join(LORA_MODULES)})")
+        raise ValueError(f"{d}: LoRA onto a {family!r} checkpoint has no module map "
+                         f"({', '.join(LORA_MODULES)})")
     back = {hf: ours for ours, hf in LORA_MODULES[family].items()}
     # "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight" -> "layers.3.attn.q_proj.lora_A"
-    pattern = re.compile(rf"^base_model\.model\.{re.escape(LORA_LAYERS[family])}\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+    pattern = re.compile(rf"^base_model\.model\.{re.escape(LORA_LAYERS[family])}"
+                         r"\.(\d+)\.(.+)\.lora_([AB])\.weight$")
     state = {}
     for key, t in tensors.items():
         m = pattern.match(key)
         if not m or m.group(2) not in back:
-            raise ValueError(f"{d / WEIGHTS_FILE}: tensor {key} is not a LoRA A/B of a supported {family} layer")
+            raise ValueError(f"{d / WEIGHTS_FILE}: tensor {key} is not a LoRA A/B "
+                             f"of a supported {family} layer")
         state[f"layers.{m.group(1)}.{back[m.group(2)]}.lora_{m.group(3)}"] = t
     if not isinstance(config.get("r"), int) or "lora_alpha" not in config:
         raise ValueError(f"{d / CONFIG_FILE}: LoRA needs an integer r and lora_alpha")
@@ -289,8 +299,8 @@ def _lora_from_peft(d: Path, config: dict, tensors: dict, family: str) -> tuple:
     if config.get("use_rslora"):  # scale alpha / sqrt(r); ours is alpha / r
         alpha *= math.sqrt(r)
     targets = sorted({k.rsplit(".", 2)[1] for k in state})
-    cfg = PromptConfig(method="lora", lora_r=r, lora_alpha=alpha, lora_dropout=float(config.get("lora_dropout", 0.0)),
-                       lora_targets=targets)
+    cfg = PromptConfig(method="lora", lora_r=r, lora_alpha=alpha,
+                       lora_dropout=float(config.get("lora_dropout", 0.0)), lora_targets=targets)
     return cfg, state
 
 
@@ -356,10 +366,13 @@ def main(argv=None):
     ex = sub.add_parser("export", help="minipt prompt file -> peft adapter directory")
     ex.add_argument("prompt", help="minipt prompt file (.safetensors)")
     ex.add_argument("out_dir", help="peft adapter directory to create")
-    ex.add_argument("--base", help="minipt checkpoint the prompt must have been trained on (checked, optional)")
-    ex.add_argument("--base-name", help="recorded as base_model_name_or_path: the transformers model's id or path")
+    ex.add_argument("--base",
+                    help="minipt checkpoint the prompt must have been trained on (checked, optional)")
+    ex.add_argument("--base-name",
+                    help="recorded as base_model_name_or_path: the transformers model's id or path")
     ex.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    im = sub.add_parser("import", help="peft adapter directory or Google .npy soft prompt -> minipt prompt file")
+    im = sub.add_parser("import",
+                        help="peft adapter directory or Google .npy soft prompt -> minipt prompt file")
     im.add_argument("src", help="peft adapter directory or .npy file")
     im.add_argument("out", help="minipt prompt file to write (.safetensors)")
     im.add_argument("--base", required=True, help="minipt checkpoint directory to put the prompt on")
@@ -367,7 +380,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         if args.command == "export":
-            out = export_peft(args.prompt, args.out_dir, args.base, base_name=args.base_name, force=args.force)
+            out = export_peft(args.prompt, args.out_dir, args.base, base_name=args.base_name,
+                              force=args.force)
         else:
             out = import_to_file(args.src, args.out, args.base, args.force)
     except (ValueError, OSError) as e:

@@ -52,7 +52,8 @@ def test_adding_a_method_example(converted_dir, monkeypatch):
     monkeypatch.setitem(base.REGISTRY, "mean_prompt", scope["MeanPrompt"])
     with pytest.raises(ValueError, match="lora_r=4: mean_prompt does not use it"):
         PromptConfig(method="mean_prompt", lora_r=4)
-    model = attach(load_model(converted_dir("llama")), PromptConfig(method="mean_prompt", num_virtual_tokens=3))
+    model = attach(load_model(converted_dir("llama")),
+                   PromptConfig(method="mean_prompt", num_virtual_tokens=3))
     assert model.extra_positions == 3 and model.num_trainable() == model.method.closed_form_parameters()
     ids = torch.tensor([[5, 6, 7, 8]])
     _, loss = model(ids, ids)
@@ -125,12 +126,14 @@ def test_every_shell_command_runs(tmp_path, monkeypatch):
                 shutil.copy(tmp_path / "out/sentiment/prompt.safetensors", tmp_path / f"{name}.safetensors")
         if "minipt.serve" in argv:
             (tmp_path / "out/prompts").mkdir(parents=True, exist_ok=True)
-            shutil.copy(tmp_path / "out/sentiment/prompt.safetensors", tmp_path / "out/prompts/sentiment.safetensors")
+            shutil.copy(tmp_path / "out/sentiment/prompt.safetensors",
+                        tmp_path / "out/prompts/sentiment.safetensors")
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             argv[argv.index("--port") + 1] = str(port)
-            server = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            server = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT)
             try:
                 deadline = time.time() + 120
                 while True:

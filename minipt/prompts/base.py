@@ -107,7 +107,8 @@ class PromptConfig:
             value = getattr(self, f.name)
             if f.name not in reads and value != defaults[f.name]:
                 needs = {"init_text": "text", "init_labels": "labels"}.get(f.name)
-                why = (f"it is read only with init={needs}" if needs and f.name in fields_read(self.method, needs)
+                why = (f"it is read only with init={needs}"
+                       if needs and f.name in fields_read(self.method, needs)
                        else f"{self.method} does not use it")
                 raise ValueError(f"{f.name}={value!r}: {why}")
 
@@ -231,7 +232,8 @@ def attention_sites(base) -> dict:
     """{site: [attention module per layer]}: "self" for the decoder-only model; "encoder",
     "decoder" and "cross" for T5."""
     if base.config.model_type == "t5":
-        return {"encoder": [b.attn for b in base.encoder.layers], "decoder": [b.attn for b in base.decoder.layers],
+        return {"encoder": [b.attn for b in base.encoder.layers],
+                "decoder": [b.attn for b in base.decoder.layers],
                 "cross": [b.cross_attn for b in base.decoder.layers]}
     return {"self": [b.attn for b in base.layers]}
 

@@ -71,8 +71,10 @@ def find_targets(base: nn.Module, names) -> list:
     if missing:
         if any(isinstance(m, LoRALinear) for m in base.modules()):
             raise ValueError("LoRA: this base model already has LoRA layers; attach to a fresh copy")
-        available = sorted({p.rpartition(".")[2] for p, m in base.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"lora_targets: no linear layer named {', '.join(missing)}; this model has {', '.join(available)}")
+        available = sorted({p.rpartition(".")[2] for p, m in base.named_modules()
+                            if isinstance(m, nn.Linear)})
+        raise ValueError(f"lora_targets: no linear layer named {', '.join(missing)}; "
+                         f"this model has {', '.join(available)}")
     return found
 
 
@@ -128,7 +130,8 @@ class LoRA(PromptMethod):
             w.unmerge()
 
     def closed_form_parameters(self) -> int:
-        return sum(w.lora_A.size(0) * (w.base.in_features + w.base.out_features) for w in self.wrappers.values())
+        return sum(w.lora_A.size(0) * (w.base.in_features + w.base.out_features)
+                   for w in self.wrappers.values())
 
     def describe_count(self) -> str:
         return (f"r {self.config.lora_r} x (in + out), summed over {len(self.wrappers)} layers "
