@@ -76,11 +76,13 @@ from weights.smollm2 import main as convert_smollm2  # noqa: E402
 
 SECTIONS = ("train", "generate", "scaling", "accuracy")
 METHODS = {"prompt_tuning": "soft prompt", "p_tuning_v2": "prefix (v2)", "lora": "LoRA"}
-TRAIN_CONFIGS = [("minipt", "bfloat16"), ("minipt-compiled", "bfloat16"), ("peft", "float32"), ("peft", "bfloat16")]
+TRAIN_CONFIGS = [("minipt", "bfloat16"), ("minipt-compiled", "bfloat16"), ("peft", "float32"),
+                 ("peft", "bfloat16")]
 N_VIRTUAL = 20
 LORA_R, LORA_ALPHA, LORA_TARGETS = 8, 16.0, ["q_proj", "v_proj"]
 DEFAULTS = TrainConfig()               # train.py's defaults: the recipe both sides follow
-INIT_TEXT = DEFAULTS.init_text         # "Classify the sentiment of this movie review as positive or negative."
+# "Classify the sentiment of this movie review as positive or negative."
+INIT_TEXT = DEFAULTS.init_text
 
 
 def parse_args(argv=None):
@@ -90,19 +92,22 @@ def parse_args(argv=None):
     # train
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    ap.add_argument("--rounds", type=int, default=1, help="run every configuration this often, alternating order")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every configuration this often, alternating order")
     ap.add_argument("--methods", default=",".join(METHODS), help="train section: from " + ",".join(METHODS))
     # generate
     ap.add_argument("--gen-repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--gen-batch-sizes", default="1,8")
     ap.add_argument("--gen-dtypes", default="float32,float32+packed+compiled,float16",
-                    help="generate section: one table per dtype, both sides in it (float32, float16, bfloat16); "
-                         "+packed: minipt decodes from the checkpoint's 4-bit codes; +compiled: its one-token "
-                         "step is compiled")
+                    help="generate section: one table per dtype, both sides in it "
+                         "(float32, float16, bfloat16); "
+                         "+packed: minipt decodes from the checkpoint's 4-bit codes; "
+                         "+compiled: its one-token step is compiled")
     ap.add_argument("--gen-lookup", type=int, default=8,
-                    help="generate section: also batch 1 with prompt-lookup drafts of this many tokens on both "
-                         "sides (minipt generate(lookup=), transformers prompt_lookup_num_tokens); 0: skip")
+                    help="generate section: also batch 1 with prompt-lookup drafts of this many tokens "
+                         "on both sides (minipt generate(lookup=), transformers prompt_lookup_num_tokens); "
+                         "0: skip")
     ap.add_argument("--peft-generate", choices=["embeds", "peft"], default="embeds",
                     help="peft side: transformers generate with peft's prompt as input embeddings (default), "
                          "or peft's own generate (see SoftPromptGenerate)")
@@ -113,15 +118,19 @@ def parse_args(argv=None):
     ap.add_argument("--scaling-len", type=int, default=128, help="the fixed length of the batch sweep")
     ap.add_argument("--scaling-steps", type=int, default=3, help="timed steps per point (after one warm-up)")
     ap.add_argument("--peft-dtype", choices=["float32", "bfloat16"], default=None,
-                    help="peft's dtype for scaling; default: the faster one in the train section, else float32")
+                    help="peft's dtype for scaling; default: the faster one in the train section, "
+                         "else float32")
     ap.add_argument("--plot", type=Path, default=BENCH / "scaling.png")
     # accuracy
     ap.add_argument("--accuracy-steps", type=int, default=DEFAULTS.steps)
     ap.add_argument("--eval-every", type=int, default=20)
-    ap.add_argument("--test-rows", type=int, default=None, help="evaluate on the first N test rows (default all 800)")
+    ap.add_argument("--test-rows", type=int, default=None,
+                    help="evaluate on the first N test rows (default all 800)")
     # one configuration in a subprocess (used by the sections above)
-    ap.add_argument("--worker", choices=["train", "scaling", "accuracy"], default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--side", choices=["minipt", "minipt-compiled", "peft"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["train", "scaling", "accuracy"], default=None,
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=["minipt", "minipt-compiled", "peft"], default=None,
+                    help=argparse.SUPPRESS)
     ap.add_argument("--method", choices=list(METHODS), default="prompt_tuning", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -227,20 +236,25 @@ def train_flops(cfg, lengths, n_targets: int, method: str, P: int = N_VIRTUAL, r
 def prompt_config(method: str) -> PromptConfig:
     if method == "prompt_tuning":
         return PromptConfig(num_virtual_tokens=N_VIRTUAL, init="text", init_text=INIT_TEXT)
-    if method == "p_tuning_v2":   # the prefix table itself, no MLP (tests/test_prefix.py: peft's prefix_projection=False)
-        return PromptConfig(method="p_tuning_v2", num_virtual_tokens=N_VIRTUAL, prefix_projection=False, init="random")
+    # the prefix table itself, no MLP (tests/test_prefix.py: peft's prefix_projection=False)
+    if method == "p_tuning_v2":
+        return PromptConfig(method="p_tuning_v2", num_virtual_tokens=N_VIRTUAL, prefix_projection=False,
+                            init="random")
     return PromptConfig(method="lora", lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_targets=LORA_TARGETS)
 
 
 def peft_config(method: str):
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
     if method == "prompt_tuning":
-        gguf = fetch("smollm2-gguf")  # peft's own text init, through the GGUF's tokenizer (same ids as minipt's)
+        # peft's own text init, through the GGUF's tokenizer (same ids as minipt's)
+        gguf = fetch("smollm2-gguf")
         return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=N_VIRTUAL,
                                   prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=INIT_TEXT,
-                                  tokenizer_name_or_path=str(gguf.parent), tokenizer_kwargs={"gguf_file": gguf.name})
+                                  tokenizer_name_or_path=str(gguf.parent),
+                                  tokenizer_kwargs={"gguf_file": gguf.name})
     if method == "p_tuning_v2":
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=N_VIRTUAL, prefix_projection=False)
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=N_VIRTUAL,
+                                  prefix_projection=False)
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                       target_modules=LORA_TARGETS)
 
@@ -318,7 +332,8 @@ def train_worker(args) -> dict:
     """Warm-up steps, then timed steps: forward + backward + AdamW step + zero_grad."""
     torch.manual_seed(0)
     loss_fn, params, cfg, tok = build_side(args.side, args.method, getattr(torch, args.dtype))
-    load_peak = peak_rss_gb()            # loading alone (minipt reads fp32 and casts; transformers dequantizes)
+    # loading alone (minipt reads fp32 and casts; transformers dequantizes)
+    load_peak = peak_rss_gb()
     batches = sentiment_batches(tok, args.warmup + args.steps)
     optimizer = make_optimizer(DEFAULTS, params)   # AdamW, lr 3e-2, weight decay 0.01
     steps, initial_loss = [], None
@@ -339,7 +354,8 @@ def train_worker(args) -> dict:
                           "flops": train_flops(cfg, lengths, n_targets, args.method)})
     return {"side": args.side, "method": args.method, "dtype": args.dtype, "initial_loss": initial_loss,
             "first_step_s": first_step_s, "steps": steps,
-            "trainable": sum(p.numel() for p in params), "param_dtypes": sorted({str(p.dtype) for p in params}),
+            "trainable": sum(p.numel() for p in params),
+            "param_dtypes": sorted({str(p.dtype) for p in params}),
             "peak_rss_gb": peak_rss_gb(), "peak_rss_after_load_gb": load_peak}
 
 
@@ -440,27 +456,28 @@ def accuracy_worker(args) -> dict:
         loss_fn = lambda b: peft_loss(model, b, N_VIRTUAL)
         evaluate = lambda: peft_rank_accuracy(model, tok, test_rows, task.template, task.labels, N_VIRTUAL)
         dtype = "float32"
-    batches = Batches(len(train_rows), cfg.batch_size, cfg.seed, lengths=[len(r["input"]) for r in train_rows],
-                      bucket_batches=cfg.bucket_batches)
+    batches = Batches(len(train_rows), cfg.batch_size, cfg.seed,
+                      lengths=[len(r["input"]) for r in train_rows], bucket_batches=cfg.bucket_batches)
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
-    make_batch = lambda: collate([train_rows[i] for i in next(batches)], tok, task.template, cfg.max_len, False,
-                                 pad)
+    make_batch = lambda: collate([train_rows[i] for i in next(batches)], tok, task.template, cfg.max_len,
+                                 False, pad)
     clock, curve = 0.0, []
     for done, loss, seconds in recipe_steps(cfg, params, loss_fn, make_batch):
         clock += seconds
         if done % args.eval_every == 0 or done == cfg.steps:
             accuracy = evaluate()
             curve.append({"step": done, "train_seconds": clock, "accuracy": accuracy, "loss": loss})
-            print(f"  {args.side}: step {done}/{cfg.steps}, {clock:.0f} s training, test accuracy {accuracy:.4f}",
+            print(f"  {args.side}: step {done}/{cfg.steps}, {clock:.0f} s training, "
+                  f"test accuracy {accuracy:.4f}",
                   file=sys.stderr, flush=True)
-    return {"side": args.side, "dtype": dtype, "steps": cfg.steps, "test_rows": len(test_rows), "curve": curve,
-            "peak_rss_gb": peak_rss_gb()}
+    return {"side": args.side, "dtype": dtype, "steps": cfg.steps, "test_rows": len(test_rows),
+            "curve": curve, "peak_rss_gb": peak_rss_gb()}
 
 
 def run_worker(args, kind: str, side: str, method: str = "prompt_tuning", dtype: str = "bfloat16") -> dict:
     """One configuration in a fresh Python process; its last stdout line is the JSON result."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--side", side, "--method", method,
-           "--dtype", dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--side", side,
+           "--method", method, "--dtype", dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--scaling-lengths", args.scaling_lengths, "--scaling-batches", args.scaling_batches,
            "--scaling-batch", str(args.scaling_batch), "--scaling-len", str(args.scaling_len),
            "--scaling-steps", str(args.scaling_steps), "--accuracy-steps", str(args.accuracy_steps),
@@ -482,7 +499,8 @@ def train_section(args, info) -> dict:
     runs = {c: [] for c in configs}
     for r in range(args.rounds):
         for m, side, dtype in configs if r % 2 == 0 else configs[::-1]:
-            print(f"train: {METHODS[m]}, {side} {dtype} (round {r + 1}/{args.rounds})", file=sys.stderr, flush=True)
+            print(f"train: {METHODS[m]}, {side} {dtype} (round {r + 1}/{args.rounds})",
+                  file=sys.stderr, flush=True)
             runs[(m, side, dtype)].append(run_worker(args, "train", side, m, dtype))
     rows = []
     for (m, side, dtype), results in runs.items():
@@ -497,7 +515,8 @@ def train_section(args, info) -> dict:
                      "param_dtypes": results[0]["param_dtypes"], "runs": results})
     for row in rows:
         row["mfu"] = row["flops_per_s"] / info["bf16_peak_flops"]
-        row["mfu_own_dtype"] = row["flops_per_s"] / info[f"{'bf16' if row['dtype'] == 'bfloat16' else 'fp32'}_peak_flops"]
+        row["mfu_own_dtype"] = row["flops_per_s"] / info[
+            f"{'bf16' if row['dtype'] == 'bfloat16' else 'fp32'}_peak_flops"]
     ratios = {}
     for m in methods:
         ours = max((r for r in rows if r["method"] == m and r["side"].startswith("minipt")),
@@ -511,17 +530,20 @@ def train_section(args, info) -> dict:
 
     print(f"\ntraining step, sentiment batches of {DEFAULTS.batch_size}, loss on the label token, "
           f"median of {args.steps} steps x {args.rounds} round(s) after {args.warmup} warm-up")
-    print(f"{'method':<13}{'config':<25}{'step 1 s':>9}{'step s':>8}{'tok/s':>9}{'RSS GB':>8}{'MFU':>7}{'MFU own':>9}"
-          f"{'loss 0':>10}{'trainable':>11}")
+    print(f"{'method':<13}{'config':<25}{'step 1 s':>9}{'step s':>8}{'tok/s':>9}{'RSS GB':>8}{'MFU':>7}"
+          f"{'MFU own':>9}{'loss 0':>10}{'trainable':>11}")
     for r in rows:
         print(f"{METHODS[r['method']]:<13}{r['side'] + ' ' + r['dtype']:<25}"
               f"{r['first_step_s']:>9.1f}{r['step_s']:>8.3f}"
-              f"{r['tokens_per_s']:>9.0f}{r['peak_rss_gb']:>8.2f}{100 * r['mfu']:>6.1f}%{100 * r['mfu_own_dtype']:>8.1f}%"
+              f"{r['tokens_per_s']:>9.0f}{r['peak_rss_gb']:>8.2f}{100 * r['mfu']:>6.1f}%"
+              f"{100 * r['mfu_own_dtype']:>8.1f}%"
               f"{r['initial_loss']:>10.4f}{r['trainable']:>11,}")
-    print("MFU: useful FLOPs (bench.train_flops) / step time / bf16 matmul peak; 'own': of the config's dtype peak; "
+    print("MFU: useful FLOPs (bench.train_flops) / step time / bf16 matmul peak; "
+          "'own': of the config's dtype peak; "
           "step 1: the first step alone (compilation included)")
     for m, q in ratios.items():
-        rss = ", ".join(f"{q[k]:.2f}x vs peft {k[7:]}" for k in q if k.startswith("rss_vs_") and k != "rss_vs_best")
+        rss = ", ".join(f"{q[k]:.2f}x vs peft {k[7:]}" for k in q
+                        if k.startswith("rss_vs_") and k != "rss_vs_best")
         print(f"{METHODS[m]:<13}{q['minipt_best']} tok/s / peft {q['peft_best_dtype']} (its faster dtype): "
               f"{q['speed']:.2f}x; "
               f"RSS {rss}")
@@ -545,10 +567,12 @@ class SoftPromptGenerate:
         B = ids.size(0)
         embed = self.hf.get_input_embeddings()
         prompt = self.peft_model.get_prompt(batch_size=B).to(embed.weight.dtype)   # (B, P, C)
-        embeds = torch.cat([prompt, embed(ids)], dim=1)                           # peft's layout: prompt first
+        # peft's layout: prompt first
+        embeds = torch.cat([prompt, embed(ids)], dim=1)
         mask = torch.cat([attention_mask.new_ones(B, prompt.size(1)), attention_mask], dim=1)
         new = self.hf.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=generation_config)
-        return torch.cat([ids, new], dim=1)   # what bench_generate.runners slices: the prompt ids, then the new ones
+        # what bench_generate.runners slices: the prompt ids, then the new ones
+        return torch.cat([ids, new], dim=1)
 
 
 def generate_section(args, dtype_name: str) -> dict:
@@ -592,14 +616,16 @@ def generate_section(args, dtype_name: str) -> dict:
                                        lookup=args.gen_lookup)
         cases.append(bench_case(f"batch 1, lookup {args.gen_lookup}", run_minipt, run_peft, args.new_tokens,
                                 args.gen_repeats))
-    how = "peft's generate" if args.peft_generate == "peft" else "transformers generate + peft's prompt as embeddings"
+    how = ("peft's generate" if args.peft_generate == "peft"
+           else "transformers generate + peft's prompt as embeddings")
     print(f"\ngreedy generation with a {N_VIRTUAL}-token soft prompt, {args.new_tokens} new tokens per row, "
           f"{dtype_name}, median of {args.gen_repeats}; peft side: {how}")
     print_cases(cases, "peft")
-    print(f"text init: max difference between the two prompts before copying {init_diff:.1e}; peft's own generate "
-          f"gives minipt's tokens (batch 1, 8 tokens): {peft_native_ok}")
+    print(f"text init: max difference between the two prompts before copying {init_diff:.1e}; "
+          f"peft's own generate gives minipt's tokens (batch 1, 8 tokens): {peft_native_ok}")
     return {"dtype": dtype_name, "new_tokens": args.new_tokens, "repeats": args.gen_repeats,
-            "peft_side": how, "prompt_init_max_diff": init_diff, "peft_native_generate_identical": peft_native_ok,
+            "peft_side": how, "prompt_init_max_diff": init_diff,
+            "peft_native_generate_identical": peft_native_ok,
             "peft_native_probe": {"minipt": ours_probe, "peft": peft_probe}, "cases": cases}
 
 
@@ -609,7 +635,8 @@ def scaling_section(args, peft_dtype: str) -> dict:
              "peft": run_worker(args, "scaling", "peft", dtype=peft_dtype)}
     sweeps = {"length": [(args.scaling_batch, int(T)) for T in args.scaling_lengths.split(",")],
               "batch": [(int(B), args.scaling_len) for B in args.scaling_batches.split(",")]}
-    seconds = {side: {(p["batch"], p["length"]): p["seconds"] for p in res["points"]} for side, res in sides.items()}
+    seconds = {side: {(p["batch"], p["length"]): p["seconds"] for p in res["points"]}
+               for side, res in sides.items()}
     out = {"peft_dtype": peft_dtype, "sides": sides, "sweeps": {}}
     print(f"\nsoft-prompt training step (s), synthetic batches, median of {args.scaling_steps}; "
           f"minipt bf16 vs peft {peft_dtype}; ratio = peft time / minipt time")
@@ -619,7 +646,8 @@ def scaling_section(args, peft_dtype: str) -> dict:
         table = []
         for B, T in points:
             ours, theirs = seconds["minipt"][(B, T)], seconds["peft"][(B, T)]
-            table.append({"batch": B, "length": T, "minipt_s": ours, "peft_s": theirs, "speedup": theirs / ours})
+            table.append({"batch": B, "length": T, "minipt_s": ours, "peft_s": theirs,
+                          "speedup": theirs / ours})
             print(f"{(T if name == 'length' else B):<22}{ours:>10.3f}{theirs:>10.3f}{theirs / ours:>7.2f}x")
         out["sweeps"][name] = table
     out["plot"] = str(args.plot) if plot_scaling(out, args, peft_dtype) else None
@@ -648,7 +676,8 @@ def plot_scaling(result, args, peft_dtype) -> bool:
         times = [row[k] for row in table for k in ("minipt_s", "peft_s")]
         minor = "23456789" if max(times) < 10 * min(times) else "235"    # which minor ticks get a label
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))                       # 0.1, 1, 10
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _, m=minor: f"{v:g}" if f"{v:.0e}"[0] in m else ""))
+        ax.yaxis.set_minor_formatter(
+            FuncFormatter(lambda v, _, m=minor: f"{v:g}" if f"{v:.0e}"[0] in m else ""))
         ax.grid(alpha=0.3, which="both")
         ax.legend()
     fig.tight_layout()

@@ -155,7 +155,8 @@ def pack_and_measure_fidelity(model, tok, new_tokens=96, compile=False):
     (fp32) once packed, and with compile, once its one-token step is compiled too: packs (and
     compiles) `model` after measuring it as it was."""
     prompts = [tok.encode(t) for t in BATCH_PROMPTS]
-    seqs = [p + out for p, out in zip(prompts, generate(model, prompts, new_tokens, eos_id=None, pad_id=tok.pad_id))]
+    seqs = [p + out for p, out in
+            zip(prompts, generate(model, prompts, new_tokens, eos_id=None, pad_id=tok.pad_id))]
     fp32 = next_token_logprobs(model, seqs)
     bf16 = next_token_logprobs(load_base(convert_smollm2(), dtype=torch.bfloat16)[0], seqs)
     n_packed = pack_for_decoding(model)
@@ -164,13 +165,16 @@ def pack_and_measure_fidelity(model, tok, new_tokens=96, compile=False):
         compile_decoding(model)
         t0 = time.perf_counter()
         measured["packed, compiled"] = next_token_logprobs(model, seqs)
-        print(f"compiled the one-token step ({time.perf_counter() - t0:.0f} s with the fidelity check)", flush=True)
+        print(f"compiled the one-token step ({time.perf_counter() - t0:.0f} s with the fidelity check)",
+              flush=True)
     result = {"positions": fp32.size(0), "linear_layers_packed": n_packed}
     for name, logp in measured.items():
         kl = torch.nn.functional.kl_div(logp, fp32, log_target=True, reduction="batchmean").item()
-        result[name] = {"mean_kl": kl, "top1_agreement": (logp.argmax(-1) == fp32.argmax(-1)).float().mean().item()}
+        result[name] = {"mean_kl": kl,
+                        "top1_agreement": (logp.argmax(-1) == fp32.argmax(-1)).float().mean().item()}
     print(f"fidelity to fp32 over {result['positions']} positions ({n_packed} layers packed): "
-          + "; ".join(f"{name} mean KL {result[name]['mean_kl']:.1e}, top-1 {100 * result[name]['top1_agreement']:.1f} %"
+          + "; ".join(f"{name} mean KL {result[name]['mean_kl']:.1e}, "
+                      f"top-1 {100 * result[name]['top1_agreement']:.1f} %"
                       for name in measured), flush=True)
     return result
 

@@ -66,7 +66,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--prompts", type=Path, default=None,
                     help="folder of prompt files for this base (default: 4 random 20-token soft prompts)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="as the server's --dtype")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                    help="as the server's --dtype")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--http", action="store_true", help="send the requests over HTTP (loopback)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -76,8 +77,8 @@ def parse_args(argv=None):
 def random_soft_prompts(app: App, folder: Path, n: int = 4, length: int = 20) -> None:
     """n random-init soft prompts on the app's base, saved as task0..task{n-1}."""
     for i in range(n):
-        model = attach(app.base, PromptConfig(method="prompt_tuning", num_virtual_tokens=length, init="random",
-                                              seed=i), app.tokenizer)
+        model = attach(app.base, PromptConfig(method="prompt_tuning", num_virtual_tokens=length,
+                                              init="random", seed=i), app.tokenizer)
         save(model, folder / f"task{i}.safetensors", app.tokenizer)
 
 
@@ -156,7 +157,8 @@ def main(argv=None):
             t0 = time.perf_counter()
             out = run(requests, together)
             seconds = time.perf_counter() - t0
-            sizes = {k: v - before.get(k, 0) for k, v in app.scheduler.batch_sizes.items() if v > before.get(k, 0)}
+            sizes = {k: v - before.get(k, 0) for k, v in app.scheduler.batch_sizes.items()
+                     if v > before.get(k, 0)}
             tokens = sum(n for _, n in out)
             results[mode] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
                              "batches": dict(sorted(sizes.items())), "texts": [t for t, _ in out]}

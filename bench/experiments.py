@@ -61,8 +61,8 @@ METHODS = {
     "full": dict(),
 }
 LABELS = {"prompt_tuning": "soft prompt", "p_tuning": "P-tuning", "prefix_tuning": "prefix tuning",
-          "p_tuning_v2": "P-tuning v2", "adapter": "prompt adapter", "lora": "LoRA", "full": "full fine-tuning",
-          "zero_shot": "zero-shot"}
+          "p_tuning_v2": "P-tuning v2", "adapter": "prompt adapter", "lora": "LoRA",
+          "full": "full fine-tuning", "zero_shot": "zero-shot"}
 
 TASKS = {  # per task: the text a text-initialised prompt starts from, sequence limits
     "sentiment": dict(init_text="Classify the sentiment of this movie review as positive or negative.",
@@ -85,8 +85,8 @@ class Size:
     lengths: tuple = LENGTHS
 
 
-FULL = Size(seeds=3, ensemble=5, steps={"sentiment": 200, "topic": 200}, batch_size={"sentiment": 16, "topic": 16},
-            test_rows={"sentiment": 800, "topic": 800})
+FULL = Size(seeds=3, ensemble=5, steps={"sentiment": 200, "topic": 200},
+            batch_size={"sentiment": 16, "topic": 16}, test_rows={"sentiment": 800, "topic": 800})
 QUICK = Size(seeds=2, ensemble=3, steps={"sentiment": 3, "topic": 3}, batch_size={"sentiment": 2, "topic": 2},
              test_rows={"sentiment": 16, "topic": 16}, lengths=(5, 20))
 
@@ -125,7 +125,8 @@ def plan(experiments, size: Size, methods) -> list[Run]:
     if "methods" in experiments:
         runs += [make_run(t, m, s, size) for t in TASKS for m in methods for s in range(size.seeds)]
     if "init" in experiments:
-        runs += [make_run("sentiment", "prompt_tuning", s, size, init=i) for i in INITS for s in range(size.seeds)]
+        runs += [make_run("sentiment", "prompt_tuning", s, size, init=i)
+                 for i in INITS for s in range(size.seeds)]
     if "length" in experiments:
         runs += [make_run("sentiment", "prompt_tuning", 0, size, length=n) for n in size.lengths]
     if "ensemble" in experiments:
@@ -213,7 +214,8 @@ def methods_rows(results, size, methods, n_params, test_sets):
     the same, but full fine-tuning does it in fp32 and the others in bf16, as they train."""
     rows, per_seed = [], []
     for task in TASKS:
-        majority = max(statistics.mean(r["target"] == label for r in test_sets[task]) for label in BUILTIN[task][2])
+        majority = max(statistics.mean(r["target"] == label for r in test_sets[task])
+                       for label in BUILTIN[task][2])
         zero = results[make_run(task, min(methods, key=lambda m: m == "full"), 0, size).name]["zero_shot"]
         rows.append(dict(task=task, method="zero_shot", accuracy=zero, accuracy_std=0.0, seeds=1,
                          trainable_parameters=0, share=0.0, train_seconds=0.0, peak_rss_gb=None,
@@ -234,7 +236,8 @@ def methods_rows(results, size, methods, n_params, test_sets):
 def init_rows(results, size):
     rows = []
     for init in INITS:
-        rs = [results[make_run("sentiment", "prompt_tuning", s, size, init=init).name] for s in range(size.seeds)]
+        rs = [results[make_run("sentiment", "prompt_tuning", s, size, init=init).name]
+              for s in range(size.seeds)]
         acc, std = mean_std([r["accuracy"] for r in rs])
         rows.append(dict(init=init, accuracy=acc, accuracy_std=std, seeds=[r["accuracy"] for r in rs],
                          zero_shot=rs[0]["zero_shot"]))
@@ -242,8 +245,9 @@ def init_rows(results, size):
 
 
 def length_rows(results, size):
-    return [dict(num_virtual_tokens=n, **{k: results[make_run("sentiment", "prompt_tuning", 0, size, length=n).name][k]
-                                          for k in ("accuracy", "train_seconds", "trainable_parameters")})
+    return [dict(num_virtual_tokens=n,
+                 **{k: results[make_run("sentiment", "prompt_tuning", 0, size, length=n).name][k]
+                    for k in ("accuracy", "train_seconds", "trainable_parameters")})
             for n in size.lengths]
 
 
@@ -294,7 +298,8 @@ def interpretation_result(size, base, work, top=5):
         label_ids = {i for label in BUILTIN["sentiment"][2] for i in tok.encode(label)}
         out[init] = dict(run=name, tokens=[
             dict(index=p, start=show(start_ids[p, 0].item()), nearest=[show(i) for i in ids[p].tolist()],
-                 similarity=[round(s, 3) for s in sims[p].tolist()], relative_change=round(moved[p].item(), 3))
+                 similarity=[round(s, 3) for s in sims[p].tolist()],
+                 relative_change=round(moved[p].item(), 3))
             for p in range(ids.size(0))],
             kept_start_token=int((ids[:, 0] == start_ids[:, 0]).sum()),
             label_token_in_top=int(sum(bool(set(row) & label_ids) for row in ids.tolist())))
@@ -319,8 +324,10 @@ def markdown(report: dict) -> str:
     training = ", ".join(f"{t} {size['steps'][t]} steps of {size['batch_size'][t]}" for t in TASKS)
     parts = ["# Experiments on SmolLM2-135M-Instruct\n",
              f"Made by `{report['command']}` at commit `{report['commit']}`"
-             f"{' (with uncommitted changes)' if report['dirty'] else ''}, in {report['wall_seconds'] / 60:.0f} min "
-             f"on {report['machine']}, {report['threads']} torch thread(s) per run. Written by bench/experiments.py; "
+             f"{' (with uncommitted changes)' if report['dirty'] else ''}, "
+             f"in {report['wall_seconds'] / 60:.0f} min "
+             f"on {report['machine']}, {report['threads']} torch thread(s) per run. "
+             f"Written by bench/experiments.py; "
              f"numbers are accuracies in % on fixed "
              f"test subsets ({', '.join(f'{t}: {n} rows' for t, n in size['test_rows'].items())}), "
              f"mean ± std over seeds. Training: {training}, "
@@ -333,14 +340,17 @@ def markdown(report: dict) -> str:
             parts.append(table(
                 ["method", "accuracy %", "trainable parameters", "share of model", "training time (s)",
                  "peak RSS (GB)", "prompt file"],
-                [[LABELS[r["method"]], pct(r["accuracy"], r["accuracy_std"] if r["method"] != "zero_shot" else None),
+                [[LABELS[r["method"]],
+                  pct(r["accuracy"], r["accuracy_std"] if r["method"] != "zero_shot" else None),
                   f"{r['trainable_parameters']:,}", f"{100 * r['share']:.3g} %", f"{r['train_seconds']:.0f}",
-                  "" if r["peak_rss_gb"] is None else f"{r['peak_rss_gb']:.2f}", _size(r["prompt_file_bytes"])]
+                  "" if r["peak_rss_gb"] is None else f"{r['peak_rss_gb']:.2f}",
+                  _size(r["prompt_file_bytes"])]
                  for r in rows]))
     if "init" in report:
         parts.append("## Soft-prompt initialisation (sentiment, 20 tokens)\n")
         parts.append(table(["init", "accuracy %", "per seed"],
-                           [[r["init"], pct(r["accuracy"], r["accuracy_std"]), ", ".join(pct(a) for a in r["seeds"])]
+                           [[r["init"], pct(r["accuracy"], r["accuracy_std"]),
+                             ", ".join(pct(a) for a in r["seeds"])]
                             for r in report["init"]]))
     if "length" in report:
         parts.append("## Soft-prompt length (sentiment, text init, seed 0)\n")
@@ -349,20 +359,24 @@ def markdown(report: dict) -> str:
                              f"{r['train_seconds']:.0f}"] for r in report["length"]]))
     if "ensemble" in report:
         e = report["ensemble"]
-        parts.append(f"## Ensemble of {len(e['members'])} soft prompts (sentiment, seeds 0-{len(e['members']) - 1})\n")
+        parts.append(f"## Ensemble of {len(e['members'])} soft prompts "
+                     f"(sentiment, seeds 0-{len(e['members']) - 1})\n")
         parts.append(table(["", "accuracy %"], [
             ["members", ", ".join(pct(a) for a in e["members"])], ["mean member", pct(e["member_mean"])],
-            ["best member", pct(e["member_best"])], ["ensemble, mean log-probability", pct(e["ensemble_mean_logprob"])],
+            ["best member", pct(e["member_best"])],
+            ["ensemble, mean log-probability", pct(e["ensemble_mean_logprob"])],
             ["ensemble, majority vote", pct(e["ensemble_vote"])]]))
     if "interpretation" in report:
         parts.append("## Nearest vocabulary tokens of trained sentiment prompts (seed 0)\n")
         for init, r in report["interpretation"].items():
             n = len(r["tokens"])
-            parts.append(f"### {init} init: {r['kept_start_token']}/{n} tokens still nearest to their starting "
-                         f"token; {r['label_token_in_top']}/{n} have a class label among their top 5\n")
+            parts.append(f"### {init} init: {r['kept_start_token']}/{n} tokens still nearest "
+                         f"to their starting token; "
+                         f"{r['label_token_in_top']}/{n} have a class label among their top 5\n")
             parts.append(table(["#", "started as", "nearest now (cosine similarity)", "relative change"],
                                [[t["index"], _quote(t["start"]),
-                                 ", ".join(f"{_quote(w)} {s:.2f}" for w, s in zip(t["nearest"], t["similarity"])),
+                                 ", ".join(f"{_quote(w)} {s:.2f}"
+                                           for w, s in zip(t["nearest"], t["similarity"])),
                                  f"{t['relative_change']:.2f}"] for t in r["tokens"]]))
     return "\n".join(parts)
 
@@ -414,7 +428,8 @@ def plots(report: dict, folder: Path) -> list:
         ax.bar([r["init"] for r in rows], [100 * r["accuracy"] for r in rows],
                yerr=[100 * r["accuracy_std"] for r in rows], capsize=4, color="tab:blue")
         ax.axhline(100 * rows[0]["zero_shot"], color="gray", ls="--", label="zero-shot")
-        low = min(100 * (r["accuracy"] - r["accuracy_std"]) for r in rows + [dict(accuracy=rows[0]["zero_shot"], accuracy_std=0)])
+        low = min(100 * (r["accuracy"] - r["accuracy_std"])
+                  for r in rows + [dict(accuracy=rows[0]["zero_shot"], accuracy_std=0)])
         ax.set(ylim=(max(0, low - 5), 100), ylabel="test accuracy (%)", title="soft-prompt initialisation")
         ax.legend(fontsize=8)
         save(fig, "init.png")
@@ -428,10 +443,12 @@ def plots(report: dict, folder: Path) -> list:
     if "ensemble" in report:
         e = report["ensemble"]
         fig, ax = plt.subplots(figsize=(7, 3.6))
-        names = [f"seed {i}" for i in range(len(e["members"]))] + ["mean\nmember", "best\nmember", "ensemble\n(mean)",
-                                                                   "ensemble\n(vote)"]
-        values = e["members"] + [e["member_mean"], e["member_best"], e["ensemble_mean_logprob"], e["ensemble_vote"]]
-        ax.bar(names, [100 * v for v in values], color=["tab:blue"] * len(e["members"]) + ["tab:gray"] * 2 + ["tab:orange"] * 2)
+        names = [f"seed {i}" for i in range(len(e["members"]))] + ["mean\nmember", "best\nmember",
+                                                                   "ensemble\n(mean)", "ensemble\n(vote)"]
+        values = e["members"] + [e["member_mean"], e["member_best"], e["ensemble_mean_logprob"],
+                                 e["ensemble_vote"]]
+        ax.bar(names, [100 * v for v in values],
+               color=["tab:blue"] * len(e["members"]) + ["tab:gray"] * 2 + ["tab:orange"] * 2)
         ax.set(ylim=(max(0, 100 * min(values) - 5), 100), ylabel="test accuracy (%)", title="prompt ensemble")
         ax.tick_params(axis="x", labelsize=7)
         save(fig, "ensemble.png")
@@ -457,7 +474,8 @@ def machine():
     import platform
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return f"{os.cpu_count()} CPU cores ({cpu})"
@@ -467,15 +485,18 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny budgets: every experiment in minutes")
-    ap.add_argument("--only", default=",".join(EXPERIMENTS), help=f"comma-separated: {', '.join(EXPERIMENTS)}")
+    ap.add_argument("--only", default=",".join(EXPERIMENTS),
+                    help=f"comma-separated: {', '.join(EXPERIMENTS)}")
     ap.add_argument("--methods", default=",".join(METHOD_NAMES), help="methods for the methods experiment")
-    ap.add_argument("--base", default="weights/smollm2-135m-instruct", help="minipt checkpoint (relative to the repo)")
+    ap.add_argument("--base", default="weights/smollm2-135m-instruct",
+                    help="minipt checkpoint (relative to the repo)")
     ap.add_argument("--work", default="out/experiments", help="runs and task subsets (kept for resuming)")
     ap.add_argument("--results", default="bench/results", help="where results.json, results.md and plots go")
     # On a shared machine two threads on two busy cores wait on each other: a training step
     # measured 10x slower than with one thread. One thread per run is slower only when quiet.
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds per method (default: 3, or 2 with --quick)")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="seeds per method (default: 3, or 2 with --quick)")
     args = ap.parse_args(argv)
     experiments = [e.strip() for e in args.only.split(",") if e.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -496,7 +517,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     n_params = sum(p.numel() for p in load_model(base, dtype=torch.bfloat16).parameters())
     folders = write_tasks(work, size, load_tokenizer(base))
-    test_sets = {t: [json.loads(line) for line in open(f / "test.jsonl", encoding="utf-8")] for t, f in folders.items()}
+    test_sets = {t: [json.loads(line) for line in open(f / "test.jsonl", encoding="utf-8")]
+                 for t, f in folders.items()}
     runs = plan(experiments, size, methods)
     print(f"{len(runs)} training runs in {work / 'runs'}; "
           f"{sum((work / 'runs' / r.name / 'result.json').exists() for r in runs)} already done", flush=True)
@@ -512,8 +534,8 @@ def main(argv=None):
 
     commit, dirty = git_commit()
     report = dict(command=" ".join(["python", "bench/experiments.py"] + argv), commit=commit, dirty=dirty,
-                  machine=machine(), threads=args.threads, wall_seconds=0.0, base=args.base, base_parameters=n_params,
-                  size=dataclasses.asdict(size), method_settings=METHODS)
+                  machine=machine(), threads=args.threads, wall_seconds=0.0, base=args.base,
+                  base_parameters=n_params, size=dataclasses.asdict(size), method_settings=METHODS)
     if "methods" in experiments:
         report["methods"], report["runs"] = methods_rows(results, size, methods, n_params, test_sets)
     if "init" in experiments:

@@ -10,7 +10,8 @@ by train.py's loop on transformers' SmolLM2, and a table of the two side by side
     # the table: task, method, minipt and peft test accuracy (mean over seeds), zero-shot, seeds
     python bench/peft_methods.py --table RUNS [MORE_RUNS ...]
     # smoke check: 3 steps, 16 test rows, one thread
-    python bench/peft_methods.py --task topic --method adapter --steps 3 --test-rows 16 --threads 1 --out /tmp/x
+    python bench/peft_methods.py --task topic --method adapter --steps 3 --test-rows 16 --threads 1 \\
+        --out /tmp/x
 
 Directory layout (a convention; `--table` finds runs by their files, in any sub-folder):
 
@@ -81,7 +82,8 @@ INIT_TEXT = {task: BUILTIN[task][4] for task in TASKS}
 # many -100 to the already-shifted labels, and bench.peft_rank_accuracy reads the label
 # scores at column n + (prompt length - 1) of right-padded rows. `check_virtual_positions`
 # measures the offset on the first batch before training and refuses a mismatch.
-LOGIT_OFFSET = {"prompt_tuning": "P", "p_tuning": "P", "prefix_tuning": 0, "p_tuning_v2": 0, "adapter": 0, "lora": 0}
+LOGIT_OFFSET = {"prompt_tuning": "P", "p_tuning": "P", "prefix_tuning": 0, "p_tuning_v2": 0, "adapter": 0,
+                "lora": 0}
 
 
 def minipt_argv(task: str, method: str, seed: int, steps: int) -> list:
@@ -96,7 +98,8 @@ def train_config(task: str, method: str, seed: int, steps: int) -> TrainConfig:
 
 def minipt_command(task, method, seed, steps, out) -> str:
     # eval/checkpoint intervals only save time: they do not change what is trained
-    argv = minipt_argv(task, method, seed, steps) + ["--eval_interval=0", "--ckpt_interval=0", f"--out_dir={out}"]
+    argv = minipt_argv(task, method, seed, steps) + ["--eval_interval=0", "--ckpt_interval=0",
+                                                     f"--out_dir={out}"]
     return " ".join(shlex.quote(a) for a in ["python", "train.py", *argv])
 
 
@@ -106,8 +109,10 @@ def peft_config(method: str, cfg: TrainConfig, n_layers: int):
     P, causal = cfg.num_virtual_tokens, TaskType.CAUSAL_LM
     if method == "prompt_tuning":
         gguf = fetch("smollm2-gguf")   # peft's own text init, through the GGUF's tokenizer (minipt's ids)
-        return PromptTuningConfig(task_type=causal, num_virtual_tokens=P, prompt_tuning_init=PromptTuningInit.TEXT,
-                                  prompt_tuning_init_text=cfg.init_text, tokenizer_name_or_path=str(gguf.parent),
+        return PromptTuningConfig(task_type=causal, num_virtual_tokens=P,
+                                  prompt_tuning_init=PromptTuningInit.TEXT,
+                                  prompt_tuning_init_text=cfg.init_text,
+                                  tokenizer_name_or_path=str(gguf.parent),
                                   tokenizer_kwargs={"gguf_file": gguf.name})
     if method == "p_tuning":           # peft's encoder: 2-layer BiLSTM + MLP, as minipt's (no residual)
         return PromptEncoderConfig(task_type=causal, num_virtual_tokens=P,
@@ -121,8 +126,8 @@ def peft_config(method: str, cfg: TrainConfig, n_layers: int):
         return AdaptionPromptConfig(task_type=causal, adapter_len=P,
                                     adapter_layers=adapted_layers(cfg.adapter_layers, n_layers))
     if method == "lora":
-        return LoraConfig(task_type=causal, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.lora_targets))
+        return LoraConfig(task_type=causal, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                          lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets))
     raise ValueError(f"method {method!r}: choose one of {', '.join(METHODS)}")
 
 
@@ -165,7 +170,8 @@ def run(args) -> dict:
     if not args.no_zero_shot:   # the base alone, before peft wraps it (LoRA changes it in place)
         t0 = time.perf_counter()
         zero_shot = peft_rank_accuracy(hf, tok, test_rows, template, task.labels, 0)
-        say(f"zero-shot test accuracy {zero_shot:.4f} ({len(test_rows)} rows, {time.perf_counter() - t0:.0f} s)")
+        say(f"zero-shot test accuracy {zero_shot:.4f} "
+            f"({len(test_rows)} rows, {time.perf_counter() - t0:.0f} s)")
 
     pcfg = peft_config(args.method, cfg, n_layers)
     torch.manual_seed(cfg.seed)                                    # peft's random init follows the seed
@@ -179,8 +185,8 @@ def run(args) -> dict:
     batches = Batches(len(train_rows), cfg.batch_size * cfg.grad_accum, cfg.seed,
                       lengths=[len(r["input"]) for r in train_rows], bucket_batches=cfg.bucket_batches)
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
-    make_batch = lambda: collate([train_rows[i] for i in next(batches)], tok, template, cfg.max_len, False, pad,
-                                 eos=not task.labels)
+    make_batch = lambda: collate([train_rows[i] for i in next(batches)], tok, template, cfg.max_len, False,
+                                 pad, eos=not task.labels)
 
     def first_checked():
         """The batch, and on the first one the virtual positions measured (see LOGIT_OFFSET)."""
@@ -190,11 +196,13 @@ def run(args) -> dict:
         return batch
 
     losses, step_seconds = [], []
-    for done, loss, seconds in recipe_steps(cfg, params, lambda b: peft_loss(model, b, n_virtual), first_checked):
+    for done, loss, seconds in recipe_steps(cfg, params, lambda b: peft_loss(model, b, n_virtual),
+                                            first_checked):
         step_seconds.append(seconds)
         losses.append(loss)
         if done % cfg.log_interval == 0 or done == cfg.steps or done <= 3:
-            say(f"step {done:4d}/{cfg.steps} | loss {loss:.4f} | lr {lr_at(done - 1, cfg):.2e} | {seconds:.2f} s")
+            say(f"step {done:4d}/{cfg.steps} | loss {loss:.4f} | lr {lr_at(done - 1, cfg):.2e} | "
+                f"{seconds:.2f} s")
     train_seconds = sum(step_seconds)
 
     t0 = time.perf_counter()
@@ -206,7 +214,8 @@ def run(args) -> dict:
             "test_rows_all": len(task.splits["test"]),
             "train_seconds": train_seconds, "step_seconds_median": statistics.median(step_seconds),
             "losses": losses, "trainable": trainable, "virtual_positions_in_logits": n_virtual,
-            "peak_rss_gb": peak_rss_gb(), "dtype": "float32", "threads": torch.get_num_threads(), "cpu": cpu_name(),
+            "peak_rss_gb": peak_rss_gb(), "dtype": "float32", "threads": torch.get_num_threads(),
+            "cpu": cpu_name(),
             "peft": peft_version, "transformers": transformers.__version__, "torch": torch.__version__,
             "minipt_argv": minipt_argv(args.task, args.method, args.seed, args.steps),
             "peft_config": json.loads(json.dumps(pcfg.to_dict(), default=str))}
@@ -236,7 +245,8 @@ def read_runs(dirs) -> list:
                 continue
             runs.append({"side": "minipt", "task": Path(cfg["data"]).stem, "method": cfg["method"],
                          "seed": cfg["seed"], "steps": cfg["steps"], "accuracy": test[-1]["accuracy"],
-                         "zero_shot": test[-1].get("zero_shot"), "partial": False, "path": str(metrics.parent)})
+                         "zero_shot": test[-1].get("zero_shot"), "partial": False,
+                         "path": str(metrics.parent)})
         for result in sorted(Path(d).rglob("result.json")):
             try:
                 r = json.loads(result.read_text())
@@ -245,8 +255,10 @@ def read_runs(dirs) -> list:
                 continue
             if r.get("side") != "peft":       # e.g. bench/experiments.py's result.json in a minipt folder
                 continue
-            runs.append({**{k: r[k] for k in ("side", "task", "method", "seed", "steps", "accuracy", "zero_shot")},
-                         "partial": r["test_rows"] < r.get("test_rows_all", r["test_rows"]), "path": str(result.parent)})
+            runs.append({**{k: r[k]
+                            for k in ("side", "task", "method", "seed", "steps", "accuracy", "zero_shot")},
+                         "partial": r["test_rows"] < r.get("test_rows_all", r["test_rows"]),
+                         "path": str(result.parent)})
     return runs
 
 
@@ -261,7 +273,8 @@ def table(runs) -> str:
     """Markdown: one row per (task, method, steps), each side's mean test accuracy over its seeds."""
     groups = {}
     for r in runs:
-        groups.setdefault((r["task"], r["method"], r["steps"]), {"minipt": [], "peft": []})[r["side"]].append(r)
+        groups.setdefault((r["task"], r["method"], r["steps"]),
+                          {"minipt": [], "peft": []})[r["side"]].append(r)
     order = lambda key: (key[0], METHODS.index(key[1]) if key[1] in METHODS else len(METHODS), key[1], key[2])
     lines = ["| task | method | steps | minipt accuracy % | peft accuracy % | zero-shot % (minipt / peft) "
              "| seeds (minipt / peft) |",
@@ -270,14 +283,17 @@ def table(runs) -> str:
     for key in sorted(groups, key=order):
         side = groups[key]
         zs = [f"{100 * statistics.fmean(v):.1f}" if v else "-"
-              for v in ([r["zero_shot"] for r in side[s] if r["zero_shot"] is not None] for s in ("minipt", "peft"))]
+              for v in ([r["zero_shot"] for r in side[s] if r["zero_shot"] is not None]
+                        for s in ("minipt", "peft"))]
         star = "*" if any(r["partial"] for r in side["peft"]) else ""
         partial |= bool(star)
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {mean_std([r['accuracy'] for r in side['minipt']])} "
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | "
+                     f"{mean_std([r['accuracy'] for r in side['minipt']])} "
                      f"| {mean_std([r['accuracy'] for r in side['peft']])}{star} | {zs[0]} / {zs[1]} "
                      f"| {len(side['minipt'])} / {len(side['peft'])} |")
     if partial:
-        lines.append("\n\\* peft evaluated on part of the test split (--test-rows); minipt always on all of it.")
+        lines.append("\n\\* peft evaluated on part of the test split (--test-rows); "
+                     "minipt always on all of it.")
     return "\n".join(lines)
 
 
@@ -290,12 +306,15 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=TrainConfig.steps)
     ap.add_argument("--out", type=Path, help="the run's folder (result.json)")
-    ap.add_argument("--test-rows", type=int, default=None, help="first N test rows only (default: all, as train.py)")
+    ap.add_argument("--test-rows", type=int, default=None,
+                    help="first N test rows only (default: all, as train.py)")
     ap.add_argument("--no-zero-shot", action="store_true", help="skip the base model's zero-shot evaluation")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, as train.py)")
     ap.add_argument("--minipt-command", action="store_true",
-                    help="print the train.py command of the matching minipt run (--out is its out_dir) and exit")
-    ap.add_argument("--table", nargs="+", type=Path, metavar="RUNS_DIR", help="print the comparison table and exit")
+                    help="print the train.py command of the matching minipt run (--out is its out_dir) "
+                         "and exit")
+    ap.add_argument("--table", nargs="+", type=Path, metavar="RUNS_DIR",
+                    help="print the comparison table and exit")
     args = ap.parse_args(argv)
     if not args.table and args.out is None:
         ap.error("--out is required (or --table)")
