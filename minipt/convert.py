@@ -1,5 +1,5 @@
 """Checkpoint converters: a Hugging Face model directory (gpt2, llama, qwen2, t5) or a
-llama-architecture GGUF file -> a minipt checkpoint directory.
+GGUF file of architecture llama or qwen2 -> a minipt checkpoint directory.
 
     python -m minipt.convert SRC OUT
 
@@ -93,6 +93,7 @@ GGUF_KEYS = {
     "layers.{i}.attn.q_proj.weight": "blk.{i}.attn_q.weight",
     "layers.{i}.attn.k_proj.weight": "blk.{i}.attn_k.weight",
     "layers.{i}.attn.v_proj.weight": "blk.{i}.attn_v.weight",
+    **{f"layers.{{i}}.attn.{p}_proj.bias": f"blk.{{i}}.attn_{p}.bias" for p in "qkv"},  # qwen2
     "layers.{i}.attn.o_proj.weight": "blk.{i}.attn_output.weight",
     "layers.{i}.mlp_norm.weight": "blk.{i}.ffn_norm.weight",
     "layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
@@ -102,6 +103,14 @@ GGUF_KEYS = {
     "lm_head.weight": "output.weight",
 }
 GGUF_DROPPED = []
+
+# What differs between the GGUF architectures, all else being llama's layout under the
+# metadata prefix "{arch}.": llama.cpp interleaves the rotary halves of llama's q/k rows
+# (permuted_qk) but stores qwen2's as HF does, and qwen2 has q/k/v biases.
+GGUF_ARCHS = {
+    "llama": {"permuted_qk": True, "qkv_bias": False},
+    "qwen2": {"permuted_qk": False, "qkv_bias": True},
+}
 
 
 def _attention(ours: str, theirs: str) -> dict:
@@ -355,7 +364,7 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, out_dim // n_head // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
+GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K"}
 
 
 def convert_gguf(src: Path, out: Path) -> None:
@@ -375,39 +384,42 @@ def convert_gguf(src: Path, out: Path) -> None:
         raise ConversionError(f"{src}: not a readable GGUF file "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
+    arch = reader.fields.get("general.architecture")
+    arch = arch.contents() if arch is not None else None
+    if not isinstance(arch, str) or arch not in GGUF_ARCHS:
+        raise ConversionError(f"{src}: GGUF architecture {arch!r} not supported ({', '.join(GGUF_ARCHS)})")
+
     def field(name, default=None):
-        f = reader.fields.get(name)
+        """Metadata `{arch}.name` (llama.cpp's names: llama.block_count, qwen2.block_count, ...)."""
+        f = reader.fields.get(f"{arch}.{name}")
         if f is None:
             if default is None:
-                raise ConversionError(f"{src}: missing GGUF metadata {name!r}")
+                raise ConversionError(f"{src}: missing GGUF metadata '{arch}.{name}'")
             return default
         return f.contents()
 
-    arch = field("general.architecture")
-    if arch != "llama":
-        raise ConversionError(f"{src}: GGUF architecture {arch!r} not supported (llama)")
-    n_head, n_embd = field("llama.attention.head_count"), field("llama.embedding_length")
-    n_kv_head = field("llama.attention.head_count_kv", n_head)
+    n_head, n_embd = field("attention.head_count"), field("embedding_length")
+    n_kv_head = field("attention.head_count_kv", n_head)
+    permuted = GGUF_ARCHS[arch]["permuted_qk"]
     sd = {}
     progress = Progress(f"dequantizing {src.name}", unit="tensors")
     for i, t in enumerate(reader.tensors, 1):
         progress(i, len(reader.tensors))
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
-        if t.name.endswith("attn_q.weight"):
+        if permuted and t.name.endswith("attn_q.weight"):
             w = _unpermute(w, n_head)
-        elif t.name.endswith("attn_k.weight"):
+        elif permuted and t.name.endswith("attn_k.weight"):
             w = _unpermute(w, n_kv_head)
         sd[t.name] = w
     config = GPTConfig(
         vocab_size=(len(reader.fields["tokenizer.ggml.tokens"].data)
-                    if "tokenizer.ggml.tokens" in reader.fields else field("llama.vocab_size")),
-        n_layer=field("llama.block_count"), n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
-        head_dim=field("llama.rope.dimension_count", n_embd // n_head),
-        intermediate_size=field("llama.feed_forward_length"), max_seq_len=field("llama.context_length", 2048),
-        norm="rmsnorm", norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")), mlp="swiglu",
-        pos="rope",
-        rope_base=float(field("llama.rope.freq_base", 10000.0)), qkv_bias=False, proj_bias=False,
-        tie_embeddings="output.weight" not in sd, source="llama")
+                    if "tokenizer.ggml.tokens" in reader.fields else field("vocab_size")),
+        n_layer=field("block_count"), n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
+        head_dim=field("rope.dimension_count", n_embd // n_head),
+        intermediate_size=field("feed_forward_length"), max_seq_len=field("context_length", 2048),
+        norm="rmsnorm", norm_eps=float(field("attention.layer_norm_rms_epsilon")), mlp="swiglu", pos="rope",
+        rope_base=float(field("rope.freq_base", 10000.0)), qkv_bias=GGUF_ARCHS[arch]["qkv_bias"],
+        proj_bias=False, tie_embeddings="output.weight" not in sd, source=arch)
     weights = apply_key_map(sd, GGUF_KEYS, GGUF_DROPPED, expected_shapes(config), config.n_layer)
 
     def save_tokenizer(d):

