@@ -8,19 +8,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from minipt.convert import convert  # noqa: E402
-from minipt.fetch import fetch  # noqa: E402
-
-OUT = Path(__file__).resolve().parent / "qwen2.5-coder-0.5b-instruct"
+from weights import fetch_and_convert  # noqa: E402
 
 
 def main():
-    if (OUT / "model.safetensors").exists():
-        print(f"{OUT.relative_to(Path.cwd()) if OUT.is_relative_to(Path.cwd()) else OUT} is ready")
-        return OUT
-    convert(fetch("qwen2.5-coder-0.5b-gguf"), OUT)
-    print(f"converted to {OUT}")
-    return OUT
+    return fetch_and_convert("qwen2.5-coder-0.5b-gguf", "qwen2.5-coder-0.5b-instruct")
 
 
 if __name__ == "__main__":
