@@ -8,14 +8,14 @@ fast.off():`, runs the plain code everywhere):
     rest, which roughly halves a bf16 step's activations;
   - plain-matmul attention where PyTorch's CPU flash kernel has a slow backward, and for
     one 16-bit query in decoding;
-  - the unpadding's gather with a plain store as its backward;
+  - unpadded batches: norms, projections and MLPs on the real tokens only, and a soft prompt
+    that every row shares run once per batch (`Unpadded`, packed by GPT.forward);
   - few-row fp32 products as row blocks on CPUs where MKL runs them on one thread;
   - LoRA's update saving its input in the base's dtype, not an fp32 copy.
-The model-level tricks (unpadded batches in `GPT.forward`, the soft prompt run once per
-batch in `PromptedModel.forward`) read the same flag.
 """
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +102,69 @@ class TakeRows(torch.autograd.Function):
     def backward(ctx, grad):
         (index,) = ctx.saved_tensors
         return grad.new_zeros(ctx.rows, *grad.shape[1:]).index_put((index,), grad), None
+
+
+@dataclass
+class Unpadded:
+    """The real tokens of a padded (B, T) batch, packed into one (N, ...) stack: `index`
+    holds their places among the B*T flattened positions, in order.
+
+    A training batch of varied lengths is a fifth padding or more (the sentiment task's:
+    21 %). Norms, projections and MLPs treat every token alone, so they run on the N real
+    tokens only; attention, which mixes tokens, puts them back in the (B, T) layout (`pad`),
+    where the usual mask hides the zeros in the padding. GPT.forward packs the batch when the
+    switch is on; each SelfAttention then calls `attention`.
+
+    shared: that many tokens in front of the stack (shared + N in all) that every row sees
+    before its own: a soft prompt run once for the whole batch (PromptedModel.forward). They
+    attend causally among themselves; every row attends to their keys/values as a prefix.
+    shared_mask: their (1, 1, shared, shared) causal keep-mask."""
+    index: torch.Tensor
+    B: int
+    T: int
+    shared: int = 0
+    shared_mask: "torch.Tensor | None" = None
+
+    @classmethod
+    def pack(cls, x, position_ids, attention_mask, shared=None):
+        """x (B, T, C) and position_ids (B, T) -> their real tokens (P + N, ...) with the shared
+        tokens' P embeddings (P, C) in front at positions 0..P-1, and the Unpadded placing them."""
+        B, T, _ = x.shape
+        keep = attention_mask if attention_mask is not None else torch.ones(B, T, device=x.device)
+        P = 0 if shared is None else shared.size(0)
+        causal = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()[None, None] if P else None
+        unpadded = cls(keep.flatten().nonzero().squeeze(1), B, T, P, causal)
+        x, position_ids = unpadded.unpad(x), unpadded.unpad(position_ids)
+        if P:
+            x = torch.cat([shared.to(x.dtype), x])
+            position_ids = torch.cat([torch.arange(P, device=x.device), position_ids])
+        return x, position_ids, unpadded
+
+    def pad(self, x):
+        """(shared + N, ...) -> the rows' tokens (B, T, ...), zeros at the padding."""
+        x, rest = x[self.shared:], x.shape[1:]
+        # index_put, not index_copy: autograd keeps only the index for its backward, not x too
+        return x.new_zeros(self.B * self.T, *rest).index_put((self.index,), x).view(self.B, self.T, *rest)
+
+    def unpad(self, x):
+        """(B, T, ...) -> (N, ...)."""
+        return TakeRows.apply(x.flatten(0, 1), self.index)
+
+    def attention(self, q, k, v, mask, prefix):
+        """layers.attend for packed, rotated q (shared + N, nh, hs), k, v (shared + N, nkv, hs)
+        -> (shared + N, nh, hs)."""
+        from .layers import LayerPrefix, attend, prefix_list   # layers imports this module
+        shared_y = None
+        if self.shared:
+            # the shared tokens attend among themselves, and are every row's prefix
+            P, B = self.shared, self.B
+            # copies, so that what attention saves for backward does not hold all of q, k, v
+            sq, sk, sv = (t[:P].transpose(0, 1)[None].contiguous() for t in (q, k, v))  # (1, heads, P, hs)
+            shared_y = attend(sq, sk, sv, self.shared_mask, None)[0].transpose(0, 1)  # (P, nh, hs)
+            prefix = [LayerPrefix(sk.expand(B, -1, -1, -1), sv.expand(B, -1, -1, -1))] + prefix_list(prefix)
+        q, k, v = (self.pad(t).transpose(1, 2) for t in (q, k, v))                   # (B, heads, T, hs)
+        y = self.unpad(attend(q, k, v, mask, prefix).transpose(1, 2))                 # (N, nh, hs)
+        return y if shared_y is None else torch.cat([shared_y, y])
 
 
 # PyTorch's CPU flash-attention backward is slow on short sequences: for a training batch of

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import fast
 from .config import GPTConfig
-from .layers import GeluMLP, KVCache, Linear, RMSNorm, SelfAttention, SwiGLU, Unpadded, rope_cos_sin
+from .layers import GeluMLP, KVCache, Linear, RMSNorm, SelfAttention, SwiGLU, rope_cos_sin
 
 
 class Block(nn.Module):
@@ -106,7 +106,7 @@ class GPT(nn.Module):
             prompt), without a cache. They come first and attention is causal, so their
             keys/values are the same in every row: they run once for the whole batch, at
             positions 0..P-1 (position_ids must count the text from P), packed with the
-            rows' tokens, and every row attends to them as a prefix (see layers.Unpadded).
+            rows' tokens, and every row attends to them as a prefix (see fast.Unpadded).
         Returns (logits, loss); loss is None without targets.
         """
         x = self.embed(idx) if inputs_embeds is None else inputs_embeds     # (B, T, C)
@@ -118,7 +118,7 @@ class GPT(nn.Module):
         unpadded = None
         padded = attention_mask is not None and not attention_mask.all()
         if cache_pos is None and (shared is not None or (fast.ENABLED and padded)):
-            x, position_ids, unpadded = self._unpad(x, position_ids, attention_mask, shared)
+            x, position_ids, unpadded = fast.Unpadded.pack(x, position_ids, attention_mask, shared)
         rope = None
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
@@ -151,21 +151,6 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
-
-    @staticmethod
-    def _unpad(x, position_ids, attention_mask, shared):
-        """Only the real tokens, packed in one row, for everything outside attention (see
-        layers.Unpadded), with the shared soft prompt's P tokens in front of them."""
-        B, T, _ = x.shape
-        keep = attention_mask if attention_mask is not None else torch.ones(B, T, device=x.device)
-        P = 0 if shared is None else shared.size(0)
-        causal = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()[None, None] if P else None
-        unpadded = Unpadded(keep.flatten().nonzero().squeeze(1), B, T, P, causal)
-        x, position_ids = unpadded.unpad(x), unpadded.unpad(position_ids)
-        if P:
-            x = torch.cat([shared.to(x.dtype), x])
-            position_ids = torch.cat([torch.arange(P, device=x.device), position_ids])
-        return x, position_ids, unpadded
 
     @staticmethod
     def _positions(attention_mask, start, T, B, device):

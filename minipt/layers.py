@@ -99,39 +99,6 @@ def apply_rope(x, cos, sin):
 
 
 @dataclass
-class Unpadded:
-    """The real tokens of a padded (B, T) batch, packed into one (N, ...) stack: `index`
-    holds their places among the B*T flattened positions, in order.
-
-    A training batch of varied lengths is a fifth padding or more (the sentiment task's:
-    21 %). Norms, projections and MLPs treat every token alone, so they run on the N real
-    tokens only; attention, which mixes tokens, puts them back in the (B, T) layout (`pad`),
-    where the usual mask hides the zeros in the padding.
-
-    shared: that many tokens in front of the stack (shared + N in all) that every row sees
-    before its own: a soft prompt run once for the whole batch (see GPT.forward). They
-    attend causally among themselves; every row attends to their keys/values as a prefix.
-    shared_mask: their (1, 1, shared, shared) causal keep-mask."""
-    index: torch.Tensor
-    B: int
-    T: int
-    shared: int = 0
-    shared_mask: "torch.Tensor | None" = None
-
-    def pad(self, x):
-        """(shared + N, ...) -> the rows' tokens (B, T, ...), zeros at the padding."""
-        x, rest = x[self.shared:], x.shape[1:]
-        # index_put, not index_copy: autograd keeps only the index for its backward, not x too
-        return x.new_zeros(self.B * self.T, *rest).index_put((self.index,), x).view(self.B, self.T, *rest)
-
-    def unpad(self, x):
-        """(B, T, ...) -> (N, ...)."""
-        if fast.ENABLED:
-            return fast.TakeRows.apply(x.flatten(0, 1), self.index)
-        return x.flatten(0, 1)[self.index]
-
-
-@dataclass
 class LayerPrefix:
     """Extra keys/values for one attention layer, supplied by a prompt method.
 
@@ -174,7 +141,7 @@ def attend(q, k, v, mask, prefix, scale=None):
     plus the layer's prefix: a LayerPrefix, a list of them (mixed-prompt batches: at most
     one joined, any number gated), or None. `mask` is a bool (B, 1, T, S) keep-mask or an
     additive float bias; grouped-query heads are expanded inside SDPA."""
-    prefixes = _as_list(prefix)
+    prefixes = prefix_list(prefix)
     gqa = q.size(1) != k.size(1)
     for p in prefixes:
         if p.gate is None:
@@ -198,7 +165,7 @@ def _sdpa(q, k, v, mask, scale, gqa):
     return y
 
 
-def _as_list(prefix) -> list:
+def prefix_list(prefix) -> list:
     """A layer's prefix argument (None, one LayerPrefix, or a list of them) as a list."""
     return [] if prefix is None else prefix if isinstance(prefix, list) else [prefix]
 
@@ -235,8 +202,8 @@ class SelfAttention(nn.Module):
 
     fusable_projections = ("q_proj", "k_proj", "v_proj")
 
-    def forward(self, x, mask, rope=None, cache_pos=None, prefix=None, unpadded: "Unpadded | None" = None):
-        """x: (B, T, C), or (shared + N, C) packed tokens with `unpadded` saying where they belong."""
+    def forward(self, x, mask, rope=None, cache_pos=None, prefix=None, unpadded=None):
+        """x: (B, T, C); or packed tokens (shared + N, C) that `unpadded` (a fast.Unpadded) places."""
         lead = x.shape[:-1]
         q, k, v = project(self, x, self.fusable_projections)
         q = q.view(*lead, self.n_head, self.head_dim)                                # (B, T, nh, hs)
@@ -244,23 +211,10 @@ class SelfAttention(nn.Module):
         v = v.view(*lead, self.n_kv_head, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        shared_y = None
-        if unpadded is not None and unpadded.shared:
-            # the shared tokens attend among themselves, and are every row's prefix
-            P, B = unpadded.shared, unpadded.B
-            # copies, so that what attention saves for backward does not hold all of q, k, v
-            sq, sk, sv = (t[:P].transpose(0, 1)[None].contiguous() for t in (q, k, v))  # (1, heads, P, hs)
-            shared_y = attend(sq, sk, sv, unpadded.shared_mask, None)[0].transpose(0, 1)  # (P, nh, hs)
-            shared_prefix = LayerPrefix(sk.expand(B, -1, -1, -1), sv.expand(B, -1, -1, -1))
-            prefix = [shared_prefix] + _as_list(prefix)
         if unpadded is not None:
-            q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
+            return self.o_proj(unpadded.attention(q, k, v, mask, prefix).flatten(-2))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)            # (B, heads, T, hs)
         if cache_pos is not None:
             k, v = self.cache.update(cache_pos, k, v)                                 # (B, nkv, S, hs)
         y = attend(q, k, v, mask, prefix).transpose(1, 2)                             # (B, T, nh, hs)
-        if unpadded is not None:
-            y = unpadded.unpad(y)                                                     # (N, nh, hs)
-            if shared_y is not None:
-                y = torch.cat([shared_y, y])
         return self.o_proj(y.flatten(-2))

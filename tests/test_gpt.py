@@ -69,7 +69,7 @@ def test_loss_matches_transformers(pair):
 
 def test_padding_is_left_out_of_all_but_attention(pair):
     """A left-padded batch runs its norms, projections and MLPs on the real tokens only
-    (layers.Unpadded); loss and input gradients still match transformers on the padded batch."""
+    (fast.Unpadded); loss and input gradients still match transformers on the padded batch."""
     hf, model = pair
     ids, mask = batch()
     real = mask.bool()

@@ -120,7 +120,7 @@ def test_few_row_linear_equals_f_linear(lead, out_features, monkeypatch):
 def test_unpadded_pad_keeps_only_the_index_for_backward():
     """Padding the packed tokens back to (B, T) puts them where `index` says, zeros
     elsewhere, and the gradient flows back to them; backward keeps the index, not x."""
-    from minipt.layers import Unpadded
+    from minipt.fast import Unpadded
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool)
     x = rand(5, 4, dtype=torch.float32, seed=15)
     unpadded = Unpadded(mask.flatten().nonzero().squeeze(1), 2, 3)
@@ -136,7 +136,7 @@ def test_unpadded_pad_keeps_only_the_index_for_backward():
 def test_unpad_backward_stores_the_gradient_rows_back():
     """Unpadded.unpad's backward (a plain store, for an index without repeats) gives the
     gradient autograd gives x[index]: the rows' gradients in place, zeros at the padding."""
-    from minipt.layers import Unpadded
+    from minipt.fast import Unpadded
     mask = torch.tensor([[0, 1, 1], [1, 0, 1]], dtype=torch.bool)
     unpadded = Unpadded(mask.flatten().nonzero().squeeze(1), 2, 3)
     x = rand(2, 3, 4, dtype=torch.float32, seed=16).requires_grad_(True)
