@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from .cli import ArgumentParser
 from .prompts import PromptConfig, PromptedModel, build_method, save
 from .prompts.files import check_base, check_fingerprint, checkpoint_fingerprint, read_prompt
-from .prompts.base import REGISTRY, method_class
+from .prompts.base import FROM_PEFT, REGISTRY, method_class
 from .prompts.prefix import PrefixTable, PrefixTuning
 
 PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "LORA")
@@ -257,12 +257,12 @@ def _prompt_from_peft(d: Path, config: dict, tensors: dict, model) -> tuple:
             if config.get(key) != ours:
                 raise ValueError(f"{d / CONFIG_FILE}: {key} {config.get(key)!r}, this base needs {ours}")
         expected = (P, model.n_layer * 2 * kv)
-        method = "prefix_tuning" if config.get("prefix_projection") else "p_tuning_v2"
+        method = FROM_PEFT["PREFIX_TUNING" + (" with projection" if config.get("prefix_projection") else "")]
         cfg = PromptConfig(method=method, num_virtual_tokens=P, prefix_projection=False, init="random")
         state = {"sites.self.table": emb}
     else:  # prompt tuning, or P-tuning's computed prompt: a soft prompt either way
         expected = (P, model.n_embd)
-        cfg, state = (PromptConfig(method="prompt_tuning", num_virtual_tokens=P, init="random"),
+        cfg, state = (PromptConfig(method=FROM_PEFT["PROMPT_TUNING"], num_virtual_tokens=P, init="random"),
                       {"prompt": emb})
     if tuple(emb.shape) != expected:
         raise ValueError(f"{d / WEIGHTS_FILE}: prompt_embeddings has shape {tuple(emb.shape)}, "
@@ -299,7 +299,7 @@ def _lora_from_peft(d: Path, config: dict, tensors: dict, family: str) -> tuple:
     if config.get("use_rslora"):  # scale alpha / sqrt(r); ours is alpha / r
         alpha *= math.sqrt(r)
     targets = sorted({k.rsplit(".", 2)[1] for k in state})
-    cfg = PromptConfig(method="lora", lora_r=r, lora_alpha=alpha,
+    cfg = PromptConfig(method=FROM_PEFT["LORA"], lora_r=r, lora_alpha=alpha,
                        lora_dropout=float(config.get("lora_dropout", 0.0)), lora_targets=targets)
     return cfg, state
 
@@ -325,7 +325,8 @@ def read_google_npy(npy_path, model_config) -> tuple:
     if array.ndim != 2 or array.shape[1] != d_model or array.shape[0] == 0 or array.dtype.kind != "f":
         raise ValueError(f"{path}: soft prompt of shape {array.shape} ({array.dtype}), "
                          f"expected (num_virtual_tokens, {d_model}) floats")
-    cfg = PromptConfig(method="prompt_tuning", num_virtual_tokens=array.shape[0], init="random")
+    # a soft prompt, as peft's prompt tuning stores one
+    cfg = PromptConfig(method=FROM_PEFT["PROMPT_TUNING"], num_virtual_tokens=array.shape[0], init="random")
     return cfg, {"prompt": torch.from_numpy(array.astype(np.float32))}
 
 

@@ -30,6 +30,12 @@ REGISTRY = {
 }
 METHODS = tuple(REGISTRY)
 
+# peft's adapter types read back (interop's import): the method whose saved state each one
+# holds. P-tuning's computed prompt is a soft prompt; a prefix comes as its table, the MLP's
+# output, named after the method that trains it (prefix tuning with the MLP, v2 without).
+FROM_PEFT = {"PROMPT_TUNING": "prompt_tuning", "P_TUNING": "prompt_tuning", "LORA": "lora",
+             "PREFIX_TUNING": "p_tuning_v2", "PREFIX_TUNING with projection": "prefix_tuning"}
+
 
 def method_class(name: str) -> type:
     entry = REGISTRY[name]
