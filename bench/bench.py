@@ -1,7 +1,8 @@
-"""minipt against transformers + peft on the same SmolLM2-135M-Instruct weights, in one run.
+"""minipt against transformers + peft on the same weights, in one run.
 
-Both sides read the same GGUF: minipt through its converted checkpoint
-`weights/smollm2-135m-instruct/`, transformers through `from_pretrained(..., gguf_file=...)`.
+Both sides read the same GGUF, SmolLM2-135M-Instruct unless `--base` names another of
+weights.BASES (qwen2.5): minipt through its converted checkpoint in `weights/`, transformers
+through `from_pretrained(..., gguf_file=...)`.
 Sections (`--only`, comma-separated; default train,generate):
 
   train     one training step (forward + backward + AdamW step + zero_grad) on the sentiment
@@ -66,18 +67,18 @@ from minipt.checkpoint import load_base  # noqa: E402
 from minipt.train_config import TrainConfig, parse_train_config  # noqa: E402
 from minipt.data import Batches, collate, encode_text  # noqa: E402
 from minipt.evaluation import rank_classify  # noqa: E402
-from minipt.fetch import fetch  # noqa: E402
 from minipt.generation import compile_decoding, pad_batch  # noqa: E402
 from minipt.packed import pack_for_decoding  # noqa: E402
 from minipt.prompts import PromptConfig, attach  # noqa: E402
 from minipt.tasks import load_task  # noqa: E402
 from minipt.training import lr_at, make_optimizer  # noqa: E402
-from weights.smollm2 import main as convert_smollm2  # noqa: E402
+from weights import BASES, base_checkpoint, base_gguf  # noqa: E402
 
 SECTIONS = ("train", "generate", "scaling", "accuracy")
 METHODS = {"prompt_tuning": "soft prompt", "p_tuning_v2": "prefix (v2)", "lora": "LoRA"}
 TRAIN_CONFIGS = [("minipt", "bfloat16"), ("minipt-compiled", "bfloat16"), ("peft", "float32"),
                  ("peft", "bfloat16")]
+BASE = "smollm2"          # --base: which of weights.BASES both sides load
 N_VIRTUAL = 20
 LORA_R, LORA_ALPHA, LORA_TARGETS = 8, 16.0, ["q_proj", "v_proj"]
 DEFAULTS = TrainConfig()               # train.py's defaults: the recipe both sides follow
@@ -89,6 +90,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="train,generate", help=f"sections, from {','.join(SECTIONS)}")
     ap.add_argument("--json", type=Path, default=None, help="also write every number here")
+    ap.add_argument("--base", choices=list(BASES), default=BASE, help="the base both sides load")
     # train
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -247,7 +249,7 @@ def peft_config(method: str):
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
     if method == "prompt_tuning":
         # peft's own text init, through the GGUF's tokenizer (same ids as minipt's)
-        gguf = fetch("smollm2-gguf")
+        gguf = base_gguf(BASE)
         return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=N_VIRTUAL,
                                   prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=INIT_TEXT,
                                   tokenizer_name_or_path=str(gguf.parent),
@@ -261,12 +263,12 @@ def peft_config(method: str):
 
 def load_tokenizer_only():
     from minipt.tokenizer import load_tokenizer
-    return load_tokenizer(convert_smollm2())
+    return load_tokenizer(base_checkpoint(BASE))
 
 
 def build_minipt(method: str, dtype):
     """(PromptedModel in train mode, trainable params in fp32, tokenizer), as train.py builds them."""
-    base, tok = load_base(convert_smollm2(), dtype=dtype)
+    base, tok = load_base(base_checkpoint(BASE), dtype=dtype)
     model = attach(base, prompt_config(method), tok)
     params = model.trainable_parameters()
     for p in params:
@@ -278,7 +280,7 @@ def build_peft(method: str, dtype):
     """(peft model in train mode, its trainable params as peft makes them)."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
-    gguf = fetch("smollm2-gguf")
+    gguf = base_gguf(BASE)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     model = get_peft_model(hf, peft_config(method))
     return model.train(), [p for p in model.parameters() if p.requires_grad]
@@ -303,7 +305,7 @@ def peft_loss(model, batch, n_virtual: int):
 def build_side(side: str, method: str, dtype):
     """(loss_fn(batch), trainable params, base config, minipt tokenizer) for one configuration.
     Both sides batch the data with minipt's tokenizer, so both hold one: minipt its own."""
-    cfg_dir = convert_smollm2()
+    cfg_dir = base_checkpoint(BASE)
     if side.startswith("minipt"):
         model, params, tok = build_minipt(method, dtype)
         if side == "minipt-compiled":
@@ -477,7 +479,8 @@ def accuracy_worker(args) -> dict:
 def run_worker(args, kind: str, side: str, method: str = "prompt_tuning", dtype: str = "bfloat16") -> dict:
     """One configuration in a fresh Python process; its last stdout line is the JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--side", side,
-           "--method", method, "--dtype", dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--base", args.base, "--method", method, "--dtype", dtype, "--steps", str(args.steps),
+           "--warmup", str(args.warmup),
            "--scaling-lengths", args.scaling_lengths, "--scaling-batches", args.scaling_batches,
            "--scaling-batch", str(args.scaling_batch), "--scaling-len", str(args.scaling_len),
            "--scaling-steps", str(args.scaling_steps), "--accuracy-steps", str(args.accuracy_steps),
@@ -581,13 +584,13 @@ def generate_section(args, dtype_name: str) -> dict:
     from transformers import AutoModelForCausalLM
     name, *modes = dtype_name.split("+")
     dtype = getattr(torch, name)
-    base, tok = load_base(convert_smollm2(), dtype=dtype)
+    base, tok = load_base(base_checkpoint(BASE), dtype=dtype)
     if "packed" in modes:
         pack_for_decoding(base)
     ours = attach(base, prompt_config("prompt_tuning"), tok).eval()
     if "compiled" in modes:
         compile_decoding(ours)
-    gguf = fetch("smollm2-gguf")
+    gguf = base_gguf(BASE)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     theirs = get_peft_model(hf, peft_config("prompt_tuning")).eval()
     table = theirs.prompt_encoder["default"].embedding.weight
@@ -714,7 +717,9 @@ def accuracy_section(args) -> dict:
 
 
 def main(argv=None):
+    global BASE
     args = parse_args(argv)
+    BASE = args.base
     if args.worker:
         work = {"train": train_worker, "scaling": scaling_worker, "accuracy": accuracy_worker}[args.worker]
         print(json.dumps(work(args)), flush=True)

@@ -1,8 +1,8 @@
 """Greedy decoding speed: minipt `generate` against transformers `model.generate`.
 
-Both sides load SmolLM2-135M-Instruct from the same GGUF (minipt through its converted
-checkpoint `weights/smollm2-135m-instruct/`) and produce exactly `--new-tokens` tokens
-per row, with EOS switched off on both, so they do the same work. Measured cases:
+Both sides load the same GGUF (SmolLM2-135M-Instruct unless `--base` names another of
+weights.BASES; minipt through its converted checkpoint in `weights/`) and produce exactly
+`--new-tokens` tokens per row, with EOS switched off on both, so they do the same work. Measured cases:
 
 - batch 1, one prompt;
 - batch 8, prompts of different lengths, left padded.
@@ -40,10 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from minipt.checkpoint import load_base  # noqa: E402
 from minipt.generation import compile_decoding, generate, pad_batch, stepwise_logits  # noqa: E402
-from minipt.fetch import fetch  # noqa: E402
 from minipt.packed import pack_for_decoding  # noqa: E402
-from weights.smollm2 import main as convert_smollm2  # noqa: E402
+from weights import BASES, base_checkpoint, base_gguf  # noqa: E402
 
+BASE = "smollm2"          # --base: which of weights.BASES both sides load
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 BATCH_PROMPTS = [  # lengths 2 to ~30 tokens, so left padding really happens
     "Hello",
@@ -67,14 +67,15 @@ def parse_args(argv=None):
                     help="minipt decodes with the checkpoint's 4-bit codes (minipt.packed; fp32 activations)")
     ap.add_argument("--compile", action="store_true",
                     help="minipt's one-token step is torch.compile'd (minipt.generation.compile_decoding)")
+    ap.add_argument("--base", choices=list(BASES), default=BASE, help="the base both sides load")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     return ap.parse_args(argv)
 
 
 def load_models(dtype):
     from transformers import AutoModelForCausalLM
-    ours, tok = load_base(convert_smollm2(), dtype=dtype)
-    gguf = fetch("smollm2-gguf")
+    ours, tok = load_base(base_checkpoint(BASE), dtype=dtype)
+    gguf = base_gguf(BASE)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype).eval()
     return ours, hf, tok
 
@@ -158,7 +159,7 @@ def pack_and_measure_fidelity(model, tok, new_tokens=96, compile=False):
     seqs = [p + out for p, out in
             zip(prompts, generate(model, prompts, new_tokens, eos_id=None, pad_id=tok.pad_id))]
     fp32 = next_token_logprobs(model, seqs)
-    bf16 = next_token_logprobs(load_base(convert_smollm2(), dtype=torch.bfloat16)[0], seqs)
+    bf16 = next_token_logprobs(load_base(base_checkpoint(BASE), dtype=torch.bfloat16)[0], seqs)
     n_packed = pack_for_decoding(model)
     measured = {"bf16": bf16, "packed": next_token_logprobs(model, seqs)}
     if compile:
@@ -180,7 +181,9 @@ def pack_and_measure_fidelity(model, tok, new_tokens=96, compile=False):
 
 
 def main(argv=None):
+    global BASE
     args = parse_args(argv)
+    BASE = args.base
     dtype = getattr(torch, args.dtype)
     if args.packed and args.dtype != "float32":
         raise SystemExit("--packed: decoding from 4-bit codes keeps the model in float32; drop --dtype")

@@ -3,6 +3,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
+# The real bases: name -> (the fetch asset of its GGUF, the folder of its minipt checkpoint)
+BASES = {"smollm2": ("smollm2-gguf", "smollm2-135m-instruct"),
+         "qwen2.5": ("qwen2.5-coder-0.5b-gguf", "qwen2.5-coder-0.5b-instruct")}
+
 
 def fetch_and_convert(asset: str, name: str) -> Path:
     """weights/NAME/, converted from the fetched ASSET once; later calls find it ready."""
@@ -15,3 +19,14 @@ def fetch_and_convert(asset: str, name: str) -> Path:
     convert(fetch(asset), out)
     print(f"converted to {out}")
     return out
+
+
+def base_checkpoint(name: str) -> Path:
+    """weights/<folder>/ of a base in BASES, fetched and converted on first use."""
+    return fetch_and_convert(*BASES[name])
+
+
+def base_gguf(name: str) -> Path:
+    """The GGUF a base in BASES is converted from (what transformers reads in the benchmarks)."""
+    from minipt.fetch import fetch
+    return fetch(BASES[name][0])

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from weights import fetch_and_convert  # noqa: E402
+from weights import base_checkpoint  # noqa: E402
 
 
 def main():
-    return fetch_and_convert("smollm2-gguf", "smollm2-135m-instruct")
+    return base_checkpoint("smollm2")
 
 
 if __name__ == "__main__":
