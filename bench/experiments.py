@@ -322,7 +322,7 @@ def table(header, rows) -> str:
 def markdown(report: dict) -> str:
     size = report["size"]
     training = ", ".join(f"{t} {size['steps'][t]} steps of {size['batch_size'][t]}" for t in TASKS)
-    parts = ["# Experiments on SmolLM2-135M-Instruct\n",
+    parts = [f"# Experiments on {Path(report['base']).name}\n",
              f"Made by `{report['command']}` at commit `{report['commit']}`"
              f"{' (with uncommitted changes)' if report['dirty'] else ''}, "
              f"in {report['wall_seconds'] / 60:.0f} min "

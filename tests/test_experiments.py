@@ -112,3 +112,23 @@ def test_rerun_resumes_from_finished_runs(quick_run, capsys):
     n = int(out.split(" training runs")[0].split()[-1])
     assert f"{n} training runs" in out and f"{n} already done" in out
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing trained again
+
+
+def test_scale_report_from_the_runs_done(quick_run, monkeypatch, tmp_path):
+    """bench/scale.py reads each base's runs as experiments.py left them: per task and method
+    the mean over the seeds done, zero-shot from the runs, the base's size from its header."""
+    import scale
+    root, _ = quick_run
+    monkeypatch.setattr(scale, "work_dir", lambda base: root / "work")
+    monkeypatch.setattr(scale, "checkpoint_dir", lambda base: root / "base")
+    report = json.loads((root / "results" / "results.json").read_text())
+    rows = scale.collect(["smollm2"], METHODS)
+    by_key = {(r["task"], r["method"]): r for r in rows}
+    assert set(by_key) == {(t, m) for t in experiments.TASKS for m in ["zero_shot"] + METHODS}
+    for r in report["methods"]:
+        assert by_key[r["task"], r["method"]]["accuracy"] == pytest.approx(r["accuracy"])
+    assert {r["parameters"] for r in rows} == {report["base_parameters"]}
+    text = scale.markdown(dict(command="c", commit="x", dirty=False, machine="m", rows=rows))
+    for r in report["methods"]:
+        assert experiments.pct(r["accuracy"]) in text
+    assert scale.plot(rows, tmp_path / "scale.png") and (tmp_path / "scale.png").stat().st_size > 0
