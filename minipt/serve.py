@@ -59,6 +59,7 @@ COMPLETION_MAX_TOKENS = 16       # OpenAI's default for /v1/completions
 CHAT_MAX_TOKENS = 1024           # chat has no default in OpenAI's API (until the turn ends); cap it
 MAX_BODY = 8 << 20               # bytes of request JSON
 ROLES = ("system", "user", "assistant", "developer")
+CLIENT_CHECK = 0.2               # seconds between checks that a waiting client is still connected
 
 
 # ==== errors =================================================================================
@@ -469,16 +470,19 @@ class Handler(BaseHTTPRequestHandler):
     def _events(self, rows):
         """The request's events (its rows share one queue) until every row is done or failed.
         While none come (queued, or a long prefill), it checks that the client is still there."""
-        events, left = rows[0].events, len(rows)
+        events, left, check = rows[0].events, len(rows), time.monotonic() + CLIENT_CHECK
         while left:
             try:
-                ev = events.get(timeout=0.2)
+                ev = events.get(timeout=CLIENT_CHECK)
             except queue.Empty:
+                ev = None
+            if time.monotonic() >= check:  # a reply sent at the end writes nothing till then
                 if self._client_gone():
                     raise ConnectionAbortedError("the client closed the connection")
-                continue
-            left -= ev[0] != "delta"
-            yield ev
+                check = time.monotonic() + CLIENT_CHECK
+            if ev is not None:
+                left -= ev[0] != "delta"
+                yield ev
 
     def _client_gone(self) -> bool:
         """The socket reads as closed (a client waits in silence; one that sends is still there)."""
