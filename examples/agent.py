@@ -98,7 +98,8 @@ def main(argv=None):
         threading.Thread(target=server.serve_forever, daemon=True).start()
         args.url = server.url + "/v1"
     try:
-        state = build(args.url, args.classifier, args.replier, args.max_tokens).invoke({"review": args.review})
+        graph = build(args.url, args.classifier, args.replier, args.max_tokens)
+        state = graph.invoke({"review": args.review})
     finally:
         if server is not None:
             server.shutdown()

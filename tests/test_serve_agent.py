@@ -55,7 +55,7 @@ def test_langgraph_agent_routes_each_step_to_its_prompt(base_dir, prompt_dir, or
 
 def test_the_example_runs_as_a_script(base_dir, prompt_dir, capsys):
     """As the README runs it: no --url, so it starts its own server."""
-    state = load_example().main(["--base", str(base_dir), "--prompts", str(prompt_dir), "--classifier", "ptune",
-                                 "--replier", "soft", "--max-tokens", "5"])
+    state = load_example().main(["--base", str(base_dir), "--prompts", str(prompt_dir),
+                                 "--classifier", "ptune", "--replier", "soft", "--max-tokens", "5"])
     assert set(state) == {"review", "label", "route", "reply", "summary"}
     assert "summary:" in capsys.readouterr().out

@@ -193,7 +193,8 @@ def test_a_request_arriving_mid_batch_starts_before_the_batch_ends(base_dir, pro
         long = Stream(host, LONG)
         while len(long.times) < 20:
             time.sleep(0.001)
-        short = Stream(host, {"model": "prefix", "prompt": TEXTS[1], "max_tokens": 5, "temperature": 0}).wait()
+        short = Stream(host, {"model": "prefix", "prompt": TEXTS[1], "max_tokens": 5,
+                              "temperature": 0}).wait()
         long.wait()
     assert short.text == oracle("prefix", TEXTS[1], 5)[0]
     assert long.text == oracle_ignoring_eos(base_dir, prompt_dir, "soft", "x", 600)
@@ -228,7 +229,8 @@ def test_a_full_queue_answers_503_and_spares_the_running_rows(base_dir, prompt_d
             t.join(120)
         long.wait()
         stats = get(host, "/stats")
-    assert status == 503 and body["error"]["code"] == "overloaded" and "queue is full" in body["error"]["message"]
+    assert status == 503 and body["error"]["code"] == "overloaded"
+    assert "queue is full" in body["error"]["message"]
     assert int(headers["Retry-After"]) >= 1 and refused_in < 5
     assert long.text == oracle_ignoring_eos(base_dir, prompt_dir, "soft", "x", 600)
     for model, text in waiting:
