@@ -316,8 +316,8 @@ class Timeline:
     """The running batch and its KV cache, laid out as the module docstring draws it."""
     HEADROOM = 64                 # spare columns at least, when the cache is laid out anew
 
-    def __init__(self, bank):
-        self.bank, self.base = bank, bank.base
+    def __init__(self, bank, max_slots: int):
+        self.bank, self.base, self.max_slots = bank, bank.base, max_slots
         self.device = self.base.embed.weight.device
         self.reset()
 
@@ -352,7 +352,7 @@ class Timeline:
 
     def _fit(self, lengths) -> None:
         """Make room for rows of these lengths and for the next column. Keeps the cache as it
-        is when that fits (and at most half the slots are free, and the masked columns before
+        is when that fits (and under half the slots are free, and the masked columns before
         the oldest run are no more than its length); else copies the live runs into a new one."""
         live = [i for i, s in enumerate(self.slots) if s is not None]
         need = len(live) + len(lengths)
@@ -365,13 +365,14 @@ class Timeline:
                 and max(lengths, default=0) <= self.clock < width and lo <= max(span, self.HEADROOM)):
             return
         clock = max([span, *lengths])
-        caches = _new_caches(self.base, need, clock + max(self.HEADROOM, clock // 4))
+        n_slots = max(need, min(self.max_slots, 3 * need // 2))  # spare slots: the next rows join in place
+        caches = _new_caches(self.base, n_slots, clock + max(self.HEADROOM, clock // 4))
         if live:
             idx = torch.tensor(live, device=self.device)
             for new, old in zip(caches, self.caches):
                 new.k[:len(live), :, clock - span:clock] = old.k[idx, :, lo:self.clock]
                 new.v[:len(live), :, clock - span:clock] = old.v[idx, :, lo:self.clock]
-        slots = [self.slots[i] for i in live] + [None] * len(lengths)
+        slots = [self.slots[i] for i in live] + [None] * (n_slots - len(live))
         for s in slots[:len(live)]:
             s.start += clock - self.clock
         self.slots, self.caches, self.clock, self.stale = slots, caches, clock, True
@@ -411,7 +412,7 @@ class ContinuousScheduler:
         self.waiting: "collections.deque" = collections.deque()   # guarded by cv
         self.closing = False
         self.joining: "list[Joining]" = []                         # the scheduler thread's own
-        self.batch = Timeline(app.bank)
+        self.batch = Timeline(app.bank, max_batch)
         self.stats = Stats()
         self.thread = threading.Thread(target=self._loop, name="minipt-scheduler", daemon=True)
         self.thread.start()

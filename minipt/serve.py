@@ -165,10 +165,10 @@ def parse_request(body, chat: bool, app: "App") -> list["Row"]:
              else COMPLETION_MAX_TOKENS if not chat else min(CHAT_MAX_TOKENS, limit, room))
         try:
             check_context(extra, len(ids), max(n, 1), context)
-        except SettingError as e:
+        except SettingError:
             raise APIError(f"this model's context is {context} tokens: the prompt takes {len(ids)}, "
                            f"the virtual tokens of {model!r} {extra}, which leaves {max(room, 0)} "
-                           f"to generate, not {n} ({e})", param=key, code="context_length_exceeded") from None
+                           f"to generate, not {n}", param=key, code="context_length_exceeded") from None
         rows.append(Row(index=index, ids=ids, spec=spec, extra=extra, max_tokens=n, temperature=temperature,
                         top_p=top_p, top_k=top_k, seed=seed, stop=stop,
                         eos=set() if ignore_eos else app.stop_ids(chat), request=request, decode=app.decode))
