@@ -68,22 +68,31 @@ TEXTS = [
     "Its rivers carry more water than any other river system.\nQuestion: Which country holds most of it?\n"
     "Answer:",
 ]
-MAX_TOKENS = [(8, 4), (16, 3), (32, 2), (96, 1), (256, 1)]   # (max_tokens, weight): mean ~48, max 256
+MAX_TOKENS = [(8, 4), (16, 3), (32, 2), (64, 1), (128, 1)]   # (max_tokens, weight): mean ~30, max 128
 MODELS = ["soft", "v2", "adapter", "base", "soft+adapter"]
 MODES = {"single": "one at a time", "static": "static", "continuous": "continuous"}
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rates", default="0.5,1,2,4", help="arrival rates, requests/s, comma-separated")
-    ap.add_argument("--requests", type=int, default=48, help="requests per rate")
+    ap.add_argument("--rates", default="0.5,1,2", help="arrival rates, requests/s, comma-separated")
+    ap.add_argument("--requests", type=int, default=24, help="requests per rate")
     ap.add_argument("--modes", default="single,static,continuous")
     ap.add_argument("--single-rates", type=int, default=1,
                     help="one at a time runs at the first N rates only (it is saturated at the lowest)")
     ap.add_argument("--jobs", type=int, default=24, help="distinct (model, text, max_tokens) in the pool")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--prefill-chunk", type=int, default=256)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="bfloat16 is faster on CPUs with bf16 matmul, but a batch rounds differently "
+                         "from a row alone, and greedy near-ties flip")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -225,8 +234,9 @@ def main(argv=None):
                       flush=True)
         app.close()
 
-    offered = {rate: rate * sum(n for _, _, n in jobs) / len(jobs) for rate in rates}
-    print(f"\nSmolLM2-135M-Instruct, {args.dtype}, {args.device}, torch threads {torch.get_num_threads()}, "
+    offered = {rate: rate * sum(n for _, _, n in jobs) / len(jobs) for rate in rates}   # the pool's mean
+    print(f"\nSmolLM2-135M-Instruct, {args.dtype}, {args.device} ({cpu_name()}), "
+          f"torch threads {torch.get_num_threads()}, "
           f"max batch {args.max_batch}: {args.requests} requests a rate over {', '.join(MODELS)}, Poisson "
           f"arrivals, max_tokens mix {MAX_TOKENS}, greedy")
     print("| rate (req/s) | offered tok/s | scheduler | tokens/s | first token p50 / p99 (s) "
