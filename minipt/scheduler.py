@@ -20,10 +20,11 @@ columns that ends at the clock, the columns before its run masked like left padd
 
 Positions are each row's own (its prefix's offset plus the columns of its run), so where a
 run sits changes nothing: a row computes what it computes in a batch of its own, as in any
-padded batch. The price of one clock is attention over masked columns: when the oldest run
-starts past the middle, or a row needs more columns, the live runs are copied into a fresh
-cache (rarely: the cache keeps a quarter of headroom). Paged attention (vLLM) avoids both
-copies with a kernel of its own; this is plain PyTorch over the model's own forward.
+padded batch. The price of one clock is attention over masked columns, and copies: when the
+masked columns before the oldest run outnumber its own, or the cache runs out of columns or
+slots, the live runs are copied into a new cache (rarely: it keeps a quarter of headroom
+and spare slots). Paged attention (vLLM) avoids both with a kernel of its own; this is
+plain PyTorch over the model's own forward.
 """
 import collections
 import contextlib

@@ -294,3 +294,45 @@ def test_bad_settings_get_a_400_naming_the_field(base_dir, prompt_dir):
         status, _, body = request(host, {"model": "soft", "prompt": "x", "max_tokens": 50, "top_k": 3,
                                          "temperature": 0.5, "seed": 1})
         assert status == 200 and body["usage"]["completion_tokens"] <= 50
+
+
+def test_a_client_gone_while_queued_never_runs(base_dir, prompt_dir):
+    """One slot, taken by a long row; a plain request queues behind it and its client
+    leaves: the row is dropped when its turn comes, without a token."""
+    with serving(base_dir, prompt_dir, max_batch=1) as host:
+        long = Stream(host, LONG)
+        while not long.times:
+            time.sleep(0.001)
+        conn = http.client.HTTPConnection(host, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({**LONG, "max_tokens": 300}),
+                     {"Content-Type": "application/json"})
+        while get(host, "/stats")["queued_rows"] == 0:
+            time.sleep(0.001)
+        conn.close()
+        long.wait()
+        for _ in range(200):
+            stats = get(host, "/stats")
+            if stats["cancelled_rows"]:
+                break
+            time.sleep(0.01)
+    assert stats["cancelled_rows"] == 1 and stats["generated_tokens"] == 600, json.dumps(stats)
+
+
+def test_a_failing_step_fails_its_rows_and_the_server_goes_on(base_dir, prompt_dir, monkeypatch):
+    """A decoding step that raises: the rows in flight get a 500, the next request its answer."""
+    calls = []
+    step = scheduler_module.Timeline.step
+
+    def broken(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected")
+        return step(self)
+    monkeypatch.setattr(scheduler_module.Timeline, "step", broken)
+    ask = {"model": "soft", "prompt": "hi", "max_tokens": 10, "ignore_eos": True}
+    with serving(base_dir, prompt_dir) as host:
+        status, _, body = request(host, ask)
+        assert status == 500 and "injected" in body["error"]["message"]
+        status, _, body = request(host, ask)
+        assert status == 200 and body["usage"]["completion_tokens"] == 10
+        assert get(host, "/health") == {"status": "ok"}
