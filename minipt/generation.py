@@ -29,16 +29,38 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def check_sampling(max_new_tokens: int, temperature=0.0, top_k=None, top_p=None) -> None:
-    """Decoding settings in their ranges, or a one-line ValueError naming the one that is not."""
+MAX_STOP = 4          # stop strings per request, OpenAI's bound
+
+
+class SettingError(ValueError):
+    """A decoding setting out of its range; `field` names it (the server's 400 says which)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def check_sampling(max_new_tokens: int, temperature=0.0, top_k=None, top_p=None, stop=None) -> None:
+    """Decoding settings in their ranges, or a one-line SettingError (a ValueError) naming the
+    one that is not. The one check of generate.py, `generate`, `decode_steps` and the server."""
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
+        raise SettingError("max_new_tokens", f"max_new_tokens={max_new_tokens}: must be at least 1")
     if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature={temperature}: must be a finite number >= 0 (0: greedy)")
+        raise SettingError("temperature",
+                           f"temperature={temperature}: must be a finite number >= 0 (0: greedy)")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k}: must be at least 1")
+        raise SettingError("top_k", f"top_k={top_k}: must be at least 1")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p}: must be in (0, 1]")
+        raise SettingError("top_p", f"top_p={top_p}: must be in (0, 1]")
+    if stop is not None and (len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop)):
+        raise SettingError("stop", f"stop: at most {MAX_STOP} non-empty strings")
+
+
+def check_context(extra: int, prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    """The prompt method's positions, the prompt and the new tokens within the context."""
+    if extra + prompt_tokens + max_new_tokens > context:
+        raise SettingError("max_new_tokens", f"{extra} virtual + {prompt_tokens} prompt + {max_new_tokens} "
+                           f"new tokens exceed the context of {context}")
 
 
 def pad_batch(rows: list[list[int]], pad_id: int, left: bool = True):
@@ -114,10 +136,10 @@ def stepwise_logits(model, ids: list[int]):
 
 
 def _check_context(model, T: int, max_new_tokens: int):
-    extra = model.extra_positions  # a prompt method's virtual tokens / prefix
-    if extra + T + max_new_tokens > model.config.max_seq_len:
-        raise ValueError(f"generate: {extra} virtual + {T} prompt + {max_new_tokens} new tokens exceed the "
-                         f"context of {model.config.max_seq_len}")
+    try:  # extra_positions: a prompt method's virtual tokens / prefix
+        check_context(model.extra_positions, T, max_new_tokens, model.config.max_seq_len)
+    except SettingError as e:
+        raise SettingError(e.field, f"generate: {e}") from None
 
 
 def _decoder_loop(model, prompts, steps, pad_id, device):
@@ -287,9 +309,13 @@ def decode_steps(model, prompts: list[list[int]], max_new_tokens, *, temperature
                       "extra_positions")
     eos = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     for i, (p, n, extra) in enumerate(zip(prompts, max_new, extras)):
-        if n < 0 or extra + len(p) + n > model.config.max_seq_len:
-            raise ValueError(f"decode_steps: row {i}: {extra} virtual + {len(p)} prompt + {n} new tokens "
-                             f"do not fit the context of {model.config.max_seq_len}")
+        try:
+            check_sampling(max(n, 1), temps[i] or 0.0, top_ks[i], top_ps[i])  # 0 new tokens: an empty row
+            check_context(extra, len(p), n, model.config.max_seq_len)
+        except SettingError as e:
+            raise SettingError(e.field, f"decode_steps: row {i}: {e}") from None
+        if n < 0:
+            raise SettingError("max_new_tokens", f"decode_steps: row {i}: max_new_tokens={n}: must be >= 0")
     steps = max(max_new)
     if steps == 0:
         return

@@ -13,15 +13,21 @@ once); "a+b" serves prompts a and b composed (see minipt/prompts/mixed.py). Only
 that leave the base weights alone can share a batch (not LoRA or full fine-tuning).
 
 Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST
-/v1/chat/completions (with "stream": true as server-sent events), GET /stats (batch sizes
-so far, to see the batching at work), GET /health. Parameters: max_tokens (completions default 16, chat
-default: until the end of the turn, at most 1024 or what the context has left),
-temperature, top_p, stop, seed, n=1, stream_options.include_usage, and vLLM's ignore_eos.
+/v1/chat/completions (with "stream": true as server-sent events), GET /stats (queued and
+running rows, tokens/s, latency percentiles, rows per step), GET /health. Parameters:
+max_tokens (completions default 16, chat default: until the end of the turn, at most 1024 or
+what the context has left), temperature, top_p, stop, seed, n=1,
+stream_options.include_usage, and vLLM's ignore_eos and top_k.
+
+Under load: a bounded queue (a full one answers 503 with Retry-After), a limit on max_tokens
+and on prompt plus answer against the context (400), and a request whose client has gone is
+dropped from the queue or the batch.
 
 Three parts, top to bottom: the request parser (JSON -> rows to decode, or a 4xx error),
-the scheduler (one thread that collects queued rows for a few ms and decodes them as one
-mixed-prompt batch), the HTTP handler (one thread per connection, which only waits on its
-rows' event queues, so a slow or vanished client never holds up the decode loop).
+the rows (tokens in, text deltas out), the application and the HTTP handler (one thread per
+connection, which only waits on its rows' event queues, so a slow or vanished client never
+holds up decoding). The scheduler, one thread that owns the model, is minipt/scheduler.py:
+continuous batching by default, static batching with --scheduler static.
 Standard library only for the HTTP side (http.server).
 """
 import collections
@@ -29,6 +35,8 @@ import json
 import logging
 import math
 import queue
+import select
+import socket
 import threading
 import time
 import uuid
@@ -39,9 +47,10 @@ import torch
 
 from .checkpoint import check_checkpoint, load_base
 from .cli import ArgumentParser
-from .generation import decode_steps
+from .generation import SettingError, check_context, check_sampling
 from .packed import pack_for_decoding
 from .prompts.mixed import PromptBank
+from .scheduler import ContinuousScheduler, Overloaded, StaticScheduler
 
 log = logging.getLogger("minipt.serve")
 
@@ -50,6 +59,7 @@ COMPLETION_MAX_TOKENS = 16       # OpenAI's default for /v1/completions
 CHAT_MAX_TOKENS = 1024           # chat has no default in OpenAI's API (until the turn ends); cap it
 MAX_BODY = 8 << 20               # bytes of request JSON
 ROLES = ("system", "user", "assistant", "developer")
+CLIENT_CHECK = 0.2               # seconds between checks that a waiting client is still connected
 
 
 # ==== errors =================================================================================
@@ -103,24 +113,28 @@ def parse_request(body, chat: bool, app: "App") -> list["Row"]:
     if _field(body, "best_of", (int,), 1) != 1:
         raise APIError("only best_of=1 is supported", param="best_of")
     temperature = float(_field(body, "temperature", (int, float), 1.0))
-    if not 0 <= temperature <= 2:
+    if temperature > 2:  # OpenAI's range; the lower bound is generation.check_sampling's
         raise APIError("'temperature' must be between 0 and 2", param="temperature")
     top_p = float(_field(body, "top_p", (int, float), 1.0))
-    if not 0 < top_p <= 1:
-        raise APIError("'top_p' must be in (0, 1]", param="top_p")
+    top_k = _field(body, "top_k", (int,))            # vLLM's extension; -1 (or absent): off
+    top_k = None if top_k in (None, -1) else top_k
     seed = _field(body, "seed", (int,))
     stop = _field(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
-    if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise APIError("'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
     stream = _field(body, "stream", (bool,), False)
     options = _field(body, "stream_options", (dict,), {})
     include_usage = stream and bool(options.get("include_usage"))
     ignore_eos = _field(body, "ignore_eos", (bool,), False)
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _field(body, key, (int,))
-    if max_tokens is not None and max_tokens < 1:
-        raise APIError(f"'{key}' must be at least 1, got {max_tokens}", param=key)
+    limit = app.max_tokens_limit
+    if max_tokens is not None and max_tokens > limit:
+        raise APIError(f"'{key}' is {max_tokens}, over this server's limit of {limit}", param=key)
+    try:  # the settings' ranges, checked where generate.py and the library check them
+        check_sampling(1 if max_tokens is None else max_tokens, temperature, top_k, top_p, stop)
+    except SettingError as e:
+        param = key if e.field == "max_new_tokens" else e.field
+        raise APIError(str(e).replace("max_new_tokens", key), param=param) from None
 
     tok = app.tokenizer
     if chat:
@@ -148,14 +162,16 @@ def parse_request(body, chat: bool, app: "App") -> list["Row"]:
     for index, ids in enumerate(prompts):
         room = context - extra - len(ids)
         n = (max_tokens if max_tokens is not None
-             else COMPLETION_MAX_TOKENS if not chat else min(CHAT_MAX_TOKENS, room))
-        if n > room or room < 1:
+             else COMPLETION_MAX_TOKENS if not chat else min(CHAT_MAX_TOKENS, limit, room))
+        try:
+            check_context(extra, len(ids), max(n, 1), context)
+        except SettingError:
             raise APIError(f"this model's context is {context} tokens: the prompt takes {len(ids)}, "
                            f"the virtual tokens of {model!r} {extra}, which leaves {max(room, 0)} "
-                           f"to generate, not {n}", param=key, code="context_length_exceeded")
+                           f"to generate, not {n}", param=key, code="context_length_exceeded") from None
         rows.append(Row(index=index, ids=ids, spec=spec, extra=extra, max_tokens=n, temperature=temperature,
-                        top_p=top_p, seed=seed, stop=stop, eos=set() if ignore_eos else app.stop_ids(chat),
-                        request=request, decode=app.decode))
+                        top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                        eos=set() if ignore_eos else app.stop_ids(chat), request=request, decode=app.decode))
     return rows
 
 
@@ -169,10 +185,11 @@ class Row:
     (EOS, stop string, max_tokens), so rows of one batch can each end differently.
     `cancelled` is set by the HTTP side once nobody reads the events any more."""
 
-    def __init__(self, *, index, ids, spec, extra, max_tokens, temperature, top_p, seed, stop, eos, request,
-                 decode):
+    def __init__(self, *, index, ids, spec, extra, max_tokens, temperature, top_p, top_k, seed, stop, eos,
+                 request, decode):
         self.index, self.ids, self.spec, self.extra, self.decode = index, ids, spec, extra, decode
-        self.max_tokens, self.temperature, self.top_p, self.seed = max_tokens, temperature, top_p, seed
+        self.max_tokens, self.temperature, self.top_p, self.top_k = max_tokens, temperature, top_p, top_k
+        self.seed = seed
         self.stop, self.eos = stop, eos
         self.request = request
         self.events: "queue.Queue[tuple]" = request["events"]
@@ -182,9 +199,12 @@ class Row:
         self.sent = 0             # characters of text already sent as deltas
         self.n_tokens = 0
         self.finished = False
+        self.t_arrived, self.t_first = time.monotonic(), None   # for the latency figures of /stats
 
     def feed(self, token: int) -> None:
         """One new token (the scheduler stops feeding once `finished`)."""
+        if self.t_first is None:
+            self.t_first = time.monotonic()
         if token in self.eos:
             return self.finish("stop")
         self.n_tokens += 1
@@ -219,113 +239,23 @@ class Row:
         self._send(len(self.text))
         self.events.put(("done", self.index, reason, len(self.ids), self.n_tokens))
 
-    def fail(self, error: APIError) -> None:
+    def fail(self, message: str, status=500, type="server_error", code=None) -> None:
         self.finished = True
-        self.events.put(("error", self.index, error))
-
-
-# ==== the scheduler ==========================================================================
-
-class Scheduler:
-    """One thread that owns the model: it takes the first queued row, waits `window` seconds
-    (or until max_batch rows are queued) for more, and decodes them all in one batch, each
-    row with its own prompt, max_tokens and sampling settings. Rows arriving meanwhile wait
-    for the next batch. Only this thread touches the KV cache."""
-
-    def __init__(self, app: "App", max_batch: int = 16, window: float = 0.005):
-        self.app, self.max_batch, self.window = app, max_batch, window
-        self.queue: "queue.Queue[Row | None]" = queue.Queue()
-        self.batch_sizes = collections.Counter()   # batch size -> batches decoded (see GET /stats)
-        self.tokens = 0
-        self.cancelled_rows = 0
-        self.thread = threading.Thread(target=self._loop, name="minipt-scheduler", daemon=True)
-        self.thread.start()
-
-    def submit(self, rows) -> None:
-        for r in rows:
-            self.queue.put(r)
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-
-    def _collect(self) -> "list[Row] | None":
-        first = self.queue.get()
-        if first is None:
-            return None
-        rows = [first]
-        deadline = time.monotonic() + self.window
-        while len(rows) < self.max_batch:
-            try:
-                r = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if r is None:                 # closing: finish this batch first
-                self.queue.put(None)
-                break
-            rows.append(r)
-        return rows
-
-    def _loop(self) -> None:
-        while (rows := self._collect()) is not None:
-            self.cancelled_rows += sum(r.cancelled.is_set() for r in rows)  # gone while queued
-            rows = [r for r in rows if not r.cancelled.is_set()]
-            try:
-                self._decode(rows)
-            except Exception as e:  # never let one bad batch stop the server
-                log.exception("batch of %d failed", len(rows))
-                for r in rows:
-                    if not r.finished:
-                        r.fail(APIError(f"generation failed: {e}", 500, "server_error"))
-
-    def _decode(self, rows) -> None:
-        app = self.app
-        with app.lock:  # a prompt file may have gone since the request was parsed
-            ok = []
-            for r in rows:
-                try:
-                    app.bank.resolve(r.spec)
-                    ok.append(r)
-                except KeyError:
-                    r.fail(APIError(f"model {r.request['model']!r} was removed", 404, code="model_not_found"))
-            rows = ok
-            if not rows:
-                return
-            # the batch layout (each row's virtual tokens and prefixes) is computed here, once:
-            # removing a prompt from the bank later does not touch a batch in flight
-            model = app.bank.for_rows([r.spec for r in rows])
-        self.batch_sizes[len(rows)] += 1
-        steps = decode_steps(model, [r.ids for r in rows], [r.max_tokens for r in rows],
-                             temperature=[r.temperature for r in rows], top_p=[r.top_p for r in rows],
-                             seed=[r.seed for r in rows], extra_positions=[r.extra for r in rows],
-                             pad_id=app.pad_id)  # no eos_id: each Row knows its own (chat, ignore_eos)
-        try:
-            for tokens in steps:
-                for r, t in zip(rows, tokens):
-                    if r.finished:
-                        continue
-                    if r.cancelled.is_set():
-                        r.finished = True
-                        self.cancelled_rows += 1
-                    else:
-                        self.tokens += 1
-                        r.feed(t)
-                if all(r.finished for r in rows):
-                    break
-        finally:
-            steps.close()
-        for r in rows:
-            if not r.finished:
-                r.finish("length")
+        self.events.put(("error", self.index, APIError(message, status, type, code=code)))
 
 
 # ==== the application: base, prompt folder, hot-plugging =====================================
 
 class App:
-    """The base model, its tokenizer and the PromptBank of the prompt folder's files."""
+    """The base model, its tokenizer, the PromptBank of the prompt folder's files and the
+    scheduler. scheduler: "continuous" or "static" (minipt/scheduler.py); max_queue: rows
+    that may wait before requests get a 503; prefill_chunk: prompt tokens prefilled between
+    two decoding steps (continuous); window: how long a static batch waits for rows;
+    max_tokens_limit: the most tokens one row may ask for (default: the context)."""
 
     def __init__(self, base_dir, prompt_dir, dtype=torch.float32, device="cpu", max_batch=16, window=0.005,
-                 packed=False):
+                 packed=False, scheduler="continuous", max_queue=256, prefill_chunk=256,
+                 max_tokens_limit=None):
         self.base, self.tokenizer = load_base(base_dir, dtype=dtype, device=device)
         if self.base.config.model_type != "gpt":
             raise ValueError(f"{base_dir}: serving needs a decoder-only model")
@@ -341,8 +271,14 @@ class App:
         self.pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id or 0
         self.decode = lambda ids: tok.decode(ids, skip_special=True)
         self.created = int(time.time())
+        self.max_tokens_limit = max_tokens_limit or self.model_config.max_seq_len
         self.scan()
-        self.scheduler = Scheduler(self, max_batch, window)
+        if scheduler == "static":
+            self.scheduler = StaticScheduler(self, max_batch, window, max_queue)
+        elif scheduler == "continuous":
+            self.scheduler = ContinuousScheduler(self, max_batch, max_queue, prefill_chunk)
+        else:
+            raise ValueError(f"scheduler={scheduler!r}: 'continuous' or 'static'")
 
     def scan(self) -> None:
         """Bring the bank in line with the folder: load new or changed files, drop removed
@@ -430,11 +366,10 @@ class App:
         return ids
 
     def stats(self) -> dict:
+        """GET /stats. batch_sizes: rows per decoding step (continuous) or per batch (static)."""
         s = self.scheduler
-        return {"batches": sum(s.batch_sizes.values()),
-                "batch_sizes": {str(k): v for k, v in sorted(s.batch_sizes.items())},
-                "generated_tokens": s.tokens, "cancelled_rows": s.cancelled_rows,
-                "queued_rows": s.queue.qsize()}
+        return {"scheduler": s.name, "queued_rows": s.queued(), "running_rows": s.running_rows,
+                "max_batch": s.max_batch, "max_queue": s.max_queue, **s.stats.snapshot()}
 
     def close(self) -> None:
         self.scheduler.close()
@@ -455,16 +390,18 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---- replies
 
-    def _json(self, status: int, obj) -> None:
+    def _json(self, status: int, obj, headers=None) -> None:
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, e: APIError) -> None:
-        self._json(e.status, e.body())
+    def _error(self, e: APIError, headers=None) -> None:
+        self._json(e.status, e.body(), headers)
 
     def do_GET(self):
         path = self.path.split("?")[0].rstrip("/")
@@ -478,8 +415,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(200, self._model(name))
             if path == "/stats":
                 return self._json(200, self.app.stats())
-            if path == "/health":
-                return self._json(200, {"status": "ok"})
+            if path == "/health":  # the scheduler thread is what can die
+                alive = self.app.scheduler.thread.is_alive()
+                return self._json(200 if alive else 503, {"status": "ok" if alive else "scheduler stopped"})
             raise APIError(f"no route GET {path}", 404, "not_found_error")
         except APIError as e:
             self._error(e)
@@ -503,7 +441,11 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # a bug here must not cost the client its answer
             log.exception("request failed")
             return self._error(APIError(f"internal error: {e}", 500, "server_error"))
-        self.app.scheduler.submit(rows)
+        try:
+            self.app.scheduler.submit(rows)
+        except Overloaded as e:
+            return self._error(APIError(str(e), 503, "server_error", code="overloaded"),
+                               {"Retry-After": str(e.retry_after)})
         try:
             (self._stream if rows[0].request["stream"] else self._reply)(rows)
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
@@ -525,14 +467,30 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---- completions: one reply at the end, or a stream of chunks
 
-    @staticmethod
-    def _events(rows):
-        """The request's events (its rows share one queue) until every row is done or failed."""
-        events, left = rows[0].events, len(rows)
+    def _events(self, rows):
+        """The request's events (its rows share one queue) until every row is done or failed.
+        While none come (queued, or a long prefill), it checks that the client is still there."""
+        events, left, check = rows[0].events, len(rows), time.monotonic() + CLIENT_CHECK
         while left:
-            ev = events.get()
-            left -= ev[0] != "delta"
-            yield ev
+            try:
+                ev = events.get(timeout=CLIENT_CHECK)
+            except queue.Empty:
+                ev = None
+            if time.monotonic() >= check:  # a reply sent at the end writes nothing till then
+                if self._client_gone():
+                    raise ConnectionAbortedError("the client closed the connection")
+                check = time.monotonic() + CLIENT_CHECK
+            if ev is not None:
+                left -= ev[0] != "delta"
+                yield ev
+
+    def _client_gone(self) -> bool:
+        """The socket reads as closed (a client waits in silence; one that sends is still there)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     @staticmethod
     def _head(req, kind: str) -> dict:
@@ -632,9 +590,11 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(base_dir, prompt_dir, host="127.0.0.1", port=8000, dtype=torch.float32, device="cpu",
-                max_batch=16, window=0.005, packed=False) -> Server:
-    """The server, bound and ready for serve_forever() (port 0 picks a free port; see .url)."""
-    return Server((host, port), App(base_dir, prompt_dir, dtype, device, max_batch, window, packed))
+                max_batch=16, window=0.005, packed=False, **options) -> Server:
+    """The server, bound and ready for serve_forever() (port 0 picks a free port; see .url).
+    options: App's scheduler, max_queue, prefill_chunk, max_tokens_limit."""
+    app = App(base_dir, prompt_dir, dtype, device, max_batch, window, packed, **options)
+    return Server((host, port), app)
 
 
 def parse_args(argv=None):
@@ -651,8 +611,17 @@ def parse_args(argv=None):
                          "(minipt.packed)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-batch", type=int, default=16, help="most rows decoded in one batch")
+    ap.add_argument("--scheduler", choices=["continuous", "static"], default="continuous",
+                    help="continuous: rows join and leave the batch at every step; static: a batch "
+                         "runs until its longest row ends")
+    ap.add_argument("--max-queue", type=int, default=256,
+                    help="rows that may wait for a place; past that, requests get 503 and Retry-After")
+    ap.add_argument("--prefill-chunk", type=int, default=256,
+                    help="continuous: prompt tokens prefilled between two decoding steps")
+    ap.add_argument("--max-tokens-limit", type=int, default=None,
+                    help="the most new tokens one row may ask for (default: what the context allows)")
     ap.add_argument("--batch-window-ms", type=float, default=5.0,
-                    help="how long the first queued request waits for others to join its batch")
+                    help="static: how long the first queued request waits for others to join its batch")
     return ap.parse_args(argv)
 
 
@@ -664,8 +633,10 @@ def check_args(args) -> None:
         raise ValueError("--packed decodes on the CPU from float32 weights (drop --dtype/--device)")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: must be in 0..65535 (0: any free port)")
-    if args.max_batch < 1:
-        raise ValueError(f"--max-batch {args.max_batch}: must be at least 1")
+    for name in ("max_batch", "max_queue", "prefill_chunk", "max_tokens_limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least 1")
     if not (math.isfinite(args.batch_window_ms) and args.batch_window_ms >= 0):
         raise ValueError(f"--batch-window-ms {args.batch_window_ms}: must be a finite number >= 0")
     check_checkpoint(args.base)
@@ -678,7 +649,9 @@ def main(argv=None):
     try:
         check_args(args)
         server = make_server(args.base, args.prompts, args.host, args.port, getattr(torch, dtype),
-                             args.device, args.max_batch, args.batch_window_ms / 1000, args.packed)
+                             args.device, args.max_batch, args.batch_window_ms / 1000, args.packed,
+                             scheduler=args.scheduler, max_queue=args.max_queue,
+                             prefill_chunk=args.prefill_chunk, max_tokens_limit=args.max_tokens_limit)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     log.info("serving %s on %s/v1", ", ".join(server.app.model_ids()), server.url)

@@ -124,6 +124,9 @@ def test_every_shell_command_runs(tmp_path, monkeypatch):
         if "minipt.evaluation" in argv or "--init_from=out/sentiment/prompt.safetensors" in argv:
             for name in ("seed0", "seed1"):
                 shutil.copy(tmp_path / "out/sentiment/prompt.safetensors", tmp_path / f"{name}.safetensors")
+        if argv[1].endswith("examples/agent.py"):  # after the server's command: out/prompts is there
+            prompts = tmp_path / "out/prompts"
+            shutil.copy(prompts / "sentiment.safetensors", prompts / "style.safetensors")
         if "minipt.serve" in argv:
             (tmp_path / "out/prompts").mkdir(parents=True, exist_ok=True)
             shutil.copy(tmp_path / "out/sentiment/prompt.safetensors",
@@ -154,7 +157,7 @@ def test_every_shell_command_runs(tmp_path, monkeypatch):
         ran.append(command)
     scripts = {c.split()[1] if c.split()[1] != "-m" else c.split()[2] for c in ran}
     assert scripts == {"train.py", "generate.py", "minipt.serve", "minipt.evaluation", "minipt.inspect",
-                       "minipt.interop"}, scripts
+                       "minipt.interop", "examples/agent.py"}, scripts
     assert (tmp_path / "out/peft-sentiment/adapter_config.json").exists()
 
     # the PromptBank example, on the prompts trained above

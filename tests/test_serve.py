@@ -92,6 +92,18 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
+def static_server(base_dir, prompt_dir):
+    """The same, with the static scheduler (--scheduler static)."""
+    server = make_server(base_dir, prompt_dir, port=0, max_batch=16, window=0.005, scheduler="static")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.fixture(scope="module")
 def oracle(base_dir, prompt_dir):
     """(model name, text or token ids, max_tokens, chat) -> (text, finish_reason, tokens),
     from `generate` on a fresh base with the prompt file loaded alone."""
@@ -261,9 +273,11 @@ def test_streamed_chunks_concatenate_to_the_reply(client, server):
 
 # ---- batching ------------------------------------------------------------------------------
 
-def test_concurrent_requests_are_decoded_in_one_batch(client, server, oracle):
-    """Five requests for different prompts (one a composition, one sampled) sent together:
-    one batch of five rows, and each gets what it gets alone."""
+def test_concurrent_requests_are_decoded_in_one_batch(static_server, oracle):
+    """Static batching: five requests for different prompts (one a composition, one sampled)
+    sent together: one batch of five rows, and each gets what it gets alone."""
+    server = static_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
     jobs = [("base", TEXTS[0], 6, 0.0), ("soft", TEXTS[1], 9, 0.0), ("ptune", TEXTS[2], 4, 0.0),
             ("prefix", TEXTS[3], 11, 0.0), ("soft+ptune", TEXTS[4], 7, 0.9)]
     ask = lambda m, t, n, temp: client.completions.create(model=m, prompt=t, max_tokens=n, temperature=temp,

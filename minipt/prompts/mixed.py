@@ -114,9 +114,10 @@ class PromptBank(nn.Module):
         self.pieces.pop(name)
 
     def resolve(self, spec) -> "Pieces | None":
-        """A row's prompt: None / "" (no prompt), "name" or "a+b+..." (composed)."""
-        if not spec:
-            return None
+        """A row's prompt: None / "" (no prompt), "name" or "a+b+..." (composed), or Pieces
+        already resolved (a server's running row keeps its prompt if the file goes)."""
+        if not spec or isinstance(spec, Pieces):
+            return spec or None
         parts = []
         for name in spec.split("+"):
             if name not in self.pieces:
