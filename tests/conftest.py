@@ -35,11 +35,11 @@ def tiny_hf_model(kind: str, vocab_size: int = 120):
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
     elif kind == "gemma3":  # a local layer with a 4-token window, then a global one; q/k norms
-        rope = lambda base: {"rope_type": "default", "rope_theta": base}
+        ropes = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
         cfg = tf.Gemma3TextConfig(**common, num_key_value_heads=2, head_dim=16, sliding_window=4,
                                   layer_types=["sliding_attention", "full_attention"],
-                                  query_pre_attn_scalar=24, max_position_embeddings=128,
-                                  rope_parameters={"full_attention": rope(1e6), "sliding_attention": rope(1e4)})
+                                  query_pre_attn_scalar=24, max_position_embeddings=128, rope_parameters=ropes)
         model = tf.Gemma3ForCausalLM(cfg)
         with torch.no_grad():  # HF starts Gemma's norm weights at zero (x * (1 + 0)); make them matter
             for name, p in model.named_parameters():
