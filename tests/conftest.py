@@ -38,8 +38,8 @@ def tiny_hf_model(kind: str, vocab_size: int = 120):
         ropes = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                  "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
         cfg = tf.Gemma3TextConfig(**common, num_key_value_heads=2, head_dim=16, sliding_window=4,
-                                  layer_types=["sliding_attention", "full_attention"],
-                                  query_pre_attn_scalar=24, max_position_embeddings=128, rope_parameters=ropes)
+                                  layer_types=["sliding_attention", "full_attention"], rope_parameters=ropes,
+                                  query_pre_attn_scalar=24, max_position_embeddings=128)
         model = tf.Gemma3ForCausalLM(cfg)
         with torch.no_grad():  # HF starts Gemma's norm weights at zero (x * (1 + 0)); make them matter
             for name, p in model.named_parameters():
