@@ -92,17 +92,14 @@ class GeGLU(SwiGLU):
 class ScaledEmbedding(nn.Embedding):
     """Token embeddings times sqrt(dim) (Gemma), the factor rounded to the weight's dtype as
     the reference does. Only token ids are scaled: vectors given as embeddings (soft prompts)
-    are taken to be in the scaled space already, so the table a prompt reads is `scaled_weight`."""
+    are taken to be in the scaled space already (see prompts.soft_prompt.embedding_scale); the
+    tied LM head reads the unscaled weight."""
 
     def forward(self, idx):
         return super().forward(idx) * self.scale()
 
     def scale(self):
         return torch.tensor(self.embedding_dim ** 0.5, dtype=self.weight.dtype, device=self.weight.device)
-
-    @property
-    def scaled_weight(self):
-        return self.weight * self.scale()
 
 
 def rope_cos_sin(positions, head_dim: int, base: float, dtype):

@@ -294,3 +294,14 @@ def test_window_matters(tiny, one_thread):
     with torch.no_grad():
         a, b = ours(ids)[0], wide(ids)[0]
     assert torch.equal(a[:, :4], b[:, :4]) and (a[:, 4:] - b[:, 4:]).abs().max() > 1e-2
+
+
+def test_layer_pattern_and_what_is_refused():
+    from minipt.convert import ConversionError, _global_every, gpt_config_from_hf
+    assert _global_every(6, "f") == 6
+    assert _global_every([True] * 5 + [False] + [True] * 5 + [False], "f") == 6
+    with pytest.raises(ConversionError, match="is not 'every Nth layer global'"):
+        _global_every([True, False, False, True], "f")
+    hf = dict(tiny_hf_model("gemma3").config.to_dict(), final_logit_softcapping=30.0)
+    with pytest.raises(ConversionError, match="final_logit_softcapping is not supported"):
+        gpt_config_from_hf(hf)
