@@ -56,14 +56,17 @@ def encode_text(tok, text: str) -> list[int]:
     return tok.encode(text)
 
 
-def encode_prompt(tok, text: str) -> list[int]:
-    """Token ids of the text a sequence starts with: after BOS when the tokenizer says a sequence
-    begins with one (add_bos: Gemma, whose outputs go astray without it), unless the text
-    writes it already (a chat template does)."""
-    ids = encode_text(tok, text)
+def with_bos(tok, ids: list[int]) -> list[int]:
+    """BOS, then ids, when the tokenizer says a sequence begins with one (add_bos: Gemma, whose
+    outputs go astray without it), unless ids start with it already (a chat template writes it)."""
     if getattr(tok, "add_bos", False) and tok.bos_id is not None and ids[:1] != [tok.bos_id]:
-        ids = [tok.bos_id] + ids
+        return [tok.bos_id] + ids
     return ids
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    """Token ids of the text a sequence starts with (see with_bos)."""
+    return with_bos(tok, encode_text(tok, text))
 
 
 def encode_example(tok, template: str, row: dict, max_len: int, is_t5: bool, eos: bool = False) -> dict:
