@@ -411,11 +411,11 @@ def convert_hf(src: Path, out: Path) -> None:
 
 
 def _hf_tokenizer(src: Path):
-    from .tokenizer import BPETokenizer, SentencePieceTokenizer
+    from .tokenizer import BPETokenizer, SentencePieceTokenizer, load_tokenizer
     if (src / "spiece.model").exists():
         return SentencePieceTokenizer(src / "spiece.model")
-    if (src / "tokenizer.json").exists():
-        return BPETokenizer.from_hf_json(src / "tokenizer.json")
+    if (src / "tokenizer.json").exists():  # byte-level BPE, or byte-fallback BPE (Gemma)
+        return load_tokenizer(src / "tokenizer.json")
     if (src / "vocab.json").exists() and (src / "merges.txt").exists():
         return BPETokenizer.from_gpt2_files(src / "vocab.json", src / "merges.txt")
     raise ConversionError(f"{src}: no tokenizer (spiece.model, tokenizer.json or vocab.json + merges.txt)")

@@ -1,4 +1,5 @@
-"""Tokenizers: byte-level BPE written out here, and sentencepiece for T5.
+"""Tokenizers: byte-level BPE and Gemma's sentencepiece-style BPE written out here, and
+sentencepiece for T5.
 
 `BPETokenizer` is the GPT-2 scheme (Radford et al. 2019, *Language Models are
 Unsupervised Multitask Learners*, section 2.2): text is split into words by a regex,
@@ -8,6 +9,9 @@ glue adjacent symbols together, lowest merge rank first. It reads GPT-2's
 `tokenizer.ggml.*` metadata of a GGUF file (SmolLM2, Qwen2), and writes an HF-compatible
 `tokenizer.json`, so a minipt checkpoint directory also loads in `transformers`. Qwen2
 splits words with its own regex and NFC-normalises the text first.
+
+`SentencePieceBPE` is sentencepiece's BPE over a scored vocabulary with byte fallback, read
+from a GGUF's `tokenizer.ggml.*` (Gemma 3) or the HF `tokenizer.json` it writes.
 
 `SentencePieceTokenizer` wraps the `sentencepiece` library for T5 and adds T5's
 100 sentinel tokens `<extra_id_N>` and its end-of-sequence token.
@@ -604,12 +608,24 @@ class SentencePieceBPE:
         model = data.get("model") or {}
         config = _read_json(path.with_name("tokenizer_config.json")) if path.with_name(
             "tokenizer_config.json").exists() else {}
+        spaces = {"type": "Replace", "pattern": {"String": " "}, "content": _SPACE_MARK}
+        if model.get("type") != "BPE" or data.get("normalizer") != spaces:
+            raise ValueError(f"{path}: not Gemma's kind of tokenizer (BPE with spaces written as "
+                             f"'{_SPACE_MARK}' and nothing else normalised)")
         added = data.get("added_tokens", [])
         vocab = model["vocab"]
         merges = None
         if config.get("merge_order") != "vocabulary":  # written by someone else: their merge list
             merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        token_id = lambda key: vocab.get(config[key]) if config.get(key) is not None else None
+        if "chat_template" not in config and path.with_name("chat_template.jinja").exists():
+            config["chat_template"] = path.with_name("chat_template.jinja").read_text(encoding="utf-8")
+
+        def token_id(key):
+            token = config.get(key)
+            if isinstance(token, dict):  # older configs store an AddedToken dict
+                token = token.get("content")
+            return vocab.get(token) if token is not None else None
+
         return cls(vocab, {t["content"]: t["id"] for t in added if t.get("special")},
                    {t["content"]: t["id"] for t in added if not t.get("special")}, merges,
                    bos_id=token_id("bos_token"), eos_id=token_id("eos_token"), pad_id=token_id("pad_token"),
