@@ -18,6 +18,7 @@ import torch
 from minipt.checkpoint import check_checkpoint, load_base
 from minipt.cli import ArgumentParser
 from minipt.config import T5Config
+from minipt.data import encode_prompt
 from minipt.evaluation import rank_classify
 from minipt.generation import check_sampling, compile_decoding, generate
 from minipt.packed import pack_for_decoding
@@ -133,7 +134,8 @@ def main(argv=None):
     texts = args.text
     if args.chat:
         texts = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
-    prompts = [tok.encode(t) for t in texts]
+    is_t5 = isinstance(model.config, T5Config)
+    prompts = [tok.encode(t) if is_t5 else encode_prompt(tok, t) for t in texts]  # T5 keeps its EOS
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
     t0 = time.perf_counter()
     try:  # bad settings (--lookup with sampling, a context overflow) are generate's ValueErrors

@@ -11,7 +11,8 @@ from pathlib import Path
 @dataclass
 class GPTConfig:
     """Decoder-only transformer. The defaults are GPT-2 small; Llama-family models
-    (SmolLM2, TinyLlama, Qwen2) switch norm, MLP, positions and biases."""
+    (SmolLM2, TinyLlama, Qwen2) switch norm, MLP, positions and biases; Gemma 3 also
+    the embedding scale, q/k norms, post-norms and local sliding-window layers."""
     vocab_size: int = 50257
     n_layer: int = 12
     n_head: int = 12
@@ -22,13 +23,21 @@ class GPTConfig:
     max_seq_len: int = 1024      # context length (size of GPT-2's position table)
     norm: str = "layernorm"      # "layernorm" (GPT-2) | "rmsnorm" (Llama)
     norm_eps: float = 1e-5
-    mlp: str = "gelu"            # "gelu" (GPT-2, tanh approximation) | "swiglu" (Llama)
+    mlp: str = "gelu"            # "gelu" (GPT-2, tanh approximation) | "swiglu" (Llama) | "geglu" (Gemma)
     pos: str = "learned"         # "learned" absolute positions | "rope"
     rope_base: float = 10000.0
     qkv_bias: bool = True        # GPT-2 and Qwen2 have biases on q, k, v
     proj_bias: bool = True       # GPT-2 also has them on the output and MLP projections
     tie_embeddings: bool = True  # LM head shares the token embedding matrix
-    source: str = "gpt2"         # the checkpoint family it came from: gpt2 | llama | qwen2
+    # Gemma 3 (all off for the others)
+    embed_scale: bool = False    # token embeddings times sqrt(n_embd), in the embedding's dtype
+    qk_norm: bool = False        # RMSNorm over each head of q and k, before RoPE
+    post_norms: bool = False     # also norm the attention and MLP outputs before the residual add
+    query_pre_attn_scalar: float = 0.0  # softmax scale 1/sqrt(this); 0 means 1/sqrt(head_dim)
+    sliding_window: int = 0      # > 0: local layers see only the last this many tokens
+    global_every: int = 1        # with a window, every Nth layer (N-1, 2N-1, ...) is global
+    rope_local_base: float = 10000.0  # the local layers' RoPE base (rope_base is the global one)
+    source: str = "gpt2"         # the checkpoint family it came from: gpt2 | llama | qwen2 | gemma3
     model_type: str = "gpt"
 
 

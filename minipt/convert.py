@@ -1,5 +1,5 @@
-"""Checkpoint converters: a Hugging Face model directory (gpt2, llama, qwen2, t5) or a
-GGUF file of architecture llama or qwen2 -> a minipt checkpoint directory.
+"""Checkpoint converters: a Hugging Face model directory (gpt2, llama, qwen2, gemma3_text, t5)
+or a GGUF file of architecture llama, qwen2 or gemma3 -> a minipt checkpoint directory.
 
     python -m minipt.convert SRC OUT
 
@@ -9,6 +9,7 @@ files. Weight names are translated by declarative key maps: minipt key -> source
 every minipt key must be found with the expected shape, or the conversion stops with a
 one-line error naming the key, and nothing is left at OUT.
 """
+import dataclasses
 import json
 import re
 import shutil
@@ -35,13 +36,16 @@ class ConversionError(ValueError):
 class Src:
     """Where a minipt tensor comes from: a source key, optionally transposed (GPT-2 stores
     its linear layers as Conv1D, (in, out)) and/or one of `parts` equal chunks along dim 0
-    (GPT-2 fuses q, k, v into one c_attn)."""
+    (GPT-2 fuses q, k, v into one c_attn), plus `offset` (Gemma's HF norms store weight - 1)."""
     key: str
     transpose: bool = False
     part: int = 0
     parts: int = 1
+    offset: float = 0.0
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
+        if self.offset:
+            t = t + self.offset
         if self.transpose:
             t = t.t()
         if self.parts > 1:
@@ -87,6 +91,25 @@ LLAMA_KEYS = {
 }
 LLAMA_DROPPED = ["model.layers.{i}.self_attn.rotary_emb.inv_freq"]  # recomputed, not learned
 
+# Gemma 3: HF's norms compute x * (1 + weight); minipt's RMSNorm multiplies by its weight, so
+# the 1 is added here, once. HF's post_attention_layernorm is the attention output's norm
+# (in Llama the name is the MLP's input norm).
+_GEMMA_NORM = lambda key: Src(key, offset=1.0)
+GEMMA3_KEYS = {
+    "embed.weight": "model.embed_tokens.weight",
+    "layers.{i}.attn_norm.weight": _GEMMA_NORM("model.layers.{i}.input_layernorm.weight"),
+    **{f"layers.{{i}}.attn.{p}_proj.weight": f"model.layers.{{i}}.self_attn.{p}_proj.weight" for p in "qkvo"},
+    "layers.{i}.attn.q_norm.weight": _GEMMA_NORM("model.layers.{i}.self_attn.q_norm.weight"),
+    "layers.{i}.attn.k_norm.weight": _GEMMA_NORM("model.layers.{i}.self_attn.k_norm.weight"),
+    "layers.{i}.post_attn_norm.weight": _GEMMA_NORM("model.layers.{i}.post_attention_layernorm.weight"),
+    "layers.{i}.mlp_norm.weight": _GEMMA_NORM("model.layers.{i}.pre_feedforward_layernorm.weight"),
+    "layers.{i}.post_mlp_norm.weight": _GEMMA_NORM("model.layers.{i}.post_feedforward_layernorm.weight"),
+    **{f"layers.{{i}}.mlp.{p}_proj.weight": f"model.layers.{{i}}.mlp.{p}_proj.weight"
+       for p in ("gate", "up", "down")},
+    "norm.weight": _GEMMA_NORM("model.norm.weight"),
+    "lm_head.weight": "lm_head.weight",
+}
+
 GGUF_KEYS = {
     "embed.weight": "token_embd.weight",
     "layers.{i}.attn_norm.weight": "blk.{i}.attn_norm.weight",
@@ -101,15 +124,23 @@ GGUF_KEYS = {
     "layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
     "norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
+    # gemma3 (llama.cpp stores its norms with the +1 already in)
+    "layers.{i}.attn.q_norm.weight": "blk.{i}.attn_q_norm.weight",
+    "layers.{i}.attn.k_norm.weight": "blk.{i}.attn_k_norm.weight",
+    "layers.{i}.post_attn_norm.weight": "blk.{i}.post_attention_norm.weight",
+    "layers.{i}.post_mlp_norm.weight": "blk.{i}.post_ffw_norm.weight",
 }
 GGUF_DROPPED = []
 
 # What differs between the GGUF architectures, all else being llama's layout under the
 # metadata prefix "{arch}.": llama.cpp interleaves the rotary halves of llama's q/k rows
-# (permuted_qk) but stores qwen2's as HF does, and qwen2 has q/k/v biases.
+# (permuted_qk) but stores qwen2's and gemma3's as HF does, and qwen2 has q/k/v biases.
+# gemma: the GPTConfig fields that make Gemma 3, with the values llama.cpp assumes when the
+# file does not say (every 6th layer global, local RoPE base 1e4); the metadata keys win.
 GGUF_ARCHS = {
     "llama": {"permuted_qk": True, "qkv_bias": False},
     "qwen2": {"permuted_qk": False, "qkv_bias": True},
+    "gemma3": {"permuted_qk": False, "qkv_bias": False, "gemma": {"global_every": 6, "rope_local_base": 1e4}},
 }
 
 
@@ -235,6 +266,8 @@ def gpt_config_from_hf(hf: dict) -> GPTConfig:
                          intermediate_size=hf.get("n_inner") or 4 * n_embd,
                          max_seq_len=_hf_get(hf, "n_positions"), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                          source="gpt2")
+    if kind == "gemma3_text":
+        return _gemma3_config_from_hf(hf)
     # llama / qwen2
     if hf.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"config.json: hidden_act {hf['hidden_act']!r} not supported (silu)")
@@ -255,6 +288,38 @@ def gpt_config_from_hf(hf: dict) -> GPTConfig:
                      qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias", False)),
                      proj_bias=False, tie_embeddings=bool(hf.get("tie_word_embeddings", kind == "qwen2")),
                      source=kind)
+
+
+def _gemma3_config_from_hf(hf: dict) -> GPTConfig:
+    """Gemma 3's text config (transformers 4.5x writes rope_theta + rope_local_base_freq and
+    sliding_window_pattern, 5.x rope_parameters per layer type and layer_types)."""
+    if hf.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise ConversionError(f"config.json: hidden_activation {hf['hidden_activation']!r} not supported")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hf.get(key) is not None:
+            raise ConversionError(f"config.json: {key} is not supported")
+    params = hf.get("rope_parameters") or {}
+    full, local = params.get("full_attention", {}), params.get("sliding_attention", {})
+    for rope in (full, local, hf.get("rope_scaling") or {}):
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ConversionError("config.json: rope scaling is not supported")
+    types = hf.get("layer_types")
+    n_layer = _hf_get(hf, "num_hidden_layers")
+    every = (_global_every([t == "sliding_attention" for t in types], "config.json") if types
+             else hf.get("sliding_window_pattern", 6))
+    n_head, head_dim = _hf_get(hf, "num_attention_heads"), hf.get("head_dim", 256)
+    return GPTConfig(vocab_size=_hf_get(hf, "vocab_size"), n_layer=n_layer, n_head=n_head,
+                     n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=_hf_get(hf, "hidden_size"),
+                     head_dim=head_dim, intermediate_size=_hf_get(hf, "intermediate_size"),
+                     max_seq_len=hf.get("max_position_embeddings", 32768), norm="rmsnorm",
+                     norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="geglu", pos="rope",
+                     rope_base=float(full.get("rope_theta", hf.get("rope_theta", 1e6))),
+                     qkv_bias=bool(hf.get("attention_bias", False)), proj_bias=False,
+                     tie_embeddings=bool(hf.get("tie_word_embeddings", True)), embed_scale=True, qk_norm=True,
+                     post_norms=True, query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", head_dim)),
+                     sliding_window=_hf_get(hf, "sliding_window"), global_every=every,
+                     rope_local_base=float(local.get("rope_theta", hf.get("rope_local_base_freq", 1e4))),
+                     source="gemma3")
 
 
 def t5_config_from_hf(hf: dict) -> T5Config:
@@ -324,9 +389,10 @@ def convert_hf(src: Path, out: Path) -> None:
     except json.JSONDecodeError as e:
         raise ConversionError(f"{src / 'config.json'}:{e.lineno}: invalid JSON ({e.msg})") from None
     kind = hf.get("model_type")
-    if kind in ("gpt2", "llama", "qwen2"):
+    if kind in ("gpt2", "llama", "qwen2", "gemma3_text"):
         config = gpt_config_from_hf(hf)
-        key_map, dropped = (GPT2_KEYS, GPT2_DROPPED) if kind == "gpt2" else (LLAMA_KEYS, LLAMA_DROPPED)
+        key_map, dropped = {"gpt2": (GPT2_KEYS, GPT2_DROPPED), "gemma3_text": (GEMMA3_KEYS, [])}.get(
+            kind, (LLAMA_KEYS, LLAMA_DROPPED))
         sd = read_hf_weights(src)
         if kind == "gpt2":
             sd = _strip_prefix(sd, "transformer.")
@@ -339,17 +405,17 @@ def convert_hf(src: Path, out: Path) -> None:
         n = max(config.n_layer, config.n_decoder_layer)
     else:
         raise ConversionError(f"{src / 'config.json'}: model_type {kind!r} not supported "
-                              "(gpt2, llama, qwen2, t5)")
+                              "(gpt2, llama, qwen2, gemma3_text, t5)")
     weights = apply_key_map(sd, key_map, dropped, expected_shapes(config), n)
     _write_checkpoint(out, config, weights, lambda d: _hf_tokenizer(src).save(d))
 
 
 def _hf_tokenizer(src: Path):
-    from .tokenizer import BPETokenizer, SentencePieceTokenizer
+    from .tokenizer import BPETokenizer, SentencePieceTokenizer, load_tokenizer
     if (src / "spiece.model").exists():
         return SentencePieceTokenizer(src / "spiece.model")
-    if (src / "tokenizer.json").exists():
-        return BPETokenizer.from_hf_json(src / "tokenizer.json")
+    if (src / "tokenizer.json").exists():  # byte-level BPE, or byte-fallback BPE (Gemma)
+        return load_tokenizer(src / "tokenizer.json")
     if (src / "vocab.json").exists() and (src / "merges.txt").exists():
         return BPETokenizer.from_gpt2_files(src / "vocab.json", src / "merges.txt")
     raise ConversionError(f"{src}: no tokenizer (spiece.model, tokenizer.json or vocab.json + merges.txt)")
@@ -365,6 +431,23 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K"}
+
+
+def _global_every(pattern, where) -> int:
+    """N for 'every Nth layer global', from N or from one flag per layer (True: sliding)."""
+    if isinstance(pattern, int):
+        return pattern
+    sliding = [bool(p) for p in pattern]
+    n = sliding.index(False) + 1 if False in sliding else len(sliding) + 1
+    if sliding != [(i + 1) % n != 0 for i in range(len(sliding))]:
+        raise ConversionError(f"{where}: sliding-window layer pattern {sliding} "
+                              "is not 'every Nth layer global'")
+    return n
+
+
+def field_of(reader, name):
+    f = reader.fields.get(name)
+    return None if f is None else f.contents()
 
 
 def convert_gguf(src: Path, out: Path) -> None:
@@ -411,20 +494,29 @@ def convert_gguf(src: Path, out: Path) -> None:
         elif permuted and t.name.endswith("attn_k.weight"):
             w = _unpermute(w, n_kv_head)
         sd[t.name] = w
+    head_dim = field("attention.key_length", field("rope.dimension_count", n_embd // n_head))
     config = GPTConfig(
         vocab_size=(len(reader.fields["tokenizer.ggml.tokens"].data)
                     if "tokenizer.ggml.tokens" in reader.fields else field("vocab_size")),
-        n_layer=field("block_count"), n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
-        head_dim=field("rope.dimension_count", n_embd // n_head),
+        n_layer=field("block_count"), n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, head_dim=head_dim,
         intermediate_size=field("feed_forward_length"), max_seq_len=field("context_length", 2048),
         norm="rmsnorm", norm_eps=float(field("attention.layer_norm_rms_epsilon")), mlp="swiglu", pos="rope",
         rope_base=float(field("rope.freq_base", 10000.0)), qkv_bias=GGUF_ARCHS[arch]["qkv_bias"],
         proj_bias=False, tie_embeddings="output.weight" not in sd, source=arch)
+    gemma = GGUF_ARCHS[arch].get("gemma")
+    if gemma:
+        config = dataclasses.replace(
+            config, mlp="geglu", embed_scale=True, qk_norm=True, post_norms=True,
+            query_pre_attn_scalar=float(head_dim),  # llama.cpp's scale for all but the 27B
+            sliding_window=field("attention.sliding_window"),
+            global_every=_global_every(field("attention.sliding_window_pattern", gemma["global_every"]), src),
+            rope_local_base=float(field("rope.freq_base_swa", gemma["rope_local_base"])))
     weights = apply_key_map(sd, GGUF_KEYS, GGUF_DROPPED, expected_shapes(config), config.n_layer)
 
     def save_tokenizer(d):
-        from .tokenizer import BPETokenizer
-        BPETokenizer.from_gguf(src).save(d)
+        from .tokenizer import BPETokenizer, SentencePieceBPE
+        (SentencePieceBPE if field_of(reader, "tokenizer.ggml.model") == "llama" else BPETokenizer
+         ).from_gguf(src).save(d)
     _write_checkpoint(out, config, weights, save_tokenizer)
 
 

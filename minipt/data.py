@@ -56,6 +56,19 @@ def encode_text(tok, text: str) -> list[int]:
     return tok.encode(text)
 
 
+def with_bos(tok, ids: list[int]) -> list[int]:
+    """BOS, then ids, when the tokenizer says a sequence begins with one (add_bos: Gemma, whose
+    outputs go astray without it), unless ids start with it already (a chat template writes it)."""
+    if getattr(tok, "add_bos", False) and tok.bos_id is not None and ids[:1] != [tok.bos_id]:
+        return [tok.bos_id] + ids
+    return ids
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    """Token ids of the text a sequence starts with (see with_bos)."""
+    return with_bos(tok, encode_text(tok, text))
+
+
 def encode_example(tok, template: str, row: dict, max_len: int, is_t5: bool, eos: bool = False) -> dict:
     """One row -> lists of ids (see `collate` for the keys).
 
@@ -77,7 +90,7 @@ def encode_example(tok, template: str, row: dict, max_len: int, is_t5: bool, eos
         return {"input_ids": prompt, "targets": target}
     if max_len < 2:
         raise ValueError("encode_example: max_len must be at least 2 (one prompt and one target token)")
-    prompt, target = encode_text(tok, prompt_text), encode_text(tok, row["target"])
+    prompt, target = encode_prompt(tok, prompt_text), encode_text(tok, row["target"])
     if eos:
         target = target + [tok.eos_id]
     if not prompt or not target:

@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from .data import encode_example, encode_text
+from .data import encode_example, encode_prompt, encode_text
 from .generation import generate, pad_batch
 
 
@@ -100,7 +100,7 @@ def _single_token_scores(model, tok, rows, template, label_tokens, batch_size, m
 
     Prompts are left-padded so that every row's last prompt token sits in the last column.
     """
-    prompts = [encode_text(tok, template.format(input=r["input"]))[-(max_len - 1):] for r in rows]
+    prompts = [encode_prompt(tok, template.format(input=r["input"]))[-(max_len - 1):] for r in rows]
     K = model.n_members
     scores = torch.empty(len(rows), K, len(label_tokens))
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))  # similar lengths, little padding
@@ -242,7 +242,7 @@ def generate_predictions(model, tok, rows, template, max_new_tokens, batch_size=
     for r in rows:
         text = template.format(input=r["input"])
         # T5 keeps its EOS
-        prompts.append(tok.encode(text)[-limit:] if is_t5 else encode_text(tok, text)[-limit:])
+        prompts.append(tok.encode(text)[-limit:] if is_t5 else encode_prompt(tok, text)[-limit:])
     texts = [""] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     pad_id = _pad_id(tok, is_t5, model)

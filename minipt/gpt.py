@@ -1,12 +1,14 @@
-"""Decoder-only transformer: GPT-2 and the Llama family (SmolLM2, TinyLlama, Qwen2).
+"""Decoder-only transformer: GPT-2, the Llama family (SmolLM2, TinyLlama, Qwen2) and Gemma 3.
 
-One model, read top to bottom; the config picks the parts that differ between the two
-families (norm, MLP, positions, biases) once, at construction. The model owns its KV
+One model, read top to bottom; the config picks the parts that differ between the
+families (norm, MLP, positions, biases; Gemma's embedding scale, q/k norms, post-norms and
+sliding-window layers) once, at construction. The model owns its KV
 cache, and its forward takes either token ids or embeddings plus optional per-layer
 prefixes: the two hooks through which all prompt methods attach (see `layers.py`).
 
 References: Radford et al. 2019 (GPT-2); Touvron et al. 2023 (Llama); Su et al. 2021 (RoPE);
-Ainslie et al. 2023 (grouped-query attention).
+Ainslie et al. 2023 (grouped-query attention); Gemma Team 2025 (Gemma 3: local layers with a
+sliding window and their own RoPE base, one global layer in six).
 """
 import torch
 import torch.nn as nn
@@ -15,28 +17,32 @@ from torch.utils.checkpoint import checkpoint
 
 from . import fast
 from .config import GPTConfig
-from .layers import GeluMLP, KVCache, Linear, RMSNorm, SelfAttention, SwiGLU, rope_cos_sin
+from .layers import (GeGLU, GeluMLP, KVCache, Linear, RMSNorm, ScaledEmbedding, SelfAttention, SwiGLU,
+                     rope_cos_sin)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). Gemma 3 also
+    norms each branch's output before adding it (post_norms; Identity elsewhere)."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, sliding: bool = False):
         super().__init__()
         Norm = ((lambda d: RMSNorm(d, cfg.norm_eps)) if cfg.norm == "rmsnorm"
                 else (lambda d: nn.LayerNorm(d, eps=cfg.norm_eps)))
+        self.sliding = sliding                  # a local layer: sees the last sliding_window tokens
         self.attn_norm = Norm(cfg.n_embd)
+        scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
         self.attn = SelfAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.qkv_bias,
-                                  cfg.proj_bias)
+                                  cfg.proj_bias, cfg.norm_eps if cfg.qk_norm else None, scale)
+        self.post_attn_norm = Norm(cfg.n_embd) if cfg.post_norms else nn.Identity()
         self.mlp_norm = Norm(cfg.n_embd)
-        if cfg.mlp == "swiglu":
-            self.mlp = SwiGLU(cfg.n_embd, cfg.intermediate_size, cfg.proj_bias)
-        else:
-            self.mlp = GeluMLP(cfg.n_embd, cfg.intermediate_size, cfg.proj_bias)
+        MLP = {"swiglu": SwiGLU, "geglu": GeGLU, "gelu": GeluMLP}[cfg.mlp]
+        self.mlp = MLP(cfg.n_embd, cfg.intermediate_size, cfg.proj_bias)
+        self.post_mlp_norm = Norm(cfg.n_embd) if cfg.post_norms else nn.Identity()
 
     def forward(self, x, mask, rope, cache_pos, prefix, unpadded=None):
-        x = x + self.attn(self.attn_norm(x), mask, rope, cache_pos, prefix, unpadded)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.post_attn_norm(self.attn(self.attn_norm(x), mask, rope, cache_pos, prefix, unpadded))
+        return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
 
 
 class GPT(nn.Module):
@@ -45,12 +51,14 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = cfg = config
-        if (cfg.norm not in ("layernorm", "rmsnorm") or cfg.mlp not in ("gelu", "swiglu")
-                or cfg.pos not in ("learned", "rope")):
-            raise ValueError(f"unsupported GPTConfig: norm={cfg.norm!r} mlp={cfg.mlp!r} pos={cfg.pos!r}")
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if (cfg.norm not in ("layernorm", "rmsnorm") or cfg.mlp not in ("gelu", "swiglu", "geglu")
+                or cfg.pos not in ("learned", "rope") or (cfg.sliding_window and cfg.pos != "rope")):
+            raise ValueError(f"unsupported GPTConfig: norm={cfg.norm!r} mlp={cfg.mlp!r} pos={cfg.pos!r} "
+                             f"sliding_window={cfg.sliding_window}")
+        self.embed = (ScaledEmbedding if cfg.embed_scale else nn.Embedding)(cfg.vocab_size, cfg.n_embd)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.n_embd) if cfg.pos == "learned" else None
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, cfg.sliding_window > 0 and (i + 1) % cfg.global_every != 0)
+                                    for i in range(cfg.n_layer))
         self.norm = (RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.norm == "rmsnorm"
                      else nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps))
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -115,24 +123,29 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = self._positions(attention_mask, start, T, B, x.device)
         mask = self._mask(attention_mask, start, T, B, x.device)
+        local_mask = self._window(mask, attention_mask, start, T, x.device, self.config.sliding_window)
         unpadded = None
         padded = attention_mask is not None and not attention_mask.all()
         if cache_pos is None and (shared is not None or (fast.ENABLED and padded)):
             x, position_ids, unpadded = fast.Unpadded.pack(x, position_ids, attention_mask, shared)
-        rope = None
+        rope = local_rope = None
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
         else:
             rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_base, x.dtype)
+            if self.config.sliding_window:
+                local_rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_local_base,
+                                          x.dtype)
         prefixes = prefixes or [None] * len(self.layers)
         layers = self.layers
         if self.compiled_layers and self.training and torch.is_grad_enabled() and cache_pos is None:
             layers = self.compiled_layers
-        for layer, prefix in zip(layers, prefixes):
+        for layer, plain, prefix in zip(layers, self.layers, prefixes):
+            m, r = (local_mask, local_rope) if plain.sliding else (mask, rope)
             if self.grad_checkpointing and self.training:
-                x = checkpoint(layer, x, mask, rope, cache_pos, prefix, unpadded, use_reentrant=False)
+                x = checkpoint(layer, x, m, r, cache_pos, prefix, unpadded, use_reentrant=False)
             else:
-                x = layer(x, mask, rope, cache_pos, prefix, unpadded)
+                x = layer(x, m, r, cache_pos, prefix, unpadded)
         x = self.norm(x)
         if unpadded is not None:
             x = unpadded.pad(x)                                              # (B, T, C)
@@ -174,3 +187,19 @@ class GPT(nn.Module):
         keep = causal[None] & attention_mask.bool()[:, None, :]             # (B, T, S)
         keep = keep | (k_pos == q_pos)[None]
         return keep[:, None]
+
+    @staticmethod
+    def _window(mask, attention_mask, start, T, device, window):
+        """The local layers' keep-mask: `mask` minus the keys `window` or more tokens behind the
+        query. Distances count real tokens (attention_mask), so neither left padding nor the
+        empty prompt slots of a mixed batch bring a key nearer or push it away; per-layer prefixes
+        stay visible (they have no position). None without a window."""
+        if not window:
+            return None
+        S = start + T
+        if attention_mask is None:
+            k_pos = torch.arange(S, device=device)[None]                     # (1, S)
+        else:
+            k_pos = attention_mask.long().cumsum(-1)                          # (B, S)
+        near = (k_pos[:, -T:, None] - k_pos[:, None, :]) < window            # (B|1, T, S)
+        return near[:, None] if mask is None else mask & near[:, None]

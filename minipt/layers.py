@@ -81,6 +81,27 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class GeGLU(SwiGLU):
+    """Gemma's gated feed-forward: SwiGLU's layout with GELU (tanh approximation) as the gate."""
+
+    def forward(self, x):
+        gate, up = project(self, x, self.fusable_projections)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Token embeddings times sqrt(dim) (Gemma), the factor rounded to the weight's dtype as
+    the reference does. Only token ids are scaled: vectors given as embeddings (soft prompts)
+    are taken to be in the scaled space already (see prompts.soft_prompt.embedding_scale); the
+    tied LM head reads the unscaled weight."""
+
+    def forward(self, idx):
+        return super().forward(idx) * self.scale()
+
+    def scale(self):
+        return torch.tensor(self.embedding_dim ** 0.5, dtype=self.weight.dtype, device=self.weight.device)
+
+
 def rope_cos_sin(positions, head_dim: int, base: float, dtype):
     """cos/sin tables for rotary embeddings at integer positions (B, T) -> (B, T, 1, hs), or
     (N,) -> (N, 1, hs) for unpadded tokens: they broadcast over the heads of (..., nh, hs).
@@ -191,9 +212,13 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention for the decoder, with optional RoPE, grouped-query heads,
     a KV cache and a prompt prefix."""
 
-    def __init__(self, n_embd, n_head, n_kv_head, head_dim, qkv_bias, out_bias):
+    def __init__(self, n_embd, n_head, n_kv_head, head_dim, qkv_bias, out_bias, qk_norm_eps=None, scale=None):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
+        self.scale = scale                      # None: 1/sqrt(head_dim)
+        # Gemma 3 normalises each head of q and k (qk_norm_eps given)
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.q_proj = Linear(n_embd, n_head * head_dim, bias=qkv_bias)
         self.k_proj = Linear(n_embd, n_kv_head * head_dim, bias=qkv_bias)
         self.v_proj = Linear(n_embd, n_kv_head * head_dim, bias=qkv_bias)
@@ -209,12 +234,14 @@ class SelfAttention(nn.Module):
         q = q.view(*lead, self.n_head, self.head_dim)                                # (B, T, nh, hs)
         k = k.view(*lead, self.n_kv_head, self.head_dim)                             # (B, T, nkv, hs)
         v = v.view(*lead, self.n_kv_head, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if unpadded is not None:
-            return self.o_proj(unpadded.attention(q, k, v, mask, prefix).flatten(-2))
+            return self.o_proj(unpadded.attention(q, k, v, mask, prefix, self.scale).flatten(-2))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)            # (B, heads, T, hs)
         if cache_pos is not None:
             k, v = self.cache.update(cache_pos, k, v)                                 # (B, nkv, S, hs)
-        y = attend(q, k, v, mask, prefix).transpose(1, 2)                             # (B, T, nh, hs)
+        y = attend(q, k, v, mask, prefix, self.scale).transpose(1, 2)                 # (B, T, nh, hs)
         return self.o_proj(y.flatten(-2))

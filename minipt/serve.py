@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import check_checkpoint, load_base
+from .data import with_bos
 from .cli import ArgumentParser
 from .generation import SettingError, check_context, check_sampling
 from .packed import pack_for_decoding
@@ -139,7 +140,7 @@ def parse_request(body, chat: bool, app: "App") -> list["Row"]:
     tok = app.tokenizer
     if chat:
         texts = [app.chat_prompt(_field(body, "messages", (list,), required=True))]
-        prompts = [tok.encode(t) for t in texts]
+        prompts = [with_bos(tok, tok.encode(t)) for t in texts]
     else:
         prompt = _field(body, "prompt", (str, list), required=True)
         if isinstance(prompt, str) or _token_list(prompt):
@@ -147,7 +148,7 @@ def parse_request(body, chat: bool, app: "App") -> list["Row"]:
         if not prompt or not all(isinstance(p, str) or _token_list(p) for p in prompt):
             raise APIError("'prompt' must be a string, a list of strings, a list of token ids "
                            "or a list of those", param="prompt")
-        prompts = [tok.encode(p) if isinstance(p, str) else p for p in prompt]
+        prompts = [with_bos(tok, tok.encode(p)) if isinstance(p, str) else p for p in prompt]
         vocab = app.model_config.vocab_size
         if any(t < 0 or t >= vocab for p in prompts for t in p):
             raise APIError(f"token ids must be in [0, {vocab})", param="prompt")

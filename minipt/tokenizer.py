@@ -1,4 +1,5 @@
-"""Tokenizers: byte-level BPE written out here, and sentencepiece for T5.
+"""Tokenizers: byte-level BPE and Gemma's sentencepiece-style BPE written out here, and
+sentencepiece for T5.
 
 `BPETokenizer` is the GPT-2 scheme (Radford et al. 2019, *Language Models are
 Unsupervised Multitask Learners*, section 2.2): text is split into words by a regex,
@@ -9,6 +10,9 @@ glue adjacent symbols together, lowest merge rank first. It reads GPT-2's
 `tokenizer.json`, so a minipt checkpoint directory also loads in `transformers`. Qwen2
 splits words with its own regex and NFC-normalises the text first.
 
+`SentencePieceBPE` is sentencepiece's BPE over a scored vocabulary with byte fallback, read
+from a GGUF's `tokenizer.ggml.*` (Gemma 3) or the HF `tokenizer.json` it writes.
+
 `SentencePieceTokenizer` wraps the `sentencepiece` library for T5 and adds T5's
 100 sentinel tokens `<extra_id_N>` and its end-of-sequence token.
 
@@ -16,6 +20,7 @@ splits words with its own regex and NFC-normalises the text first.
 """
 import base64
 import functools
+import heapq
 import json
 import math
 import re
@@ -508,6 +513,278 @@ class BPETokenizer:
                                                          encoding="utf-8")
 
 
+# --------------------------------------------------------------------------- sentencepiece-style BPE
+
+_SPACE_MARK = "\u2581"    # '▁': sentencepiece writes a space as this character inside its pieces
+
+# Gemma's chat turns, for a GGUF that carries no template (the 270M one does not): BOS, then
+# <start_of_turn>{user|model}\n{text}<end_of_turn>\n per message, a system message joined to
+# the first user turn, and <start_of_turn>model\n to ask for the answer.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.system = m['content'] | trim ~ '\\n\\n' %}{% else %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ ns.system }}{{ m['content'] | trim }}<end_of_turn>\n{% set ns.system = '' %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+class SentencePieceBPE:
+    """Sentencepiece's BPE over a scored vocabulary, as Gemma's GGUF stores it
+    (tokenizer.ggml.model 'llama'; Sennrich et al. 2016, Kudo & Richardson 2018).
+
+    No pre-tokenizer: between the special and user-defined tokens (matched whole, longest
+    first), spaces become '▁' and the whole run of text is one word. It starts as single
+    characters, a character missing from the vocabulary as its UTF-8 bytes '<0xNN>' (byte
+    fallback), and the adjacent pair that makes the best-ranked token merges first, leftmost
+    on ties, until no pair makes a token. The rank is the merge list's order when one is given
+    (tokenizer.json); a GGUF gives none, and the rank is then the vocabulary's order (lower id
+    first, on Gemma the order of its scores), longer left part first for the same token:
+    the rule transformers uses to rebuild the merges of a Gemma GGUF.
+
+    special_tokens: control tokens (<bos>, <start_of_turn>, ...), dropped by decode(skip_special)
+    added_tokens:   user-defined ones ('\n\n', tab runs, ...), matched whole, decoded as text
+    add_bos:        whether a sequence starts with BOS (the caller adds it: encode() never does)
+    """
+
+    def __init__(self, vocab, special_tokens, added_tokens=None, merges=None, *, bos_id=None, eos_id=None,
+                 pad_id=None, unk_id=None, add_bos=False, chat_template=None):
+        self.vocab = dict(vocab)
+        self.special_tokens, self.added_tokens = dict(special_tokens), dict(added_tokens or {})
+        self.merges = None if merges is None else [tuple(m) for m in merges]
+        self.merge_ranks = None if merges is None else {pair: i for i, pair in enumerate(self.merges)}
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
+        self.add_bos, self.chat_template = add_bos, chat_template
+        self._pieces = {i: t for t, i in self.vocab.items()}
+        self._pieces.update({i: t for t, i in {**self.added_tokens, **self.special_tokens}.items()})
+        self.vocab_size = max(self._pieces) + 1
+        self._split_all = _special_regex({**self.special_tokens, **self.added_tokens})
+        self._split_added = _special_regex(self.added_tokens)
+        self._byte_of = {self.vocab[f"<0x{b:02X}>"]: b for b in range(256) if f"<0x{b:02X}>" in self.vocab}
+        self._cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def from_gguf(cls, path):
+        """The vocabulary, token types and special ids of a GGUF (`tokenizer.ggml.*`)."""
+        import gguf
+        from .tensorfile import check_gguf
+
+        check_gguf(path)
+        try:
+            reader = gguf.GGUFReader(path)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+
+        def field(name, default=None):
+            f = reader.fields.get(name)
+            return default if f is None else f.contents()
+
+        if field("tokenizer.ggml.model") != "llama":
+            raise ValueError(f"{path}: tokenizer.ggml.model is {field('tokenizer.ggml.model')!r}, "
+                             "not a sentencepiece vocabulary ('llama')")
+        # Gemma stores its runs of spaces as real spaces; in the text they are '▁' runs
+        stored = field("tokenizer.ggml.tokens")
+        tokens = [_SPACE_MARK * len(t) if " " in t and not t.strip() else t for t in stored]
+        types = field("tokenizer.ggml.token_type", [1] * len(tokens))
+        vocab = {t: i for i, t in enumerate(tokens)}
+        special = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == 3}      # CONTROL
+        # USER_DEFINED ('\n\n', '\t\t', ...), as transformers does: the space runs respelled
+        # above are left to the merges
+        added = {t: i for i, (t, s, kind) in enumerate(zip(tokens, stored, types)) if kind == 4 and t == s}
+        return cls(vocab, special, added, bos_id=field("tokenizer.ggml.bos_token_id"),
+                   eos_id=field("tokenizer.ggml.eos_token_id"),
+                   pad_id=field("tokenizer.ggml.padding_token_id"),
+                   unk_id=field("tokenizer.ggml.unknown_token_id"),
+                   add_bos=bool(field("tokenizer.ggml.add_bos_token", True)),
+                   chat_template=field("tokenizer.chat_template", GEMMA_CHAT_TEMPLATE))
+
+    @classmethod
+    def from_hf_json(cls, path):
+        """An HF tokenizer.json of this kind (BPE with byte fallback, spaces as '▁'), with its
+        tokenizer_config.json: what `save` writes."""
+        path = Path(path)
+        data = _read_json(path)
+        model = data.get("model") or {}
+        config = _read_json(path.with_name("tokenizer_config.json")) if path.with_name(
+            "tokenizer_config.json").exists() else {}
+        spaces = {"type": "Replace", "pattern": {"String": " "}, "content": _SPACE_MARK}
+        if model.get("type") != "BPE" or data.get("normalizer") != spaces:
+            raise ValueError(f"{path}: not Gemma's kind of tokenizer (BPE with spaces written as "
+                             f"'{_SPACE_MARK}' and nothing else normalised)")
+        added = data.get("added_tokens", [])
+        vocab = model["vocab"]
+        merges = None
+        if config.get("merge_order") != "vocabulary":  # written by someone else: their merge list
+            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        if "chat_template" not in config and path.with_name("chat_template.jinja").exists():
+            config["chat_template"] = path.with_name("chat_template.jinja").read_text(encoding="utf-8")
+
+        def token_id(key):
+            token = config.get(key)
+            if isinstance(token, dict):  # older configs store an AddedToken dict
+                token = token.get("content")
+            return vocab.get(token) if token is not None else None
+
+        return cls(vocab, {t["content"]: t["id"] for t in added if t.get("special")},
+                   {t["content"]: t["id"] for t in added if not t.get("special")}, merges,
+                   bos_id=token_id("bos_token"), eos_id=token_id("eos_token"), pad_id=token_id("pad_token"),
+                   unk_id=token_id("unk_token"), add_bos=bool(config.get("add_bos_token", False)),
+                   chat_template=config.get("chat_template"))
+
+    # ---- encode / decode
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Text -> ids, without BOS (see add_bos). Without allow_special, control-token text is
+        encoded as text; the user-defined tokens ('\n', ...) are always matched."""
+        ids = []
+        split = self._split_all if allow_special else self._split_added
+        for piece, whole in _split_on(split, text):
+            if whole:
+                ids.append(self.special_tokens.get(piece, self.added_tokens.get(piece)))
+            else:
+                ids.extend(self._encode_word(piece.replace(" ", _SPACE_MARK)))
+        return ids
+
+    def _rank(self, a: str, b: str):
+        if self.merge_ranks is not None:
+            return self.merge_ranks.get((a, b))
+        merged = self.vocab.get(a + b)
+        return None if merged is None else (merged, -len(a))
+
+    def _encode_word(self, word: str) -> list[int]:
+        ids = self._cache.get(word)
+        if ids is not None:
+            return ids
+        symbols = []
+        for c in word:
+            if c in self.vocab:
+                symbols.append(c)
+            else:  # byte fallback
+                symbols += [f"<0x{b:02X}>" for b in c.encode("utf-8")]
+        # a heap of (rank, start) over the adjacent pairs of a linked list: a word here can be a
+        # whole paragraph, too long to rescan for the best pair after every merge
+        nxt = list(range(1, len(symbols) + 1))
+        prv = list(range(-1, len(symbols) - 1))
+        heap = [(r, i) for i in range(len(symbols) - 1)
+                if (r := self._rank(symbols[i], symbols[i + 1])) is not None]
+        heapq.heapify(heap)
+        while heap:
+            r, i = heapq.heappop(heap)
+            j = nxt[i]
+            if symbols[i] is None or j >= len(symbols) or self._rank(symbols[i], symbols[j]) != r:
+                continue                                              # an entry made stale by a merge
+            symbols[i], symbols[j] = symbols[i] + symbols[j], None
+            nxt[i] = nxt[j]
+            if nxt[i] < len(symbols):
+                prv[nxt[i]] = i
+            for a, b in ((prv[i], i), (i, nxt[i])):
+                if a >= 0 and b < len(symbols) and (r := self._rank(symbols[a], symbols[b])) is not None:
+                    heapq.heappush(heap, (r, a))
+        ids = [self.vocab[s] for s in symbols if s is not None]
+        if len(word) < 200:  # short words repeat (labels, templates); keep memory bounded
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[word] = ids
+        return ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        """Ids -> text: '▁' back to a space, runs of byte tokens joined and read as UTF-8 (one
+        U+FFFD per byte token when they do not form valid UTF-8, as HF's ByteFallback does)."""
+        out, run = [], []
+
+        def flush():
+            if run:
+                try:
+                    out.append(bytes(run).decode("utf-8"))
+                except UnicodeDecodeError:
+                    out.append("\ufffd" * len(run))
+                run.clear()
+
+        skipped = set(self.special_tokens.values()) if skip_special else ()
+        for i in map(int, ids):
+            if i in skipped:
+                continue
+            if i in self._byte_of:
+                run.append(self._byte_of[i])
+                continue
+            flush()
+            out.append(self._pieces[i].replace(_SPACE_MARK, " "))
+        flush()
+        return "".join(out)
+
+    # ---- chat
+
+    @property
+    def chat_format(self) -> str | None:
+        """'gemma' when the template uses <start_of_turn> turns."""
+        return "gemma" if self.chat_template and "<start_of_turn>" in self.chat_template else None
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        """Render [{'role', 'content'}, ...] as Gemma's turns (GEMMA_CHAT_TEMPLATE): BOS first,
+        'assistant' written as 'model', a system message put in front of the first user turn."""
+        if self.chat_format != "gemma":
+            raise ValueError("this tokenizer has no Gemma chat template")
+        system = ""
+        turns = [self._pieces[self.bos_id]] if self.bos_id is not None else []
+        for m in messages:
+            if m["role"] == "system":
+                system = m["content"].strip() + "\n\n"
+                continue
+            role = "model" if m["role"] == "assistant" else m["role"]
+            turns.append(f"<start_of_turn>{role}\n{system}{m['content'].strip()}<end_of_turn>\n")
+            system = ""
+        if add_generation_prompt:
+            turns.append("<start_of_turn>model\n")
+        return "".join(turns)
+
+    # ---- save
+
+    def merge_list(self) -> list:
+        """The merges in rank order (built from the vocabulary when none was given)."""
+        if self.merges is not None:
+            return self.merges
+        merges = []
+        for token, _ in sorted(self.vocab.items(), key=lambda item: item[1]):
+            for k in range(len(token) - 1, 0, -1):
+                if token[:k] in self.vocab and token[k:] in self.vocab:
+                    merges.append((token[:k], token[k:]))
+        return merges
+
+    def save(self, directory) -> None:
+        """tokenizer.json + tokenizer_config.json in the layout HF tokenizers reads."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": t in self.special_tokens}
+                 for t, i in sorted({**self.added_tokens, **self.special_tokens}.items(), key=lambda x: x[1])]
+        unk = self._pieces.get(self.unk_id)
+        tokenizer = {
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": _SPACE_MARK},
+            "pre_tokenizer": None, "post_processor": None,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": _SPACE_MARK}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]},
+            "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
+                      "ignore_merges": False, "vocab": self.vocab,
+                      "merges": [list(m) for m in self.merge_list()]},
+        }
+        name = lambda i: self._pieces.get(i) if i is not None else None
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": name(self.bos_id), "eos_token": name(self.eos_id), "pad_token": name(self.pad_id),
+            "unk_token": unk, "add_bos_token": self.add_bos, "chat_format": self.chat_format,
+            "chat_template": self.chat_template,
+            # the merge list above is the vocabulary's order: loading can skip reading it
+            "merge_order": "vocabulary" if self.merges is None else "list",
+        }
+        (directory / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2),
+                                                         encoding="utf-8")
+
+
 # --------------------------------------------------------------------------- sentencepiece (T5)
 
 
@@ -596,12 +873,30 @@ def load_tokenizer(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_file():
         if path.suffix == ".gguf":
-            return BPETokenizer.from_gguf(path)
+            return _gguf_tokenizer(path)
         if path.suffix == ".json":
-            return BPETokenizer.from_hf_json(path)
+            return _json_tokenizer(path)
         return SentencePieceTokenizer(path)
     if (path / "spiece.model").is_file():
         return SentencePieceTokenizer(path / "spiece.model")
     if (path / "tokenizer.json").is_file():
-        return BPETokenizer.from_hf_json(path / "tokenizer.json")
+        return _json_tokenizer(path / "tokenizer.json")
     raise FileNotFoundError(f"{path}: no tokenizer.json or spiece.model")
+
+
+def _gguf_tokenizer(path):
+    """Byte-level BPE ('gpt2') or a sentencepiece vocabulary ('llama', Gemma's) from a GGUF."""
+    import gguf
+    from .tensorfile import check_gguf
+    check_gguf(path)
+    try:
+        f = gguf.GGUFReader(path).fields.get("tokenizer.ggml.model")
+    except Exception:  # a damaged file: from_gguf says why
+        f = None
+    return (SentencePieceBPE if f is not None and f.contents() == "llama" else BPETokenizer).from_gguf(path)
+
+
+def _json_tokenizer(path):
+    """An HF tokenizer.json: sentencepiece-style (byte fallback) or byte-level BPE."""
+    model = (_read_json(path).get("model") or {})
+    return (SentencePieceBPE if model.get("byte_fallback") else BPETokenizer).from_hf_json(path)

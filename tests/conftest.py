@@ -34,6 +34,17 @@ def tiny_hf_model(kind: str, vocab_size: int = 120):
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
+    elif kind == "gemma3":  # a local layer with a 4-token window, then a global one; q/k norms
+        ropes = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+        cfg = tf.Gemma3TextConfig(**common, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                                  layer_types=["sliding_attention", "full_attention"], rope_parameters=ropes,
+                                  query_pre_attn_scalar=24, max_position_embeddings=128)
+        model = tf.Gemma3ForCausalLM(cfg)
+        with torch.no_grad():  # HF starts Gemma's norm weights at zero (x * (1 + 0)); make them matter
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
     else:
         raise ValueError(kind)
     return model.eval()
@@ -56,7 +67,7 @@ def save_tiny_hf(model, directory):
 @pytest.fixture(scope="session")
 def converted_dir(tmp_path_factory):
     """kind -> directory of that tiny random HF model converted by minipt's converter, built
-    once per session. Kinds: gpt2, llama, qwen2, t5-v1.0, t5-v1.1."""
+    once per session. Kinds: gpt2, llama, qwen2, gemma3, t5-v1.0, t5-v1.1."""
     dirs = {}
 
     def get(kind):

@@ -406,7 +406,7 @@ CONVERT_CASES = [
     ("unsupported GGUF quant type", gguf(tensors=[("blk.0.ffn_up.weight", "Q2_K", (256, 4))]),
      ["tensor 'blk.0.ffn_up.weight': GGUF type Q2_K not supported", "Q4_K"]),
     ("unsupported GGUF architecture", gguf(arch="gpt2"),
-     ["GGUF architecture 'gpt2' not supported (llama, qwen2)"]),
+     ["GGUF architecture 'gpt2' not supported (llama, qwen2, gemma3)"]),
     ("safetensors claims a 1 TB tensor",
      hf_dir_with({"model.embed_tokens.weight": {"dtype": "F32", "shape": [2**18, 2**20],
                                                 "data_offsets": [0, 2**40]}}),

@@ -58,6 +58,16 @@ def test_step_0_is_the_base_with_the_tokens_as_a_hard_prompt(kind, method, proje
         assert_hard_prompt_equivalent(random, base, hard, *left_padded())
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_gemma3_soft_prompt_takes_the_embedding_scale(method, converted):
+    """Gemma scales token embeddings by sqrt(d_model) inside the embedding; a soft prompt from
+    tokens is those tokens only with the scale in (past the 4-token window too). Prefixes are
+    left out: they stay visible to the local layers, where hard tokens that far back are not."""
+    base = converted("gemma3")
+    cfg = PromptConfig(method=method, num_virtual_tokens=P, init="vocab", seed=3)
+    assert_hard_prompt_equivalent(attach(base, cfg), base, start_ids(cfg, base), *left_padded())
+
+
 @pytest.mark.parametrize("variant", ["v1.0", "v1.1"])
 @torch.no_grad()
 def test_t5_soft_prompt_and_p_tuning_are_the_hard_prompt(variant, converted):

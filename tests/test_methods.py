@@ -12,7 +12,7 @@ from conftest import greedy_by_full_forwards
 
 
 METHODS = ["prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora"]
-FAMILIES = ["llama", "gpt2", "t5"]
+FAMILIES = ["llama", "gpt2", "t5", "gemma3"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_cached_generation_equals_full_forward(base_dirs, family, method):
     assert cached == [greedy_by_full_forwards(model, p, 5) for p in prompts]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
 @pytest.mark.parametrize("method", METHODS)
 @torch.no_grad()
 def test_left_padded_row_equals_row_alone(base_dirs, family, method):

@@ -148,8 +148,10 @@ class PromptedModel(nn.Module):
         mask = whole_mask(attention_mask, idx, cache_pos)
         P = self.n_prompt
         prefixes = self.method.prefixes(B)
-        if P and cache_pos is None and not prefixes and fast.ENABLED:
-            # the text attends to the prompt's keys/values, computed once for the whole batch
+        window = base.config.sliding_window
+        if P and cache_pos is None and not prefixes and fast.ENABLED and (not window or P + T <= window):
+            # the text attends to the prompt's keys/values, computed once for the whole batch (a
+            # prefix that every token sees: not where a sliding window would hide some of it)
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + P
             return base(inputs_embeds=x, targets=targets, attention_mask=mask, position_ids=positions,
                         shared=self.method.input_prompt(), last_only=last_only, loss_only=loss_only)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from .base import PromptConfig, PromptMethod, model_dims
-from .soft_prompt import SoftPrompt, initial_prompt
+from .soft_prompt import SoftPrompt, embedding_scale, initial_prompt
 
 
 class PromptEncoder(nn.Module):
@@ -82,7 +82,7 @@ class PTuning(PromptMethod):
         super().__init__(config)
         self.n_input_tokens = P = config.num_virtual_tokens
         self.d_model = model_dims(base)["d_model"]
-        init = initial_prompt(config, base.embed.weight, tokenizer, P)
+        init = initial_prompt(config, base.embed.weight, tokenizer, P, embedding_scale(base))
         with torch.random.fork_rng(devices=[]):  # seeded LSTM/Linear init, global RNG untouched
             torch.manual_seed(config.seed)
             self.encoder = PromptEncoder(init, config.encoder_hidden, config.encoder_type,

@@ -45,10 +45,22 @@ def initial_token_ids(cfg: PromptConfig, tokenizer, vocab_size: int, n: int) -> 
     return (ids * (n // len(ids) + 1))[:n]
 
 
-def initial_prompt(cfg: PromptConfig, embed: torch.Tensor, tokenizer, n: int) -> torch.Tensor:
-    """(n, C) starting vectors for a soft prompt, as the config's `init` says."""
+def embedding_scale(base) -> float:
+    """What the base multiplies its token embeddings by (Gemma: sqrt(d_model), else 1). A prompt
+    goes in as embeddings, after that scale, so a prompt made of token vectors takes it too."""
+    scale = getattr(base.embed, "scale", None)
+    return scale().item() if scale is not None else 1.0
+
+
+def initial_prompt(cfg: PromptConfig, embed: torch.Tensor, tokenizer, n: int,
+                   scale: float = 1.0) -> torch.Tensor:
+    """(n, C) starting vectors for a soft prompt, as the config's `init` says; token vectors
+    are rows of `embed` times `scale` (see embedding_scale), so that a prompt initialised
+    from a text is that text's input, exactly."""
     C = embed.size(1)
     embed = embed.detach().float().cpu()
+    if scale != 1.0 and cfg.init != "random":
+        embed = embed * scale
     if cfg.init == "random":
         return torch.rand(n, C, generator=torch.Generator().manual_seed(cfg.seed)) - 0.5
     if cfg.init in ("vocab", "text"):
@@ -96,7 +108,7 @@ class SoftPrompt(PromptMethod):
         self.n_input_tokens = config.num_virtual_tokens
         self.d_model = model_dims(base)["d_model"]
         self.prompt = nn.Parameter(initial_prompt(config, base.embed.weight, tokenizer,
-                                                  config.num_virtual_tokens))
+                                                  config.num_virtual_tokens, embedding_scale(base)))
 
     def input_prompt(self):
         return self.prompt                                                    # (P, C)
