@@ -1,7 +1,7 @@
 """minipt against transformers + peft on the same weights, in one run.
 
 Both sides read the same GGUF, SmolLM2-135M-Instruct unless `--base` names another of
-weights.BASES (qwen2.5): minipt through its converted checkpoint in `weights/`, transformers
+weights.BASES (gemma3, qwen2.5): minipt through its converted checkpoint in `weights/`, transformers
 through `from_pretrained(..., gguf_file=...)`.
 Sections (`--only`, comma-separated; default train,generate):
 

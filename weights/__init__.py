@@ -5,6 +5,7 @@ HERE = Path(__file__).resolve().parent
 
 # The real bases: name -> (the fetch asset of its GGUF, the folder of its minipt checkpoint)
 BASES = {"smollm2": ("smollm2-gguf", "smollm2-135m-instruct"),
+         "gemma3": ("gemma3-270m-gguf", "gemma-3-270m"),
          "qwen2.5": ("qwen2.5-coder-0.5b-gguf", "qwen2.5-coder-0.5b-instruct")}
 
 

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from weights import fetch_and_convert  # noqa: E402
+from weights import base_checkpoint  # noqa: E402
 
 
 def main():
-    return fetch_and_convert("gemma3-270m-gguf", "gemma-3-270m")
+    return base_checkpoint("gemma3")
 
 
 if __name__ == "__main__":
