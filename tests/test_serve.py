@@ -2,6 +2,7 @@
 loopback: a tiny random llama-style decoder with a 120-token byte-level vocabulary and three
 prompt files. Every served answer is checked against `generate` on the prompt file loaded
 alone (PromptedModel, not the PromptBank the server batches with)."""
+import contextlib
 import http.client
 import json
 import shutil
@@ -75,15 +76,23 @@ def prompt_dir(base_dir, tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def server(base_dir, prompt_dir):
-    server = make_server(base_dir, prompt_dir, port=0, max_batch=16, window=0.005)
+@contextlib.contextmanager
+def running(server):
+    """`server` answering on a thread for the duration, then shut down and closed."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def server(base_dir, prompt_dir):
+    with running(make_server(base_dir, prompt_dir, port=0, max_batch=16, window=0.005)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +103,9 @@ def client(server):
 @pytest.fixture(scope="module")
 def static_server(base_dir, prompt_dir):
     """The same, with the static scheduler (--scheduler static)."""
-    server = make_server(base_dir, prompt_dir, port=0, max_batch=16, window=0.005, scheduler="static")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with running(make_server(base_dir, prompt_dir, port=0, max_batch=16, window=0.005,
+                             scheduler="static")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -424,20 +429,13 @@ def test_packed_server_answers_as_generate_on_the_packed_model(tmp_path):
               tmp_path / "base" / "model.safetensors")
     tiny_tokenizer().save(tmp_path / "base")
     (tmp_path / "prompts").mkdir()
-    server = make_server(tmp_path / "base", tmp_path / "prompts", port=0, packed=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with running(make_server(tmp_path / "base", tmp_path / "prompts", port=0, packed=True)) as server:
         base = server.app.base
         assert all(m.packed is not None for m in base.modules()
                    if isinstance(m, Linear) and m is not base.lm_head)
         assert base.lm_head.packed is None                       # 120 rows: the kernel takes multiples of 16
         status, body = raw(server, "POST", "/v1/completions",
                            {"model": "base", "prompt": TEXTS[1], "max_tokens": 12, "temperature": 0})
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
     model, tok = load_base(tmp_path / "base")
     pack_for_decoding(model)
     expected = generate(model, [tok.encode(TEXTS[1])], 12, eos_id=tok.eos_id, pad_id=tok.eos_id)[0]

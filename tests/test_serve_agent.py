@@ -2,11 +2,10 @@
 test_serve.py, through the real langchain-openai and langgraph: each step reaches the server
 under its own model name and gets what `generate` gives that prompt file alone."""
 import importlib.util
-import threading
 from pathlib import Path
 
 import pytest
-from test_serve import base_dir, oracle, prompt_dir  # noqa: F401  (fixtures: tiny base, three prompts)
+from test_serve import base_dir, oracle, prompt_dir, running  # noqa: F401 (fixtures)
 
 from minipt.serve import make_server
 
@@ -23,20 +22,13 @@ def load_example():
 
 def test_langgraph_agent_routes_each_step_to_its_prompt(base_dir, prompt_dir, oracle):
     agent = load_example()
-    server = make_server(base_dir, prompt_dir, port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     seen = []
-    parse = server.app.resolve_model
-    server.app.resolve_model = lambda model: seen.append(model) or parse(model)
-    try:
+    with running(make_server(base_dir, prompt_dir, port=0)) as server:
+        parse = server.app.resolve_model
+        server.app.resolve_model = lambda model: seen.append(model) or parse(model)
         review = "dull and far too long"
         state = agent.build(server.url + "/v1", classifier="soft", replier="prefix", max_tokens=12).invoke(
             {"review": review})
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
     assert seen == ["soft", "prefix", "base"]
     assert state["label"] == oracle("soft", agent.classify_prompt(review), 2)[0]
     assert state["route"] == agent.route(state["label"]) and state["route"] in agent.REPLIES

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from test_serve import TEXTS, base_dir, oracle, prompt_dir  # noqa: F401  (fixtures: tiny base, three prompts)
+from test_serve import TEXTS, base_dir, oracle, prompt_dir, running  # noqa: F401 (fixtures)
 
 from minipt import scheduler as scheduler_module
 from minipt.checkpoint import load_base
@@ -122,15 +122,9 @@ def test_rows_joining_a_running_batch_equal_generate_alone(base_dir, every_metho
 
 @contextlib.contextmanager
 def serving(base_dir, prompt_dir, **options):
-    server = make_server(base_dir, prompt_dir, port=0, **options)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    """The server's host:port while it runs."""
+    with running(make_server(base_dir, prompt_dir, port=0, **options)) as server:
         yield server.url.split("//")[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def request(host, body, path="/v1/completions"):
