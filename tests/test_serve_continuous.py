@@ -239,6 +239,16 @@ def oracle_ignoring_eos(base_dir, prompt_dir, name, text, n):
     return tok.decode(out, skip_special=True)
 
 
+def stats_once_cancelled(host, before=0):
+    """/stats once it counts more than `before` cancelled rows, or after about 2 s."""
+    for _ in range(200):
+        stats = get(host, "/stats")
+        if stats["cancelled_rows"] > before:
+            break
+        time.sleep(0.01)
+    return stats
+
+
 def test_a_client_gone_without_a_stream_is_dropped(base_dir, prompt_dir):
     """A plain (not streamed) request whose client closes its socket while the row decodes:
     the handler notices (no write needed) and the row leaves the batch long before its end."""
@@ -250,11 +260,7 @@ def test_a_client_gone_without_a_stream_is_dropped(base_dir, prompt_dir):
         while get(host, "/stats")["running_rows"] == 0:
             time.sleep(0.001)
         conn.close()
-        for _ in range(200):
-            stats = get(host, "/stats")
-            if stats["cancelled_rows"] > before["cancelled_rows"]:
-                break
-            time.sleep(0.01)
+        stats = stats_once_cancelled(host, before["cancelled_rows"])
     assert stats["cancelled_rows"] == before["cancelled_rows"] + 1, json.dumps(stats)
     assert stats["generated_tokens"] - before["generated_tokens"] < 1000
     assert stats["running_rows"] == 0
@@ -304,11 +310,7 @@ def test_a_client_gone_while_queued_never_runs(base_dir, prompt_dir):
             time.sleep(0.001)
         conn.close()
         long.wait()
-        for _ in range(200):
-            stats = get(host, "/stats")
-            if stats["cancelled_rows"]:
-                break
-            time.sleep(0.01)
+        stats = stats_once_cancelled(host)
     assert stats["cancelled_rows"] == 1 and stats["generated_tokens"] == 600, json.dumps(stats)
 
 
