@@ -90,12 +90,15 @@ def smollm2_dir():
     return main()
 
 
+def hf_from_gguf(path):
+    """transformers' own reading of a GGUF file, in fp32: the oracle for a real base."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
 @pytest.fixture(scope="session")
 def hf_smollm2():
-    """transformers' own reading of the same GGUF file: the oracle for the real model."""
-    from transformers import AutoModelForCausalLM
-    path = fetch("smollm2-gguf")
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return hf_from_gguf(fetch("smollm2-gguf"))
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ from minipt.generation import generate, pad_batch
 from minipt.prompts import PromptConfig, attach
 from minipt.tokenizer import GEMMA_CHAT_TEMPLATE, SentencePieceBPE, load_tokenizer
 
-from conftest import greedy_by_full_forwards, tiny_hf_model
+from conftest import greedy_by_full_forwards, hf_from_gguf, tiny_hf_model
 from test_smollm2 import TEXTS, until_eos
 from test_tokenizer import CONVERSATIONS, make_corpus, mismatches, show
 
@@ -174,9 +174,7 @@ def gemma_model(gemma_dir):
 
 @pytest.fixture(scope="module")
 def hf_model(gguf_path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                dtype=torch.float32).eval()
+    return hf_from_gguf(gguf_path)
 
 
 def test_logits_match_transformers(gemma_model, hf_model):

@@ -27,6 +27,7 @@ from minipt.fetch import ASSETS, Joined, fetch
 from minipt.generation import generate, pad_batch
 from minipt.tokenizer import BPETokenizer, load_tokenizer
 
+from conftest import hf_from_gguf
 from test_smollm2 import TEXTS, until_eos
 from test_tokenizer import CONVERSATIONS, make_corpus, mismatches, show
 
@@ -203,10 +204,7 @@ def qwen_model(qwen2_dir):
 
 @pytest.fixture(scope="module")
 def hf_model(gguf_path):
-    """transformers' own reading of the same GGUF file: the oracle for the real model."""
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                dtype=torch.float32).eval()
+    return hf_from_gguf(gguf_path)
 
 
 def test_logits_match_transformers(qwen_model, hf_model):
