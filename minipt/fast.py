@@ -10,6 +10,7 @@ fast.off():`, runs the plain code everywhere):
     one 16-bit query in decoding;
   - unpadded batches: norms, projections and MLPs on the real tokens only, and a soft prompt
     that every row shares run once per batch (`Unpadded`, packed by GPT.forward);
+  - the LM head and cross-entropy a chunk of rows at a time, never holding every logit;
   - few-row fp32 products as row blocks on CPUs where MKL runs them on one thread;
   - LoRA's update saving its input in the base's dtype, not an fp32 copy.
 """
@@ -165,6 +166,58 @@ class Unpadded:
         q, k, v = (self.pad(t).transpose(1, 2) for t in (q, k, v))                   # (B, heads, T, hs)
         y = self.unpad(attend(q, k, v, mask, prefix, scale).transpose(1, 2))          # (N, nh, hs)
         return y if shared_y is None else torch.cat([shared_y, y])
+
+
+# With a loss on every target token (summaries, chat turns) the LM head's logits are the
+# biggest activation of a step: N x V in the model's dtype, an fp32 copy for the loss, and
+# their gradient in both again, ~1 GB for 1,024 tokens of SmolLM2's 49,152-word vocabulary.
+# The loss and its gradient need only each row's softmax, so they can be had a chunk of rows
+# at a time, the gradient computed right away (Liger-Kernel's fused linear cross-entropy).
+LOGITS_PER_CHUNK = 1 << 23            # ~32 MB of fp32 logits at a time
+
+
+def linear_cross_entropy(x, weight, targets):
+    """F.cross_entropy(F.linear(x, weight).float(), targets), the mean over the N rows of x
+    (N, C), targets (N,) all set; plain where autograd records neither x nor weight."""
+    if not training(x, weight):
+        return F.cross_entropy(F.linear(x, weight).float(), targets)
+    return LinearCrossEntropy.apply(x, weight, targets)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The loss and, in the same pass, its gradients, LOGITS_PER_CHUNK logits at a time: each
+    chunk's logits go as soon as their gradient (softmax - one-hot) / N has been multiplied
+    back. Rounded as autograd would: logits and their gradient in the model's dtype for the
+    products, softmax in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets):
+        N = x.size(0)
+        rows = max(1, LOGITS_PER_CHUNK // weight.size(0))
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        for s in range(0, N, rows):
+            xs, ts = x[s:s + rows], targets[s:s + rows]
+            logits = F.linear(xs, weight).float()                                  # (rows, V)
+            lse = logits.logsumexp(-1, keepdim=True)
+            loss += (lse.squeeze(1) - logits.gather(1, ts[:, None]).squeeze(1)).sum()
+            grad = logits.sub_(lse).exp_()                                         # softmax, in place
+            grad[torch.arange(len(ts), device=x.device), ts] -= 1
+            grad = grad.div_(N).to(x.dtype)
+            if dx is not None:
+                dx[s:s + rows] = grad @ weight
+            if dw is not None:
+                dw += (grad.t() @ xs).float()
+        ctx.save_for_backward(dx, dw)
+        ctx.weight_dtype = weight.dtype
+        return loss / N
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dw = ctx.saved_tensors
+        return (None if dx is None else dx * grad.to(dx.dtype),
+                None if dw is None else (dw * grad).to(ctx.weight_dtype), None)
 
 
 # PyTorch's CPU flash-attention backward is slow on short sequences: for a training batch of

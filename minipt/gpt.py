@@ -155,8 +155,9 @@ class GPT(nn.Module):
         """(logits, loss) from the final hidden states (B, T, C)."""
         if loss_only and targets is not None:
             keep = targets != -100                                           # (B, T)
-            logits = self.lm_head(x[keep])                                   # (N, V)
-            return None, F.cross_entropy(logits.float(), targets[keep])
+            if type(self.lm_head) is Linear:                                 # not wrapped, by LoRA say
+                return None, fast.linear_cross_entropy(x[keep], self.lm_head.weight, targets[keep])
+            return None, F.cross_entropy(self.lm_head(x[keep]).float(), targets[keep])
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(x)                                             # (B, T, V)

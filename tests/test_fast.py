@@ -1,7 +1,8 @@
 """The speed work (`minipt/fast.py`) against the plain code it replaces: training steps with
 the switch on and off give the same loss and the same gradients, for every method that
 trains through the model's norms, MLPs and attention, on padded batches (the unpadding and
-the soft prompt run once per batch are on the fast side), and generation the same tokens."""
+the soft prompt run once per batch are on the fast side; a loss on every token, so the LM
+head's chunked loss too), and generation the same tokens."""
 import pytest
 import torch
 
@@ -26,7 +27,7 @@ def padded_batch(vocab=120, B=3, T=9):
 def step(model, batch, dtype):
     idx, mask, targets = batch
     model.zero_grad(set_to_none=True)
-    _, loss = model(idx, targets, attention_mask=mask)
+    _, loss = model(idx, targets, attention_mask=mask, loss_only=True)      # as train.py
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -38,7 +39,8 @@ CASES = [(m, d) for m in METHODS for d in (torch.float32, torch.bfloat16)
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("method, dtype", CASES, ids=[f"{m}-{str(d)[6:]}" for m, d in CASES])
-def test_a_training_step_is_the_same_with_the_switch_off(method, dtype, kind, converted_dir):
+def test_a_training_step_is_the_same_with_the_switch_off(method, dtype, kind, converted_dir, monkeypatch):
+    monkeypatch.setattr(fast, "LOGITS_PER_CHUNK", 1000)      # the LM head's loss in chunks of a few rows
     config = PromptConfig.for_method(method, num_virtual_tokens=4, init="random", encoder_hidden=16,
                                      projection_hidden=16, adapter_layers=1, lora_r=2)
     model = attach(load_model(converted_dir(kind), dtype=dtype), config).train()
@@ -51,11 +53,17 @@ def test_a_training_step_is_the_same_with_the_switch_off(method, dtype, kind, co
     loss, grads = step(model, batch, dtype)
     with fast.off():
         plain_loss, plain_grads = step(model, batch, dtype)
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=5e-2)
-    assert torch.allclose(loss, plain_loss, **tol), (loss, plain_loss)
     assert grads.keys() == plain_grads.keys() and grads
+    if dtype == torch.float32:
+        assert torch.allclose(loss, plain_loss, atol=1e-5, rtol=1e-4), (loss, plain_loss)
+        for name in grads:
+            assert torch.allclose(grads[name], plain_grads[name], atol=1e-5, rtol=1e-4), name
+        return
+    # bf16 rounds differently on the two paths: compare against the gradient's own size
+    assert torch.allclose(loss, plain_loss, rtol=1e-2), (loss, plain_loss)
     for name in grads:
-        assert torch.allclose(grads[name].float(), plain_grads[name].float(), **tol), name
+        g, plain = grads[name].float(), plain_grads[name].float()
+        assert (g - plain).norm() <= 0.03 * plain.norm(), (name, ((g - plain).norm() / plain.norm()).item())
 
 
 @pytest.mark.parametrize("kind", ["llama", "t5-v1.1"])
@@ -70,7 +78,8 @@ def test_generation_gives_the_same_tokens_with_the_switch_off(kind, converted_di
 def test_the_switch_really_switches(converted_dir, monkeypatch):
     """Off, none of the fast functions runs: the plain path is what is compared above."""
     calls = []
-    fast_functions = {"RMSNormFunction", "SiluMulFunction", "TakeRows", "ExplicitAttention", "LowRankUpdate"}
+    fast_functions = {"RMSNormFunction", "SiluMulFunction", "TakeRows", "ExplicitAttention", "LowRankUpdate",
+                      "LinearCrossEntropy"}
     for name in fast_functions:
         real = getattr(fast, name).apply
         monkeypatch.setattr(getattr(fast, name), "apply",
