@@ -273,10 +273,12 @@ class ExplicitAttention(torch.autograd.Function):
         dy = grad.reshape(B, nkv, H // nkv * T, hs)
         dv = p.transpose(-1, -2) @ dy                                         # summed over the group
         dp = (dy @ v.transpose(-1, -2)).float().view_as(probs)
-        dscores = probs * (dp - (dp * probs).sum(-1, keepdim=True))          # softmax backward
-        ds = (dscores * ctx.scale).to(q.dtype).view(B, nkv, -1, S)
-        dq = (ds @ k).view(B, H, T, hs)
-        dk = ds.transpose(-1, -2) @ q.reshape(B, nkv, -1, hs)
+        # softmax backward, probs * (dp - sum(dp * probs)), in one pass; the scale goes on
+        # the (T, hs) products below rather than on the (T, S) scores
+        dscores = torch._softmax_backward_data(dp, probs, -1, torch.float32)
+        ds = dscores.to(q.dtype).view(B, nkv, -1, S)
+        dq = (ds @ k).view(B, H, T, hs) * ctx.scale
+        dk = (ds.transpose(-1, -2) @ q.reshape(B, nkv, -1, hs)) * ctx.scale
         dmask = None
         # a trained additive bias (T5, full FT)
         if ctx.needs_input_grad[3]:
