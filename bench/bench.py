@@ -5,9 +5,11 @@ weights.BASES (gemma3, qwen2.5): minipt through its converted checkpoint in `wei
 through `from_pretrained(..., gguf_file=...)`.
 Sections (`--only`, comma-separated; default train,generate):
 
-  train     one training step (forward + backward + AdamW step + zero_grad) on the sentiment
-            task's real batches (batch 16, built by minipt's `collate` from the same `Batches`
-            indices, so both sides get the same token ids), loss on the label token only.
+  train     one training step (forward + backward + AdamW step + zero_grad), per `--shapes`:
+            `sentiment`, the sentiment task's real batches (batch 16, built by minipt's
+            `collate` from the same `Batches` indices, so both sides get the same token ids),
+            loss on the label token only; `text-BxT`, the generation shape: B rows of T tokens
+            of the xsum task's articles and summaries, loss on every token.
             Soft prompt (20 tokens, text init), P-tuning v2 / prefix without projection (20
             tokens) and LoRA (r 8, alpha 16, q_proj + v_proj). Configurations: minipt bf16 (its
             default: bf16 frozen weights, fp32 method parameters and AdamW state), the same with
@@ -25,9 +27,10 @@ Sections (`--only`, comma-separated; default train,generate):
             bf16 products), against peft fp32; its tokens may differ from fp32's. "+compiled":
             minipt's one-token step is torch.compile'd (generation.compile_decoding), in the
             warm-up calls; the table gives their time.
-  scaling   soft-prompt step time against sequence length and batch size (synthetic token
-            batches), minipt bf16 against peft's faster dtype in the train section (else
-            `--peft-dtype`, default fp32); a log-log plot to `--plot`.
+  scaling   soft-prompt step time against sequence length and batch size, and peak RSS
+            against length (synthetic token batches, loss on every token), minipt bf16
+            against peft's faster dtype in the train section (else `--peft-dtype`, default
+            fp32); a log-log plot to `--plot`.
   accuracy  time to accuracy: minipt's default `train.py` run against peft running the same
             recipe in fp32 (20 tokens, text init, AdamW 3e-2, warmup + linear decay, clip 1.0,
             200 steps of 16), test accuracy by rank classification every `--eval-every` steps,
@@ -37,6 +40,7 @@ Sections (`--only`, comma-separated; default train,generate):
     python bench/bench.py --only train,generate,scaling,accuracy --json bench/results.json
     python bench/bench.py --only scaling --plot bench/scaling.png
     python bench/bench.py --only train --steps 2 --methods prompt_tuning        # smoke check
+    python bench/bench.py --only train --shapes text-8x128,text-4x512 --steps 3 --warmup 1
     python bench/bench.py --only scaling --scaling-lengths 64,128 --scaling-batches 1,4 --scaling-steps 1
     python bench/bench.py --only accuracy --accuracy-steps 4 --eval-every 2 --test-rows 64
 
@@ -97,6 +101,9 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every configuration this often, alternating order")
     ap.add_argument("--methods", default=",".join(METHODS), help="train section: from " + ",".join(METHODS))
+    ap.add_argument("--shapes", default="sentiment",
+                    help="train section: batch shapes, from sentiment and text-BxT (B rows of T tokens, "
+                         "loss on every token), comma-separated")
     # generate
     ap.add_argument("--gen-repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -114,7 +121,7 @@ def parse_args(argv=None):
                     help="peft side: transformers generate with peft's prompt as input embeddings (default), "
                          "or peft's own generate (see SoftPromptGenerate)")
     # scaling
-    ap.add_argument("--scaling-lengths", default="64,128,256,512,1024")
+    ap.add_argument("--scaling-lengths", default="64,128,256,512,1024,2048")
     ap.add_argument("--scaling-batches", default="1,4,16")
     ap.add_argument("--scaling-batch", type=int, default=4, help="the fixed batch of the length sweep")
     ap.add_argument("--scaling-len", type=int, default=128, help="the fixed length of the batch sweep")
@@ -134,10 +141,12 @@ def parse_args(argv=None):
     ap.add_argument("--side", choices=["minipt", "minipt-compiled", "peft"], default=None,
                     help=argparse.SUPPRESS)
     ap.add_argument("--method", choices=list(METHODS), default="prompt_tuning", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", default="sentiment", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS)) + sorted(set(args.methods.split(",")) - set(METHODS))
+    unknown += [s for s in args.shapes.split(",") if s != "sentiment" and text_shape(s) is None]
     if unknown:
         ap.error(f"unknown section or method {unknown[0]!r}")
     for entry in args.gen_dtypes.split(","):
@@ -328,6 +337,40 @@ def sentiment_batches(tok, n: int, cfg=DEFAULTS):
             for _ in range(n)]
 
 
+def text_shape(shape: str):
+    """"text-8x128" -> (8, 128); None if the name is not of that form."""
+    try:
+        B, T = map(int, shape.removeprefix("text-").split("x")) if shape.startswith("text-") else (0, 0)
+    except ValueError:
+        return None
+    return (B, T) if B > 0 and T > 1 else None
+
+
+def text_batches(tok, n: int, B: int, T: int):
+    """n batches of B rows of T tokens: the xsum task's training rows, article then summary as
+    its template writes them, cut to T tokens (shorter rows left-padded), loss on every token."""
+    task = load_task("xsum")
+    texts = (encode_text(tok, task.template.format(input=r["input"]) + r["target"])
+             for r in task.splits["train"])
+    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    batches = []
+    for _ in range(n):
+        rows = [next(texts)[:T + 1] for _ in range(B)]
+        idx = torch.full((B, T), pad)
+        targets = torch.full((B, T), -100)
+        mask = torch.zeros(B, T, dtype=torch.long)
+        for b, ids in enumerate(rows):
+            ids = torch.tensor(ids)
+            n_in = len(ids) - 1
+            idx[b, T - n_in:], targets[b, T - n_in:], mask[b, T - n_in:] = ids[:-1], ids[1:], 1
+        batches.append({"idx": idx, "targets": targets, "attention_mask": mask})
+    return batches
+
+
+def shape_batches(tok, shape: str, n: int):
+    return sentiment_batches(tok, n) if shape == "sentiment" else text_batches(tok, n, *text_shape(shape))
+
+
 # --------------------------------------------------------------------------- workers (one configuration each)
 
 def train_worker(args) -> dict:
@@ -336,7 +379,7 @@ def train_worker(args) -> dict:
     loss_fn, params, cfg, tok = build_side(args.side, args.method, getattr(torch, args.dtype))
     # loading alone (minipt reads fp32 and casts; transformers dequantizes)
     load_peak = peak_rss_gb()
-    batches = sentiment_batches(tok, args.warmup + args.steps)
+    batches = shape_batches(tok, args.shape, args.warmup + args.steps)
     optimizer = make_optimizer(DEFAULTS, params)   # AdamW, lr 3e-2, weight decay 0.01
     steps, initial_loss = [], None
     for i, batch in enumerate(batches):
@@ -354,7 +397,8 @@ def train_worker(args) -> dict:
             n_targets = int((batch["targets"] != -100).sum())
             steps.append({"seconds": seconds, "tokens": sum(lengths), "loss": loss.item(),
                           "flops": train_flops(cfg, lengths, n_targets, args.method)})
-    return {"side": args.side, "method": args.method, "dtype": args.dtype, "initial_loss": initial_loss,
+    return {"side": args.side, "method": args.method, "dtype": args.dtype, "shape": args.shape,
+            "initial_loss": initial_loss,
             "first_step_s": first_step_s, "steps": steps,
             "trainable": sum(p.numel() for p in params),
             "param_dtypes": sorted({str(p.dtype) for p in params}),
@@ -362,16 +406,17 @@ def train_worker(args) -> dict:
 
 
 def synthetic_batch(B: int, T: int, vocab: int, seed: int = 0) -> dict:
-    """B rows of T random tokens, no padding, a loss on the last position only."""
+    """B rows of T random tokens, no padding, a loss on every position (the generation shape)."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, vocab, (B, T), generator=g)
-    targets = torch.full((B, T), -100)
-    targets[:, -1] = torch.randint(0, vocab, (B,), generator=g)
+    targets = torch.randint(0, vocab, (B, T), generator=g)
     return {"idx": idx, "targets": targets, "attention_mask": torch.ones(B, T, dtype=torch.long)}
 
 
 def scaling_worker(args) -> dict:
-    """Median soft-prompt step time at each (batch, length) point of both sweeps."""
+    """Median soft-prompt step time at each (batch, length) point of both sweeps, and the peak
+    RSS so far after each: the length sweep runs first, shortest first, so there it is the
+    point's own peak."""
     torch.manual_seed(0)
     loss_fn, params, cfg, _ = build_side(args.side, "prompt_tuning", getattr(torch, args.dtype))
     optimizer = make_optimizer(DEFAULTS, params)
@@ -390,12 +435,12 @@ def scaling_worker(args) -> dict:
             optimizer.zero_grad(set_to_none=True)
             if i > 0:
                 times.append(time.perf_counter() - t0)
-        measured[(B, T)] = times
-        print(f"  {args.side} {args.dtype}: batch {B} x {T} tokens: {statistics.median(times):.3f} s/step",
-              file=sys.stderr, flush=True)
+        measured[(B, T)] = times, peak_rss_gb()
+        print(f"  {args.side} {args.dtype}: batch {B} x {T} tokens: {statistics.median(times):.3f} s/step, "
+              f"peak RSS {measured[(B, T)][1]:.2f} GB", file=sys.stderr, flush=True)
     return {"side": args.side, "dtype": args.dtype,
-            "points": [{"batch": B, "length": T, "seconds": statistics.median(ts), "all": ts}
-                       for (B, T), ts in measured.items()]}
+            "points": [{"batch": B, "length": T, "seconds": statistics.median(ts), "all": ts, "peak_rss_gb": rss}
+                       for (B, T), (ts, rss) in measured.items()]}
 
 
 @torch.no_grad()
@@ -476,10 +521,11 @@ def accuracy_worker(args) -> dict:
             "curve": curve, "peak_rss_gb": peak_rss_gb()}
 
 
-def run_worker(args, kind: str, side: str, method: str = "prompt_tuning", dtype: str = "bfloat16") -> dict:
+def run_worker(args, kind: str, side: str, method: str = "prompt_tuning", dtype: str = "bfloat16",
+               shape: str = "sentiment") -> dict:
     """One configuration in a fresh Python process; its last stdout line is the JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--side", side,
-           "--base", args.base, "--method", method, "--dtype", dtype, "--steps", str(args.steps),
+           "--base", args.base, "--method", method, "--dtype", dtype, "--shape", shape, "--steps", str(args.steps),
            "--warmup", str(args.warmup),
            "--scaling-lengths", args.scaling_lengths, "--scaling-batches", args.scaling_batches,
            "--scaling-batch", str(args.scaling_batch), "--scaling-len", str(args.scaling_len),
@@ -497,14 +543,19 @@ def run_worker(args, kind: str, side: str, method: str = "prompt_tuning", dtype:
 # --------------------------------------------------------------------------- sections
 
 def train_section(args, info) -> dict:
+    """{shape: the shape's table} for every shape of --shapes."""
+    return {shape: train_shape(args, info, shape) for shape in args.shapes.split(",")}
+
+
+def train_shape(args, info, shape: str) -> dict:
     methods = args.methods.split(",")
     configs = [(m, side, dtype) for m in methods for side, dtype in TRAIN_CONFIGS]
     runs = {c: [] for c in configs}
     for r in range(args.rounds):
         for m, side, dtype in configs if r % 2 == 0 else configs[::-1]:
-            print(f"train: {METHODS[m]}, {side} {dtype} (round {r + 1}/{args.rounds})",
+            print(f"train {shape}: {METHODS[m]}, {side} {dtype} (round {r + 1}/{args.rounds})",
                   file=sys.stderr, flush=True)
-            runs[(m, side, dtype)].append(run_worker(args, "train", side, m, dtype))
+            runs[(m, side, dtype)].append(run_worker(args, "train", side, m, dtype, shape))
     rows = []
     for (m, side, dtype), results in runs.items():
         steps = [s for res in results for s in res["steps"]]
@@ -531,7 +582,9 @@ def train_section(args, info) -> dict:
                      "rss_vs_best": ours["peak_rss_gb"] / best["peak_rss_gb"],
                      **{f"rss_vs_{r['dtype']}": ours["peak_rss_gb"] / r["peak_rss_gb"] for r in peft_rows}}
 
-    print(f"\ntraining step, sentiment batches of {DEFAULTS.batch_size}, loss on the label token, "
+    what = (f"sentiment batches of {DEFAULTS.batch_size}, loss on the label token" if shape == "sentiment"
+            else "batches of {} x {} tokens of xsum text, loss on every token".format(*text_shape(shape)))
+    print(f"\ntraining step, {what}, "
           f"median of {args.steps} steps x {args.rounds} round(s) after {args.warmup} warm-up")
     print(f"{'method':<13}{'config':<25}{'step 1 s':>9}{'step s':>8}{'tok/s':>9}{'RSS GB':>8}{'MFU':>7}"
           f"{'MFU own':>9}{'loss 0':>10}{'trainable':>11}")
@@ -638,20 +691,28 @@ def scaling_section(args, peft_dtype: str) -> dict:
              "peft": run_worker(args, "scaling", "peft", dtype=peft_dtype)}
     sweeps = {"length": [(args.scaling_batch, int(T)) for T in args.scaling_lengths.split(",")],
               "batch": [(int(B), args.scaling_len) for B in args.scaling_batches.split(",")]}
-    seconds = {side: {(p["batch"], p["length"]): p["seconds"] for p in res["points"]}
-               for side, res in sides.items()}
+    points = {side: {(p["batch"], p["length"]): p for p in res["points"]} for side, res in sides.items()}
     out = {"peft_dtype": peft_dtype, "sides": sides, "sweeps": {}}
-    print(f"\nsoft-prompt training step (s), synthetic batches, median of {args.scaling_steps}; "
-          f"minipt bf16 vs peft {peft_dtype}; ratio = peft time / minipt time")
-    for name, points in sweeps.items():
+    print(f"\nsoft-prompt training step, synthetic batches, loss on every token, median of "
+          f"{args.scaling_steps}; minipt bf16 vs peft {peft_dtype}; time ratio = peft / minipt, "
+          f"RSS ratio = minipt / peft (peak RSS: the length sweep only)")
+    for name, sweep in sweeps.items():
         fixed = f"batch {args.scaling_batch}" if name == "length" else f"length {args.scaling_len}"
-        print(f"{name + ' (' + fixed + ')':<22}{'minipt':>10}{'peft':>10}{'ratio':>8}")
+        print(f"{name + ' (' + fixed + ')':<22}{'minipt s':>10}{'peft s':>10}{'ratio':>8}"
+              + (f"{'minipt GB':>11}{'peft GB':>9}{'ratio':>7}" if name == "length" else ""))
         table = []
-        for B, T in points:
-            ours, theirs = seconds["minipt"][(B, T)], seconds["peft"][(B, T)]
-            table.append({"batch": B, "length": T, "minipt_s": ours, "peft_s": theirs,
-                          "speedup": theirs / ours})
-            print(f"{(T if name == 'length' else B):<22}{ours:>10.3f}{theirs:>10.3f}{theirs / ours:>7.2f}x")
+        for B, T in sweep:
+            ours, theirs = points["minipt"][(B, T)], points["peft"][(B, T)]
+            row = {"batch": B, "length": T, "minipt_s": ours["seconds"], "peft_s": theirs["seconds"],
+                   "speedup": theirs["seconds"] / ours["seconds"],
+                   "minipt_rss_gb": ours["peak_rss_gb"], "peft_rss_gb": theirs["peak_rss_gb"]}
+            table.append(row)
+            line = (f"{(T if name == 'length' else B):<22}{row['minipt_s']:>10.3f}{row['peft_s']:>10.3f}"
+                    f"{row['speedup']:>7.2f}x")
+            if name == "length":
+                line += (f"{row['minipt_rss_gb']:>11.2f}{row['peft_rss_gb']:>9.2f}"
+                         f"{row['minipt_rss_gb'] / row['peft_rss_gb']:>6.2f}x")
+            print(line)
         out["sweeps"][name] = table
     out["plot"] = str(args.plot) if plot_scaling(out, args, peft_dtype) else None
     print(f"plot: {out['plot'] or 'none (matplotlib is not installed)'}")
@@ -659,6 +720,7 @@ def scaling_section(args, peft_dtype: str) -> dict:
 
 
 def plot_scaling(result, args, peft_dtype) -> bool:
+    """Step time against length and batch, and peak RSS against length: log-log, both sides."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -666,23 +728,27 @@ def plot_scaling(result, args, peft_dtype) -> bool:
         from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (name, table) in zip(axes, result["sweeps"].items()):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = [("length", "s", "step time (s)"), ("length", "rss_gb", "peak RSS (GB)"),
+              ("batch", "s", "step time (s)")]
+    for ax, (name, what, ylabel) in zip(axes, panels):
+        table = result["sweeps"][name]
         x = [row[name] for row in table]
-        ax.plot(x, [row["minipt_s"] for row in table], marker="o", label="minipt bf16")
-        ax.plot(x, [row["peft_s"] for row in table], marker="s", label=f"peft {peft_dtype}")
+        ax.plot(x, [row[f"minipt_{what}"] for row in table], marker="o", label="minipt bf16")
+        ax.plot(x, [row[f"peft_{what}"] for row in table], marker="s", label=f"peft {peft_dtype}")
         fixed = f"batch {args.scaling_batch}" if name == "length" else f"length {args.scaling_len}"
         ax.set(xscale="log", yscale="log", xlabel="sequence length" if name == "length" else "batch size",
-               ylabel="step time (s)", title=f"soft prompt training step, {fixed}")
+               ylabel=ylabel, title=f"soft prompt training step, {fixed}")
         ax.set_xticks(x, [str(v) for v in x])
         ax.xaxis.set_minor_formatter(NullFormatter())
-        times = [row[k] for row in table for k in ("minipt_s", "peft_s")]
-        minor = "23456789" if max(times) < 10 * min(times) else "235"    # which minor ticks get a label
+        ys = [row[f"{side}_{what}"] for row in table for side in ("minipt", "peft")]
+        minor = "23456789" if max(ys) < 10 * min(ys) else "235"          # which minor ticks get a label
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))                       # 0.1, 1, 10
         ax.yaxis.set_minor_formatter(
             FuncFormatter(lambda v, _, m=minor: f"{v:g}" if f"{v:.0e}"[0] in m else ""))
         ax.grid(alpha=0.3, which="both")
         ax.legend()
+    fig.suptitle("loss on every token; " + cpu_name(), fontsize=9)
     fig.tight_layout()
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.plot, dpi=110)
@@ -738,8 +804,9 @@ def main(argv=None):
         results["generate"] = [generate_section(args, d) for d in args.gen_dtypes.split(",")]
     if "scaling" in args.sections:
         peft_dtype = args.peft_dtype or "float32"
-        if args.peft_dtype is None and "train" in results and "prompt_tuning" in results["train"]["ratios"]:
-            peft_dtype = results["train"]["ratios"]["prompt_tuning"]["peft_best_dtype"]
+        first = next(iter(results["train"].values()), {}) if "train" in results else {}
+        if args.peft_dtype is None and "prompt_tuning" in first.get("ratios", {}):
+            peft_dtype = first["ratios"]["prompt_tuning"]["peft_best_dtype"]
         results["scaling"] = scaling_section(args, peft_dtype)
     if "accuracy" in args.sections:
         results["accuracy"] = accuracy_section(args)

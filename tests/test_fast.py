@@ -41,6 +41,7 @@ CASES = [(m, d) for m in METHODS for d in (torch.float32, torch.bfloat16)
 @pytest.mark.parametrize("method, dtype", CASES, ids=[f"{m}-{str(d)[6:]}" for m, d in CASES])
 def test_a_training_step_is_the_same_with_the_switch_off(method, dtype, kind, converted_dir, monkeypatch):
     monkeypatch.setattr(fast, "LOGITS_PER_CHUNK", 1000)      # the LM head's loss in chunks of a few rows
+    monkeypatch.setattr(fast, "QUERY_BLOCK", 4)              # attention in blocks of queries
     config = PromptConfig.for_method(method, num_virtual_tokens=4, init="random", encoder_hidden=16,
                                      projection_hidden=16, adapter_layers=1, lora_r=2)
     model = attach(load_model(converted_dir(kind), dtype=dtype), config).train()

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minipt import fast
 from minipt.fast import ExplicitAttention, RMSNormFunction, SiluMulFunction
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -58,9 +59,11 @@ def plain_attention(q, k, v, mask, scale):
     return scores.softmax(-1).to(q.dtype) @ v
 
 
+@pytest.mark.parametrize("block", [64, 2])   # one block of queries; blocks of 2 over the keys each sees
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["gqa-causal-padded", "mha-no-mask", "trained-bias", "per-head-mask"])
-def test_explicit_attention(dtype, case):
+def test_explicit_attention(dtype, case, block, monkeypatch):
+    monkeypatch.setattr(fast, "QUERY_BLOCK", block)
     B, H, T, S, hs = 2, 6, 5, 8, 4
     nkv = 2 if case.startswith("gqa") else H
     q, k, v = (rand(B, H, T, hs, dtype=dtype, seed=4), rand(B, nkv, S, hs, dtype=dtype, seed=5),
