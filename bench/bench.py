@@ -52,6 +52,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -339,16 +340,14 @@ def sentiment_batches(tok, n: int, cfg=DEFAULTS):
 
 def text_shape(shape: str):
     """"text-8x128" -> (8, 128); None if the name is not of that form."""
-    try:
-        B, T = map(int, shape.removeprefix("text-").split("x")) if shape.startswith("text-") else (0, 0)
-    except ValueError:
-        return None
-    return (B, T) if B > 0 and T > 1 else None
+    m = re.fullmatch(r"text-(\d+)x(\d+)", shape)
+    return (int(m[1]), int(m[2])) if m and int(m[1]) > 0 and int(m[2]) > 1 else None
 
 
 def text_batches(tok, n: int, B: int, T: int):
     """n batches of B rows of T tokens: the xsum task's training rows, article then summary as
-    its template writes them, cut to T tokens (shorter rows left-padded), loss on every token."""
+    its template writes them, cut to T tokens (shorter rows left-padded to the longest), loss on
+    every token."""
     task = load_task("xsum")
     texts = (encode_text(tok, task.template.format(input=r["input"]) + r["target"])
              for r in task.splits["train"])
@@ -356,13 +355,8 @@ def text_batches(tok, n: int, B: int, T: int):
     batches = []
     for _ in range(n):
         rows = [next(texts)[:T + 1] for _ in range(B)]
-        idx = torch.full((B, T), pad)
-        targets = torch.full((B, T), -100)
-        mask = torch.zeros(B, T, dtype=torch.long)
-        for b, ids in enumerate(rows):
-            ids = torch.tensor(ids)
-            n_in = len(ids) - 1
-            idx[b, T - n_in:], targets[b, T - n_in:], mask[b, T - n_in:] = ids[:-1], ids[1:], 1
+        idx, mask = pad_batch([r[:-1] for r in rows], pad)
+        targets, _ = pad_batch([r[1:] for r in rows], -100)
         batches.append({"idx": idx, "targets": targets, "attention_mask": mask})
     return batches
 
@@ -439,7 +433,8 @@ def scaling_worker(args) -> dict:
         print(f"  {args.side} {args.dtype}: batch {B} x {T} tokens: {statistics.median(times):.3f} s/step, "
               f"peak RSS {measured[(B, T)][1]:.2f} GB", file=sys.stderr, flush=True)
     return {"side": args.side, "dtype": args.dtype,
-            "points": [{"batch": B, "length": T, "seconds": statistics.median(ts), "all": ts, "peak_rss_gb": rss}
+            "points": [{"batch": B, "length": T, "seconds": statistics.median(ts), "all": ts,
+                        "peak_rss_gb": rss}
                        for (B, T), (ts, rss) in measured.items()]}
 
 
@@ -525,8 +520,8 @@ def run_worker(args, kind: str, side: str, method: str = "prompt_tuning", dtype:
                shape: str = "sentiment") -> dict:
     """One configuration in a fresh Python process; its last stdout line is the JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--side", side,
-           "--base", args.base, "--method", method, "--dtype", dtype, "--shape", shape, "--steps", str(args.steps),
-           "--warmup", str(args.warmup),
+           "--base", args.base, "--method", method, "--dtype", dtype, "--shape", shape,
+           "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--scaling-lengths", args.scaling_lengths, "--scaling-batches", args.scaling_batches,
            "--scaling-batch", str(args.scaling_batch), "--scaling-len", str(args.scaling_len),
            "--scaling-steps", str(args.scaling_steps), "--accuracy-steps", str(args.accuracy_steps),

@@ -176,19 +176,12 @@ class Unpadded:
 LOGITS_PER_CHUNK = 1 << 23            # ~32 MB of fp32 logits at a time
 
 
-def linear_cross_entropy(x, weight, targets):
-    """F.cross_entropy(F.linear(x, weight).float(), targets), the mean over the N rows of x
-    (N, C), targets (N,) all set; plain where autograd records neither x nor weight."""
-    if not training(x, weight):
-        return F.cross_entropy(F.linear(x, weight).float(), targets)
-    return LinearCrossEntropy.apply(x, weight, targets)
-
-
 class LinearCrossEntropy(torch.autograd.Function):
-    """The loss and, in the same pass, its gradients, LOGITS_PER_CHUNK logits at a time: each
-    chunk's logits go as soon as their gradient (softmax - one-hot) / N has been multiplied
-    back. Rounded as autograd would: logits and their gradient in the model's dtype for the
-    products, softmax in fp32."""
+    """F.cross_entropy(F.linear(x, weight).float(), targets), the mean over the N rows of x
+    (N, C), targets (N,) all set (GPT._head's plain formula), and in the same pass its
+    gradients, LOGITS_PER_CHUNK logits at a time: each chunk's logits go as soon as their
+    gradient (softmax - one-hot) / N has been multiplied back. Rounded as autograd would:
+    logits and their gradient in the model's dtype for the products, softmax in fp32."""
 
     @staticmethod
     def forward(ctx, x, weight, targets):
@@ -310,10 +303,11 @@ class ExplicitAttention(torch.autograd.Function):
         for start, end, n in ctx.blocks:
             Tb = end - start
             qb, kb, vb = q[:, :, start:end], k[:, :, :n], v[:, :, :n]
-            probs = _attention_probs(qb, kb, _mask_block(mask, start, end, n), ctx.scale)  # (B, nkv, g, Tb, n)
-            p = probs.to(q.dtype).view(B, nkv, -1, n)                                       # (B, nkv, g*Tb, n)
+            block_mask = _mask_block(mask, start, end, n)
+            probs = _attention_probs(qb, kb, block_mask, ctx.scale)               # (B, nkv, g, Tb, n) fp32
+            p = probs.to(q.dtype).view(B, nkv, -1, n)                             # (B, nkv, g*Tb, n)
             dy = grad[:, :, start:end].reshape(B, nkv, H // nkv * Tb, hs)
-            dv_block = p.transpose(-1, -2) @ dy                                              # summed over the group
+            dv_block = p.transpose(-1, -2) @ dy                                   # summed over the group
             dp = (dy @ vb.transpose(-1, -2)).float().view_as(probs)
             # softmax backward, probs * (dp - sum(dp * probs)), in one pass; the scale goes on
             # the (Tb, hs) products below rather than on the (Tb, n) scores

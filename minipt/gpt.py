@@ -155,9 +155,11 @@ class GPT(nn.Module):
         """(logits, loss) from the final hidden states (B, T, C)."""
         if loss_only and targets is not None:
             keep = targets != -100                                           # (B, T)
-            if type(self.lm_head) is Linear:                                 # not wrapped, by LoRA say
-                return None, fast.linear_cross_entropy(x[keep], self.lm_head.weight, targets[keep])
-            return None, F.cross_entropy(self.lm_head(x[keep]).float(), targets[keep])
+            x, targets = x[keep], targets[keep]                              # (N, C), (N,)
+            weight = self.lm_head.weight
+            if type(self.lm_head) is Linear and fast.training(x, weight):    # not wrapped, by LoRA say
+                return None, fast.LinearCrossEntropy.apply(x, weight, targets)
+            return None, F.cross_entropy(self.lm_head(x).float(), targets)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(x)                                             # (B, T, V)
