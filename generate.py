@@ -7,8 +7,9 @@
         --text $'Review: a gripping, funny film\nSentiment:' --labels " negative, positive"
 
 Several --text arguments run as one left-padded batch. With --chat the text is wrapped in
-the model's chat template (ChatML for SmolLM2-Instruct) and generation stops at its end
-of turn. T5 checkpoints take the text as encoder input ("translate English to German: ...").
+the model's chat template (ChatML for SmolLM2-Instruct; a plain "User: ...\nAssistant:"
+transcript for a pretrained model without one, such as Gemma 3 270M) and generation stops
+at its end of turn. T5 checkpoints take the text as encoder input ("translate English to German: ...").
 """
 import sys
 import time
@@ -140,7 +141,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     try:  # bad settings (--lookup with sampling, a context overflow) are generate's ValueErrors
         outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, eos_id=tok.eos_id, pad_id=pad or 0,
+                           top_k=args.top_k, top_p=args.top_p, pad_id=pad or 0,
+                           eos_id=tok.chat_stop_ids if args.chat else tok.eos_id,
                            seed=args.seed, lookup=args.lookup)
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -80,7 +80,8 @@ def pad_batch(rows: list[list[int]], pad_id: int, left: bool = True):
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
              top_p=None, eos_id=None, pad_id=0, seed=None, lookup=0) -> list[list[int]]:
-    """New tokens for each prompt (EOS excluded). `prompts` are lists of token ids.
+    """New tokens for each prompt (EOS excluded). `prompts` are lists of token ids; eos_id is an
+    id or a collection of ids (a chat's end of turn).
     lookup: greedy decoding of one prompt (decoder models) with drafts of up to this many
     tokens by prompt lookup (see `_lookup_steps`); 0 decodes one token per forward."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -99,13 +100,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         steps = _decoder_steps(model, prompts, max_new_tokens, pad_id, device, pick)
     else:
         steps = _encoder_decoder_steps(model, prompts, max_new_tokens, device, pick)
+    stop = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     out = [[] for _ in prompts]
     done = [False] * len(prompts)  # a Python list: indexing a tensor per row and step costs more
     try:
         for tokens in steps:
             for i, t in enumerate(tokens.tolist()):
                 if not done[i]:
-                    if t == eos_id:
+                    if t in stop:
                         done[i] = True
                     else:
                         out[i].append(t)

@@ -161,7 +161,9 @@ class GPT(nn.Module):
                 return None, fast.LinearCrossEntropy.apply(x, weight, targets)
             return None, F.cross_entropy(self.lm_head(x).float(), targets)
         if last_only:
-            x = x[:, -1:]
+            # contiguous: F.linear on a strided (B, 1, C) broadcasts the weight into a bmm,
+            # copying it B times (40 s for a batch of 32 on Qwen2.5's bf16 head, not 0.05 s)
+            x = x[:, -1:].contiguous()
         logits = self.lm_head(x)                                             # (B, T, V)
         loss = None
         if targets is not None:

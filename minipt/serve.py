@@ -361,10 +361,9 @@ class App:
     def stop_ids(self, chat: bool) -> set:
         """Token ids that end a row: EOS, and in chat also the template's end of turn."""
         tok = self.tokenizer
-        ids = {tok.eos_id} if tok.eos_id is not None else set()
-        if chat and "<|im_end|>" in getattr(tok, "special_tokens", {}):
-            ids.add(tok.special_tokens["<|im_end|>"])
-        return ids
+        if chat:
+            return tok.chat_stop_ids
+        return {tok.eos_id} if tok.eos_id is not None else set()
 
     def stats(self) -> dict:
         """GET /stats. batch_sizes: rows per decoding step (continuous) or per batch (static)."""

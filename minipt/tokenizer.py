@@ -468,6 +468,14 @@ class BPETokenizer:
             turns.append("<|im_start|>assistant\n")
         return "".join(turns)
 
+    @property
+    def chat_stop_ids(self) -> set:
+        """Ids that end a chat answer: EOS and ChatML's end of turn."""
+        ids = {self.eos_id} if self.eos_id is not None else set()
+        if "<|im_end|>" in self.special_tokens:
+            ids.add(self.special_tokens["<|im_end|>"])
+        return ids
+
     # ---- save
 
     def save(self, directory) -> None:
@@ -520,6 +528,14 @@ _SPACE_MARK = "\u2581"    # '▁': sentencepiece writes a space as this characte
 # Gemma's chat turns, for a GGUF that carries no template (the 270M one does not): BOS, then
 # <start_of_turn>{user|model}\n{text}<end_of_turn>\n per message, a system message joined to
 # the first user turn, and <start_of_turn>model\n to ask for the answer.
+def transcript_chat(messages, add_generation_prompt: bool = True) -> str:
+    """[{'role', 'content'}, ...] as a plain transcript, 'User: ...\\nAssistant:', the chat of a
+    pretrained model whose files hold no template: it never saw turn tokens but has read many
+    transcripts, and it ends its answer with the line (so the stop is any newline token)."""
+    lines = [f"{m['role'].capitalize()}: {m['content'].strip()}\n" for m in messages]
+    return "".join(lines) + ("Assistant:" if add_generation_prompt else "")
+
+
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}"
     "{% if m['role'] == 'system' %}{% set ns.system = m['content'] | trim ~ '\\n\\n' %}{% else %}"
@@ -597,7 +613,7 @@ class SentencePieceBPE:
                    pad_id=field("tokenizer.ggml.padding_token_id"),
                    unk_id=field("tokenizer.ggml.unknown_token_id"),
                    add_bos=bool(field("tokenizer.ggml.add_bos_token", True)),
-                   chat_template=field("tokenizer.chat_template", GEMMA_CHAT_TEMPLATE))
+                   chat_template=field("tokenizer.chat_template"))
 
     @classmethod
     def from_hf_json(cls, path):
@@ -717,16 +733,22 @@ class SentencePieceBPE:
 
     @property
     def chat_format(self) -> str | None:
-        """'gemma' when the template uses <start_of_turn> turns."""
-        return "gemma" if self.chat_template and "<start_of_turn>" in self.chat_template else None
+        """'gemma' when the template uses <start_of_turn> turns (the instruction-tuned models);
+        'transcript' when there is no template (the pretrained ones, such as the 270M GGUF)."""
+        if not self.chat_template:
+            return "transcript"
+        return "gemma" if "<start_of_turn>" in self.chat_template else None
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        """Render [{'role', 'content'}, ...] as Gemma's turns (GEMMA_CHAT_TEMPLATE): BOS first,
-        'assistant' written as 'model', a system message put in front of the first user turn."""
-        if self.chat_format != "gemma":
-            raise ValueError("this tokenizer has no Gemma chat template")
-        system = ""
+        """Render [{'role', 'content'}, ...] after BOS as Gemma's turns (GEMMA_CHAT_TEMPLATE:
+        'assistant' written as 'model', a system message put in front of the first user turn),
+        or without a template as a plain transcript (`transcript_chat`)."""
+        if self.chat_format is None:
+            raise ValueError("this tokenizer's chat template is not Gemma's")
         turns = [self._pieces[self.bos_id]] if self.bos_id is not None else []
+        if self.chat_format == "transcript":
+            return "".join(turns) + transcript_chat(messages, add_generation_prompt)
+        system = ""
         for m in messages:
             if m["role"] == "system":
                 system = m["content"].strip() + "\n\n"
@@ -737,6 +759,17 @@ class SentencePieceBPE:
         if add_generation_prompt:
             turns.append("<start_of_turn>model\n")
         return "".join(turns)
+
+    @property
+    def chat_stop_ids(self) -> set:
+        """Ids that end a chat answer: EOS, and Gemma's end of turn or, in a transcript, any
+        token holding a newline."""
+        ids = {self.eos_id} if self.eos_id is not None else set()
+        if self.chat_format == "gemma":
+            ids.add(self.special_tokens["<end_of_turn>"])
+        elif self.chat_format == "transcript":
+            ids |= {i for i, piece in self._pieces.items() if "\n" in piece}
+        return ids
 
     # ---- save
 

@@ -140,19 +140,35 @@ def hf_merges(directory):
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_chat_template(gemma_tok, hf_tok, add_generation_prompt):
-    """The GGUF has no template: minipt writes Gemma's turns, and its Jinja text (what a saved
-    directory gives transformers) renders the same."""
-    assert gemma_tok.chat_template == GEMMA_CHAT_TEMPLATE and gemma_tok.chat_format == "gemma"
+    """An instruction-tuned Gemma's turns: rendered in Python as GEMMA_CHAT_TEMPLATE's Jinja
+    text (what a saved directory gives transformers) renders them."""
+    it_tok = SentencePieceBPE(gemma_tok.vocab, gemma_tok.special_tokens, gemma_tok.added_tokens,
+                              bos_id=gemma_tok.bos_id, eos_id=gemma_tok.eos_id, add_bos=True,
+                              chat_template=GEMMA_CHAT_TEMPLATE)
+    assert it_tok.chat_format == "gemma"
     for messages in CONVERSATIONS:
-        ours = gemma_tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        ours = it_tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         assert ours == hf_tok.apply_chat_template(messages, chat_template=GEMMA_CHAT_TEMPLATE,
                                                   tokenize=False, add_generation_prompt=add_generation_prompt)
-    assert gemma_tok.apply_chat_template(CONVERSATIONS[1]) == (
+    assert it_tok.apply_chat_template(CONVERSATIONS[1]) == (
         "<bos><start_of_turn>user\nAnswer briefly.\n\n2+2?<end_of_turn>\n"
         "<start_of_turn>model\n4<end_of_turn>\n"
         "<start_of_turn>user\nAnd 3+3?\nThanks.<end_of_turn>\n<start_of_turn>model\n")
-    chat = gemma_tok.apply_chat_template(CONVERSATIONS[0])
-    assert encode_prompt(gemma_tok, chat).count(2) == 1  # the template's BOS, none added twice
+    chat = it_tok.apply_chat_template(CONVERSATIONS[0])
+    assert encode_prompt(it_tok, chat).count(2) == 1  # the template's BOS, none added twice
+    assert it_tok.chat_stop_ids == {gemma_tok.eos_id, gemma_tok.special_tokens["<end_of_turn>"]}
+
+
+def test_pretrained_chat_is_a_transcript(gemma_tok):
+    """The 270M GGUF is the pretrained model and holds no template: a chat is a plain
+    transcript after BOS, and any newline token ends the answer."""
+    assert gemma_tok.chat_template is None and gemma_tok.chat_format == "transcript"
+    assert gemma_tok.apply_chat_template(CONVERSATIONS[1]) == (
+        "<bos>System: Answer briefly.\nUser: 2+2?\nAssistant: 4\nUser: And 3+3?\nThanks.\nAssistant:")
+    newline = gemma_tok.encode("\n")
+    assert len(newline) == 1 and newline[0] in gemma_tok.chat_stop_ids
+    assert gemma_tok.eos_id in gemma_tok.chat_stop_ids
+    assert not set(gemma_tok.encode("The capital of France is Paris.")) & gemma_tok.chat_stop_ids
 
 
 # --------------------------------------------------------------------------- the real model
@@ -234,15 +250,17 @@ def test_soft_prompt_from_text_is_that_text(gemma_model):
 
 
 def test_generate_cli(gemma_dir):
-    """Plain text answers (BOS put first by encode_prompt); --chat runs Gemma's turns."""
+    """Plain text answers (BOS put first by encode_prompt), and --chat, as a transcript, answers
+    and stops at the end of its line."""
     ask = lambda *extra: subprocess.run(
         [sys.executable, "generate.py", "--base", str(gemma_dir), "--max-new-tokens", "6", *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     run = ask("--text", "Question: What is the capital of France?\nAnswer:")
     assert run.returncode == 0, run.stderr
     assert re.search(r"\bParis\b", run.stdout), run.stdout
-    run = ask("--chat", "--text", "What is the capital of France?")
-    assert run.returncode == 0 and run.stdout.strip(), run.stderr
+    run = ask("--chat", "--text", "What is the capital of France?", "--max-new-tokens", "32")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "The capital of France is Paris.", run.stdout
 
 
 # --------------------------------------------------------------------------- tiny random Gemma 3
