@@ -497,6 +497,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     ap.add_argument("--seeds", type=int, default=None,
                     help="seeds per method (default: 3, or 2 with --quick)")
+    ap.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
+                    help="this method's runs at this learning rate instead of its recipe's")
     args = ap.parse_args(argv)
     experiments = [e.strip() for e in args.only.split(",") if e.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -504,6 +506,15 @@ def main(argv=None):
         bad = [x for x in name if x not in known]
         if bad:
             ap.error(f"unknown {bad[0]!r}; choose from {', '.join(known)}")
+    lrs = {}
+    for given in args.lr:
+        method, _, lr = given.partition("=")
+        if method not in METHOD_NAMES:
+            ap.error(f"--lr {given!r}: unknown method; choose from {', '.join(METHOD_NAMES)}")
+        try:
+            lrs[method] = float(lr)
+        except ValueError:
+            ap.error(f"--lr {given!r}: METHOD=LR, LR a number")
     size = QUICK if args.quick else FULL
     if args.seeds is not None:
         size = dataclasses.replace(size, seeds=args.seeds)
@@ -520,6 +531,9 @@ def main(argv=None):
     test_sets = {t: [json.loads(line) for line in open(f / "test.jsonl", encoding="utf-8")]
                  for t, f in folders.items()}
     runs = plan(experiments, size, methods)
+    for run in runs:
+        if run.settings["method"] in lrs:
+            run.settings["lr"] = lrs[run.settings["method"]]
     print(f"{len(runs)} training runs in {work / 'runs'}; "
           f"{sum((work / 'runs' / r.name / 'result.json').exists() for r in runs)} already done", flush=True)
 
