@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 BASE := weights/smollm2-135m-instruct
 
-.PHONY: run test venv weights bench clean
+.PHONY: run test venv weights bench bench-deps clean
 
 venv: .venv/installed
 .venv/installed: setup.cfg
@@ -27,6 +27,10 @@ test: venv
 
 bench: weights
 	$(PY) bench/bench.py
+
+# llama.cpp, the peer of bench/bench_generate.py at batch 1: built from source (~6 min)
+bench-deps: venv
+	$(PY) -m pip install -q -e '.[bench]'
 
 clean:
 	rm -rf .venv weights/downloads $(BASE)

@@ -1,4 +1,6 @@
-"""Greedy decoding speed: minipt `generate` against transformers `model.generate`.
+"""Greedy decoding speed: minipt `generate` against transformers `model.generate`, and at
+batch 1 against llama.cpp (llama-cpp-python, built by `make bench-deps`), the engine people
+use for 4-bit decoding on a CPU, reading the GGUF itself.
 
 Both sides load the same GGUF (SmolLM2-135M-Instruct unless `--base` names another of
 weights.BASES; minipt through its converted checkpoint in `weights/`) and produce exactly
@@ -24,7 +26,7 @@ cache (what decoding computes), against the fp32 model's, next to the bf16 model
 with --compile, the compiled packed step's). Compiling happens in the warm-up calls, off
 the clock; the table gives each case's minipt warm-up time.
 
-Threads are torch's defaults; the count is printed with the results.
+Threads are torch's defaults; llama.cpp gets as many; the count is printed with the results.
 """
 import argparse
 import json
@@ -57,6 +59,14 @@ BATCH_PROMPTS = [  # lengths 2 to ~30 tokens, so left padding really happens
 ]
 
 
+def _version(package):
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per side and case")
@@ -68,6 +78,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true",
                     help="minipt's one-token step is torch.compile'd (minipt.generation.compile_decoding)")
     ap.add_argument("--base", choices=list(BASES), default=BASE, help="the base both sides load")
+    ap.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false",
+                    help="leave out llama.cpp (by default it decodes batch 1 beside transformers)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     return ap.parse_args(argv)
 
@@ -108,19 +120,55 @@ def timed(fn):
     return time.perf_counter() - t0, out
 
 
-def bench_case(name, run_minipt, run_hf, n_tokens, repeats):
+def llama_cpp_runner(prompt, new_tokens, threads):
+    """A zero-argument callable decoding `prompt` (token ids) greedily for exactly new_tokens
+    tokens with llama.cpp (llama-cpp-python) on the base's own GGUF, as its one row; None
+    when llama-cpp-python is not installed (`make bench-deps` builds it)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama.cpp column skipped: llama-cpp-python is not installed (make bench-deps)", flush=True)
+        return None
+    llm = Llama(model_path=str(base_gguf(BASE)), n_ctx=len(prompt) + new_tokens + 8, n_threads=threads,
+                n_threads_batch=threads, n_batch=512, verbose=False)
+
+    def run_llama_cpp():
+        out = []
+        # generate() never stops by itself (EOS included): the loop takes exactly new_tokens
+        for t in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            out.append(t)
+            if len(out) == new_tokens:
+                break
+        return [out]
+
+    return run_llama_cpp
+
+
+def bench_case(name, run_minipt, run_hf, n_tokens, repeats, run_llama_cpp=None):
+    """Median tokens/s of each side over `repeats` timed calls in rotating order, after one
+    warm-up call each; llama.cpp is the optional third side."""
+    sides = [("minipt", run_minipt), ("transformers", run_hf)]
+    if run_llama_cpp is not None:
+        sides.append(("llama.cpp", run_llama_cpp))
     warmup_s, ours_out = timed(run_minipt)     # warm-up (compiling, if any); also the outputs we compare
-    hf_out = run_hf()
-    for rows in (ours_out, hf_out):
+    outputs = {"minipt": ours_out, **{side: fn() for side, fn in sides[1:]}}
+    for rows in outputs.values():
         assert all(len(r) == len(rows[0]) for r in rows), "a side stopped early"
-    times = {"minipt": [], "transformers": []}
+    hf_out = outputs["transformers"]
+    times = {side: [] for side, _ in sides}
     for i in range(repeats):
-        order = [("minipt", run_minipt), ("transformers", run_hf)]
-        for side, fn in order if i % 2 == 0 else order[::-1]:
+        for side, fn in sides[i % len(sides):] + sides[:i % len(sides)]:
             times[side].append(timed(fn)[0])
     tps = {side: [n_tokens / t for t in ts] for side, ts in times.items()}
     med = {side: statistics.median(v) for side, v in tps.items()}
-    return {
+    peer = {}
+    if run_llama_cpp is not None:
+        peer = {"llama_cpp_tok_s": med["llama.cpp"], "llama_cpp_ratio": med["minipt"] / med["llama.cpp"],
+                "llama_cpp_paired_ratio": statistics.median(
+                    a / b for a, b in zip(tps["minipt"], tps["llama.cpp"])),
+                "llama_cpp_identical": ours_out == outputs["llama.cpp"],
+                "llama_cpp_tok_s_all": tps["llama.cpp"]}
+    return {**peer,
         "case": name,
         "new_tokens_total": n_tokens,
         "minipt_tok_s": med["minipt"],
@@ -139,12 +187,20 @@ def bench_case(name, run_minipt, run_hf, n_tokens, repeats):
 def print_cases(cases, peer: str) -> None:
     """The table of bench_case results: tokens/s of both sides, ratios, identical rows."""
     head = f"{peer} tok/s"
+    llama = any("llama_cpp_tok_s" in c for c in cases)
     print(f"{'case':<24}{'minipt tok/s':>14}{head:>{len(head) + 2}}{'ratio':>8}{'paired':>8}{'identical':>11}"
-          f"{'minipt warm-up':>16}")
+          + (f"{'llama.cpp tok/s':>17}{'ratio':>8}{'paired':>8}{'identical':>11}" if llama else "")
+          + f"{'minipt warm-up':>16}")
     for c in cases:
         same = f"{c['identical_rows']}/{c['rows']} rows" if c["rows"] > 1 else str(c["identical"])
-        print(f"{c['case']:<24}{c['minipt_tok_s']:>14.1f}{c['transformers_tok_s']:>{len(head) + 2}.1f}"
-              f"{c['ratio']:>7.2f}x{c['paired_ratio']:>7.2f}x{same:>11}{c['minipt_warmup_s']:>15.1f}s")
+        line = (f"{c['case']:<24}{c['minipt_tok_s']:>14.1f}{c['transformers_tok_s']:>{len(head) + 2}.1f}"
+                f"{c['ratio']:>7.2f}x{c['paired_ratio']:>7.2f}x{same:>11}")
+        if "llama_cpp_tok_s" in c:
+            line += (f"{c['llama_cpp_tok_s']:>17.1f}{c['llama_cpp_ratio']:>7.2f}x{c['llama_cpp_paired_ratio']:>7.2f}x"
+                     f"{str(c['llama_cpp_identical']):>11}")
+        elif llama:
+            line += " " * 44
+        print(line + f"{c['minipt_warmup_s']:>15.1f}s")
 
 
 def next_token_logprobs(model, seqs):
@@ -197,13 +253,17 @@ def main(argv=None):
         if len(prompts) != b:
             raise SystemExit(f"batch size {b}: only 1 and up to {len(BATCH_PROMPTS)} are set up")
         run_minipt, run_hf = runners(ours, hf, prompts, args.new_tokens, tok.pad_id)
+        # llama.cpp decodes one sequence at a time: batch 1 only
+        run_llama_cpp = (llama_cpp_runner(prompts[0], args.new_tokens, torch.get_num_threads())
+                         if b == 1 and args.llama_cpp else None)
         name = f"batch {b}" + (" (left padded)" if b > 1 else "")
-        cases.append(bench_case(name, run_minipt, run_hf, b * args.new_tokens, args.repeats))
+        cases.append(bench_case(name, run_minipt, run_hf, b * args.new_tokens, args.repeats, run_llama_cpp))
 
     import transformers
     info = {"dtype": args.dtype, "packed": fidelity, "compiled": args.compile, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "llama_cpp": _version("llama-cpp-python")}
     how = args.dtype + (", minipt packed" if args.packed else "") + (", compiled" if args.compile else "")
     print(f"\ngreedy, {args.new_tokens} new tokens per row, {how}, median of {args.repeats}, "
           f"{info['threads']} threads (torch {info['torch']}, transformers {info['transformers']})\n")
