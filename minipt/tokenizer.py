@@ -525,9 +525,7 @@ class BPETokenizer:
 
 _SPACE_MARK = "\u2581"    # '▁': sentencepiece writes a space as this character inside its pieces
 
-# Gemma's chat turns, for a GGUF that carries no template (the 270M one does not): BOS, then
-# <start_of_turn>{user|model}\n{text}<end_of_turn>\n per message, a system message joined to
-# the first user turn, and <start_of_turn>model\n to ask for the answer.
+
 def transcript_chat(messages, add_generation_prompt: bool = True) -> str:
     """[{'role', 'content'}, ...] as a plain transcript, 'User: ...\\nAssistant:', the chat of a
     pretrained model whose files hold no template: it never saw turn tokens but has read many
@@ -536,6 +534,9 @@ def transcript_chat(messages, add_generation_prompt: bool = True) -> str:
     return "".join(lines) + ("Assistant:" if add_generation_prompt else "")
 
 
+# Gemma's chat turns, as the instruction-tuned models' template writes them (apply_chat_template
+# renders them in Python): BOS, then <start_of_turn>{user|model}\n{text}<end_of_turn>\n per
+# message, a system message joined to the first user turn, <start_of_turn>model\n to answer.
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}"
     "{% if m['role'] == 'system' %}{% set ns.system = m['content'] | trim ~ '\\n\\n' %}{% else %}"
