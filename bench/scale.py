@@ -108,6 +108,9 @@ def plot(rows, path: Path) -> bool:
                 ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=LABELS[m],
                             ls="--" if m == "zero_shot" else "-")
         ax.set_xscale("log")
+        sizes = {r["parameters"]: r["base"] for r in rows}     # every base on both panels' axes
+        ax.set_xticks(sorted(sizes), [f"{sizes[n]}\n{n / 1e6:.0f} M" for n in sorted(sizes)])
+        ax.minorticks_off()
         ax.set_xlabel("base parameters")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(task)
