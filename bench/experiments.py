@@ -514,7 +514,9 @@ def main(argv=None):
         try:
             lrs[method] = float(lr)
         except ValueError:
-            ap.error(f"--lr {given!r}: METHOD=LR, LR a number")
+            lrs[method] = 0.0                                    # refused just below
+        if not lrs[method] > 0:                                  # nan too
+            ap.error(f"--lr {given!r}: METHOD=LR, LR a number above 0")
     size = QUICK if args.quick else FULL
     if args.seeds is not None:
         size = dataclasses.replace(size, seeds=args.seeds)

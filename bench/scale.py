@@ -99,6 +99,7 @@ def plot(rows, path: Path) -> bool:
     except ImportError:
         return False
     fig, axes = plt.subplots(1, len(TASKS), figsize=(11, 4))
+    sizes = {r["parameters"]: r["base"] for r in rows}         # every base on both panels' axes
     for ax, task in zip(axes, TASKS):
         for m in ("zero_shot",) + METHODS:
             pts = sorted((r["parameters"], 100 * r["accuracy"], 100 * r["accuracy_std"])
@@ -108,7 +109,6 @@ def plot(rows, path: Path) -> bool:
                 ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=LABELS[m],
                             ls="--" if m == "zero_shot" else "-")
         ax.set_xscale("log")
-        sizes = {r["parameters"]: r["base"] for r in rows}     # every base on both panels' axes
         ax.set_xticks(sorted(sizes), [f"{sizes[n]}\n{n / 1e6:.0f} M" for n in sorted(sizes)])
         ax.minorticks_off()
         ax.set_xlabel("base parameters")
@@ -129,10 +129,10 @@ def markdown(report) -> str:
              f"Made by `{report['command']}` at commit `{report['commit']}`"
              f"{' (with uncommitted changes)' if report['dirty'] else ''} on {report['machine']}, "
              "1 torch thread per run; 200 steps of 16, 800 test rows per task, "
-             "mean ± std where more than one seed is done. A blank cell: not run yet. "
-             "The recipes' learning rates, but "
-             + "; ".join(f"{LABELS[m]} on {b} at {lr:g}" for b, d in LR.items() for m, lr in d.items())
-             + ".\n"]
+             "mean ± std where more than one seed is done. A blank cell: not run yet."
+             + "".join(f" {LABELS[m].capitalize()} on {b} at lr {lr:g}, not its recipe's." for b, d in LR.items()
+                       for m, lr in d.items() if b in bases)
+             + "\n"]
     for task in TASKS:
         cells = {(r["base"], r["method"]): r for r in rows if r["task"] == task}
         header = ["method"] + [f"{b} ({next(r['parameters'] for r in rows if r['base'] == b) / 1e6:.0f} M)"

@@ -769,8 +769,14 @@ class SentencePieceBPE:
         if self.chat_format == "gemma":
             ids.add(self.special_tokens["<end_of_turn>"])
         elif self.chat_format == "transcript":
-            ids |= {i for i, piece in self._pieces.items() if "\n" in piece}
+            ids |= self._newline_ids
         return ids
+
+    @functools.cached_property
+    def _newline_ids(self) -> frozenset:
+        """Every token holding a newline: a scan of the whole vocabulary (~10 ms on Gemma's
+        262,144), done once rather than for every chat request."""
+        return frozenset(i for i, piece in self._pieces.items() if "\n" in piece)
 
     # ---- save
 
