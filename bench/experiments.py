@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,7 @@ from minipt.prompts.base import METHODS as METHOD_NAMES, drop_unread  # noqa: E4
 from minipt.tasks import BUILTIN, load_task  # noqa: E402
 
 EXPERIMENTS = ("methods", "init", "length", "ensemble", "interpretation")
+CKPT_INTERVAL = 25  # steps; an interrupted run (full fine-tuning of a big base: hours) continues
 
 # Method settings besides each method's recipe (learning rate, warm-up, adapter layers), which
 # train.py takes from each method class's recipe(): every prompt is 20 tokens, initialised from the
@@ -107,7 +109,7 @@ def make_run(task, method, seed, size: Size, init="text", length=None) -> Run:
     settings = dict(method=method, seed=seed, steps=size.steps[task], batch_size=size.batch_size[task],
                     max_len=TASKS[task]["max_len"], template=BUILTIN[task][1],
                     init="text", init_text=TASKS[task]["init_text"], schedule="linear",
-                    eval_interval=0, ckpt_interval=0, log_interval=10)  # test only at the end; no checkpoints
+                    eval_interval=0, ckpt_interval=CKPT_INTERVAL, log_interval=10)  # test only at the end
     settings.update(METHODS[method])
     name = f"{task}-{method}-s{seed}"
     length = length or settings.get("num_virtual_tokens")
@@ -175,9 +177,12 @@ def train(run: Run, base: str, data: Path, work: Path, threads: int) -> dict:
     if done.exists():
         return json.loads(done.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    # overwrite: a run without result.json was interrupted; it starts again from scratch
+    # a run without result.json was interrupted: it continues from its last checkpoint, or
+    # starts again when it saved none
+    saved = out / "checkpoint.pt"
+    again = {"resume": True} if saved.exists() else {"overwrite": True}
     (out / "settings.py").write_text(settings_file({**run.settings, "base": base, "data": str(data),
-                                                    "out_dir": str(out), "overwrite": True}))
+                                                    "out_dir": str(out), **again}))
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(out / "settings.py")], cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": str(threads)},
@@ -195,8 +200,12 @@ def train(run: Run, base: str, data: Path, work: Path, threads: int) -> dict:
                   trainable_parameters=read_prompt(prompt)[0]["trainable_parameters"],
                   train_seconds=test["train_seconds"], peak_rss_gb=test["peak_rss_gb"],
                   prompt_file_bytes=prompt.stat().st_size, process_seconds=time.perf_counter() - started)
+    resumed = re.search(r"resumed from .* at step (\d+)", proc.stdout)
+    if resumed:  # the times above are then those of the last part only
+        result["resumed_at_step"] = int(resumed.group(1))
     if run.settings["method"] == "full":
         prompt.unlink()  # a whole fp32 copy of the model; its size is recorded above
+    saved.unlink(missing_ok=True)  # only needed until the run is complete
     # written last and whole: its presence means the run is complete
     atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
     return result

@@ -1,14 +1,19 @@
 """bench/experiments.py end to end at its --quick size, on a tiny random Llama with SmolLM2's
 vocabulary: every experiment runs through train.py and its outputs hold what they claim."""
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import save_tiny_hf, tiny_hf_model
+from minipt.tensorfile import read_tensors
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
 import experiments  # noqa: E402
 from experiments import INITS  # noqa: E402
 
@@ -132,3 +137,30 @@ def test_scale_report_from_the_runs_done(quick_run, monkeypatch, tmp_path):
     for r in report["methods"]:
         assert experiments.pct(r["accuracy"]) in text
     assert scale.plot(rows, tmp_path / "scale.png") and (tmp_path / "scale.png").stat().st_size > 0
+
+
+def test_interrupted_run_continues_from_its_checkpoint(quick_run, monkeypatch, tmp_path):
+    """A run stopped after a checkpoint and before its result continues from that checkpoint
+    (full fine-tuning of a big base takes hours) and ends as a run never stopped."""
+    root, _ = quick_run
+    monkeypatch.setattr(experiments, "CKPT_INTERVAL", 1)
+    run = experiments.make_run("sentiment", "prompt_tuning", 0, experiments.QUICK)
+    data = root / "work" / "data" / "sentiment"
+    straight = experiments.train(run, str(root / "base"), data, tmp_path / "straight", threads=1)
+    assert "resumed_at_step" not in straight
+
+    # stopped at the end, before experiments.py wrote result.json: its last checkpoint is step 2
+    out = tmp_path / "stopped" / "runs" / run.name
+    out.mkdir(parents=True)
+    (out / "settings.py").write_text(experiments.settings_file(
+        {**run.settings, "base": str(root / "base"), "data": str(data), "out_dir": str(out)}))
+    subprocess.run([sys.executable, str(ROOT / "train.py"), str(out / "settings.py")], cwd=ROOT,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True)
+    assert (out / "checkpoint.pt").exists() and not (out / "result.json").exists()
+
+    resumed = experiments.train(run, str(root / "base"), data, tmp_path / "stopped", threads=1)
+    assert resumed["resumed_at_step"] == run.settings["steps"] - 1
+    assert resumed["accuracy"] == straight["accuracy"]
+    a, b = (read_tensors(tmp_path / d / "runs" / run.name / "prompt.safetensors") for d in ("straight", "stopped"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (out / "checkpoint.pt").exists()  # not kept once the run is complete
