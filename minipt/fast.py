@@ -193,11 +193,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, rows):
             xs, ts = x[s:s + rows], targets[s:s + rows]
             logits = F.linear(xs, weight).float()                                  # (rows, V)
-            lse = logits.logsumexp(-1, keepdim=True)
-            loss += (lse.squeeze(1) - logits.gather(1, ts[:, None]).squeeze(1)).sum()
-            grad = logits.sub_(lse).exp_()                                         # softmax, in place
-            grad[torch.arange(len(ts), device=x.device), ts] -= 1
-            grad = grad.div_(N).to(x.dtype)
+            # logsumexp written out, in place: its own would take two more passes over the logits
+            top = logits.amax(-1, keepdim=True)
+            picked = logits.gather(1, ts[:, None])
+            grad = logits.sub_(top).exp_()
+            total = grad.sum(-1, keepdim=True)
+            loss += (top + total.log() - picked).sum()
+            grad = grad.div_(total * N)                                            # softmax / N
+            grad[torch.arange(len(ts), device=x.device), ts] -= 1 / N
+            grad = grad.to(x.dtype)
             if dx is not None:
                 dx[s:s + rows] = grad @ weight
             if dw is not None:
