@@ -8,7 +8,7 @@
 
 Several --text arguments run as one left-padded batch. With --chat the text is wrapped in
 the model's chat template (ChatML for SmolLM2-Instruct; a plain "User: ...\nAssistant:"
-transcript for a pretrained model without one, such as Gemma 3 270M) and generation stops
+transcript for a pretrained model without one, such as Gemma 3 270M or GPT-2) and generation stops
 at its end of turn. T5 checkpoints take the text as encoder input ("translate English to German: ...").
 """
 import sys

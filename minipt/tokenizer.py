@@ -446,8 +446,11 @@ class BPETokenizer:
 
     @property
     def chat_format(self) -> str | None:
-        """'chatml' when the model's template uses <|im_start|>/<|im_end|> turns."""
-        return "chatml" if self.chat_template and "<|im_start|>" in self.chat_template else None
+        """'chatml' when the model's template uses <|im_start|>/<|im_end|> turns; 'transcript'
+        when there is no template (a pretrained model such as GPT-2)."""
+        if not self.chat_template:
+            return "transcript"
+        return "chatml" if "<|im_start|>" in self.chat_template else None
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
         """Render [{'role', 'content'}, ...] as ChatML, as SmolLM2-Instruct's template does:
@@ -455,10 +458,13 @@ class BPETokenizer:
             <|im_start|>{role}\\n{content}<|im_end|>\\n   per message,
             <|im_start|>assistant\\n                       when add_generation_prompt,
 
-        with the template's default system message first when the chat has none.
+        with the template's default system message first when the chat has none; without a
+        template, a plain transcript (`transcript_chat`).
         """
+        if self.chat_format == "transcript":
+            return transcript_chat(messages, add_generation_prompt)
         if self.chat_format != "chatml":
-            raise ValueError("this tokenizer has no ChatML chat template")
+            raise ValueError("this tokenizer's chat template is not ChatML")
         default_system = _CHATML_SYSTEM.search(self.chat_template)
         turns = []
         if messages and messages[0]["role"] != "system" and default_system:
@@ -470,11 +476,19 @@ class BPETokenizer:
 
     @property
     def chat_stop_ids(self) -> set:
-        """Ids that end a chat answer: EOS and ChatML's end of turn."""
+        """Ids that end a chat answer: EOS, and ChatML's end of turn or, in a transcript, any
+        token holding a newline."""
         ids = {self.eos_id} if self.eos_id is not None else set()
-        if "<|im_end|>" in self.special_tokens:
+        if self.chat_format == "transcript":
+            ids |= self._newline_ids
+        elif "<|im_end|>" in self.special_tokens:
             ids.add(self.special_tokens["<|im_end|>"])
         return ids
+
+    @functools.cached_property
+    def _newline_ids(self) -> frozenset:
+        """Every token holding a newline, scanned once rather than for every chat request."""
+        return frozenset(i for i, piece in self._id_to_bytes.items() if b"\n" in piece)
 
     # ---- save
 

@@ -5,6 +5,7 @@ GPT-2 tiktoken ranks, SmolLM2-135M-Instruct GGUF, T5 spiece.model + tokenizer.js
 a few thousand seeded random strings that mix scripts, emoji, whitespace, numbers, code,
 contractions, punctuation and special-token text.
 """
+import copy
 import random
 import re
 import unicodedata
@@ -362,10 +363,23 @@ def test_chat_template_matches_transformers(smollm, hf_smollm, tmp_path, add_gen
     assert "named SmolLM" not in smollm.apply_chat_template(CONVERSATIONS[1])
 
 
-def test_no_chat_template(gpt2):
-    assert gpt2.chat_format is None
-    with pytest.raises(ValueError, match="no ChatML chat template"):
-        gpt2.apply_chat_template([{"role": "user", "content": "hi"}])
+def test_pretrained_chat_is_a_transcript(gpt2):
+    """GPT-2 holds no template: a chat is a plain transcript and any newline token ends it."""
+    assert gpt2.chat_template is None and gpt2.chat_format == "transcript"
+    assert gpt2.apply_chat_template(CONVERSATIONS[1]) == (
+        "System: Answer briefly.\nUser: 2+2?\nAssistant: 4\nUser: And 3+3?\nThanks.\nAssistant:")
+    for text in ("\n", ".\n\n", " Paris.\n"):
+        assert gpt2.encode(text)[-1] in gpt2.chat_stop_ids
+    assert gpt2.eos_id in gpt2.chat_stop_ids
+    assert not set(gpt2.encode("The capital of France is Paris.")) & gpt2.chat_stop_ids
+
+
+def test_a_template_not_chatml_is_refused(gpt2):
+    other = copy.copy(gpt2)
+    other.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+    assert other.chat_format is None
+    with pytest.raises(ValueError, match="not ChatML"):
+        other.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
 # --------------------------------------------------------------------------- bad input
