@@ -271,8 +271,9 @@ def _mask_block(mask, start, end, keys):
 def _block_scores(qs, k, mask, lo):
     """A block's scores (q * scale) k^T + mask in fp32, (B, nkv, groups, Tb, n), the query heads
     that share a kv head stacked as extra rows of one matmul instead of repeating the keys. The
-    scale goes on q (the smaller operand), and a keep-mask's -inf is filled in place, only from
-    column lo on: a causal block hides nothing left of its diagonal."""
+    scale goes on q (the smaller operand; exact for the power-of-two scales of 64- and 256-wide
+    heads), and a keep-mask's -inf is filled in place, only from column lo on: a causal block
+    hides nothing left of its diagonal."""
     B, H, Tb, hs = qs.shape
     nkv, n = k.size(1), k.size(2)
     scores = (qs.reshape(B, nkv, H // nkv * Tb, hs) @ k.transpose(-1, -2)).float().view(B, nkv, H // nkv, Tb, n)
