@@ -81,7 +81,9 @@ def read_checkpoint(path: Path) -> dict:
     """What save_checkpoint wrote, unpickled with weights_only=True: a file that would build
     any other object (and so could run code) is refused, not loaded."""
     try:
-        state = load_pickle(path)
+        # mapped: a full fine-tuning checkpoint (7.5 GB for Qwen2.5) is read from the file as
+        # it is restored rather than held whole in memory beside what it restores
+        state = load_pickle(path, mapped=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no checkpoint to resume from") from None
     except ValueError:
