@@ -81,8 +81,9 @@ def read_checkpoint(path: Path) -> dict:
     """What save_checkpoint wrote, unpickled with weights_only=True: a file that would build
     any other object (and so could run code) is refused, not loaded."""
     try:
-        # mapped: a full fine-tuning checkpoint (7.5 GB for Qwen2.5) is read from the file as
-        # it is restored rather than held whole in memory beside what it restores
+        # mapped: a full fine-tuning checkpoint (7.5 GB for Qwen2.5) stays file cache the
+        # kernel can drop, not memory of the process's own beside what it restores (peak
+        # RSS still counts the pages read)
         state = load_pickle(path, mapped=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no checkpoint to resume from") from None
