@@ -237,7 +237,8 @@ def methods_rows(results, size, methods, n_params, test_sets):
                              trainable_parameters=rs[0]["trainable_parameters"],
                              share=rs[0]["trainable_parameters"] / n_params,
                              train_seconds=statistics.mean(r["train_seconds"] for r in rs),
-                             peak_rss_gb=max(r["peak_rss_gb"] for r in rs),
+                             peak_rss_gb=max((r["peak_rss_gb"] for r in rs if r["peak_rss_gb"] is not None),
+                                             default=None),  # runs kept without it
                              prompt_file_bytes=rs[0]["prompt_file_bytes"], majority=majority))
     return rows, per_seed
 

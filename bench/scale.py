@@ -11,7 +11,8 @@ while the bigger bases are still training:
     python bench/scale.py --report-only          # the table and plot from the runs done
     python bench/scale.py --bases smollm2,qwen2.5 --seeds 3
 
-Writes bench/results/scale/: results.json, README.md (the table) and scale.png.
+Writes bench/results/scale/: runs.json (every run's result, kept in git so that a clean clone
+remakes the report and adds to it), results.json, README.md (the table) and scale.png.
 """
 import argparse
 import json
@@ -63,27 +64,47 @@ def run_base(base: str, methods, seeds: int, threads: int) -> None:
         sys.exit(f"error: the {base} runs failed; see the train.log of the last run in {work_dir(base)}/runs")
 
 
-def collect(bases, methods) -> list[dict]:
-    """One row per base, task and method (and zero-shot) from the result.json files found,
-    every seed that is done."""
+def restore(base: str, kept: list[dict]) -> None:
+    """Write the kept runs of `base` back as result.json files in its work folder, so that
+    experiments.py does not train them again on a clean clone."""
+    for r in kept:
+        done = work_dir(base) / "runs" / r["run"] / "result.json"
+        if r["base"] == base and not done.exists():
+            done.parent.mkdir(parents=True, exist_ok=True)
+            result = {k: v for k, v in r.items() if k not in ("base", "parameters")}
+            done.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def run_records(bases, methods, kept: list[dict]) -> list[dict]:
+    """One record per run done: those `kept` in the committed runs.json, with the result.json
+    files of this machine's work folders added (replacing a kept record of the same run)."""
+    records = {(r["base"], r["run"]): r for r in kept}
+    for base in bases:
+        found = [p for task in TASKS for m in methods
+                 for p in sorted((work_dir(base) / "runs").glob(f"{task}-{m}-s*/result.json"))]
+        if found:
+            n_params = parameters(checkpoint_dir(base))
+        for path in found:
+            r = json.loads(path.read_text())
+            records[base, r["run"]] = dict(base=base, parameters=n_params, **r)
+    return sorted(records.values(), key=lambda r: (r["base"], r["run"]))
+
+
+def collect(records, bases, methods) -> list[dict]:
+    """One row per base, task and method (and zero-shot): the mean over the seeds done."""
     rows = []
     for base in bases:
-        checkpoint = checkpoint_dir(base)
-        if not (checkpoint / "model.safetensors").exists():
-            continue
-        n_params = parameters(checkpoint)
         for task in TASKS:
-            found = {m: [json.loads(p.read_text())
-                         for p in sorted((work_dir(base) / "runs").glob(f"{task}-{m}-s*/result.json"))]
+            found = {m: [r for r in records if (r["base"], r["task"], r["method"]) == (base, task, m)]
                      for m in methods}
             done = [rs[0] for rs in found.values() if rs]
             if done:
-                rows.append(dict(base=base, parameters=n_params, task=task, method="zero_shot",
+                rows.append(dict(base=base, parameters=done[0]["parameters"], task=task, method="zero_shot",
                                  accuracy=done[0]["zero_shot"], accuracy_std=0.0, seeds=1))
             for m, rs in found.items():
                 if rs:
                     accs = [r["accuracy"] for r in rs]
-                    rows.append(dict(base=base, parameters=n_params, task=task, method=m,
+                    rows.append(dict(base=base, parameters=rs[0]["parameters"], task=task, method=m,
                                      accuracy=statistics.mean(accs), seeds=len(accs),
                                      accuracy_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
                                      trainable_parameters=rs[0]["trainable_parameters"],
@@ -160,19 +181,23 @@ def main(argv=None):
     for given, known in ((bases, BASES), (methods, LABELS)):
         if unknown := [x for x in given if x not in known]:
             ap.error(f"unknown {unknown[0]!r}; choose from {', '.join(known)}")
+    out = ROOT / args.results
+    kept = json.loads((out / "runs.json").read_text()) if (out / "runs.json").exists() else []
     if not args.report_only:
         for base in bases:
+            restore(base, kept)
             run_base(base, methods, args.seeds, args.threads)
+    records = run_records(bases, methods, kept)
     commit, dirty = git_commit()
     report = dict(command=" ".join(["python", "bench/scale.py"] + argv), commit=commit, dirty=dirty,
-                  machine=machine(), rows=collect(bases, methods))
-    out = ROOT / args.results
+                  machine=machine(), rows=collect(records, bases, methods))
     out.mkdir(parents=True, exist_ok=True)
+    (out / "runs.json").write_text(json.dumps(records, indent=1) + "\n")
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "README.md").write_text(markdown(report))
     plotted = plot(report["rows"], out / "scale.png")
     print(markdown(report))
-    print(f"wrote {out}: results.json, README.md{', scale.png' if plotted else ''}")
+    print(f"wrote {out}: runs.json, results.json, README.md{', scale.png' if plotted else ''}")
 
 
 if __name__ == "__main__":

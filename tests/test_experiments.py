@@ -127,7 +127,7 @@ def test_scale_report_from_the_runs_done(quick_run, monkeypatch, tmp_path):
     monkeypatch.setattr(scale, "work_dir", lambda base: root / "work")
     monkeypatch.setattr(scale, "checkpoint_dir", lambda base: root / "base")
     report = json.loads((root / "results" / "results.json").read_text())
-    rows = scale.collect(["smollm2"], METHODS)
+    rows = scale.collect(scale.run_records(["smollm2"], METHODS, []), ["smollm2"], METHODS)
     by_key = {(r["task"], r["method"]): r for r in rows}
     assert set(by_key) == {(t, m) for t in experiments.TASKS for m in ["zero_shot"] + METHODS}
     for r in report["methods"]:
@@ -137,6 +137,26 @@ def test_scale_report_from_the_runs_done(quick_run, monkeypatch, tmp_path):
     for r in report["methods"]:
         assert experiments.pct(r["accuracy"]) in text
     assert scale.plot(rows, tmp_path / "scale.png") and (tmp_path / "scale.png").stat().st_size > 0
+
+
+def test_scale_report_survives_a_clean_clone(quick_run, monkeypatch, tmp_path):
+    """The committed runs.json alone remakes the report (no work folder, no base weights), and
+    restored into an empty work folder it gives back each result.json, so nothing trains again."""
+    import scale
+    root, _ = quick_run
+    monkeypatch.setattr(scale, "checkpoint_dir", lambda base: root / "base")
+    monkeypatch.setattr(scale, "work_dir", lambda base: root / "work")
+    kept = json.loads(json.dumps(scale.run_records(["smollm2"], METHODS, [])))   # as read from disk
+    rows = scale.collect(kept, ["smollm2"], METHODS)
+    clean = tmp_path / "clean"
+    monkeypatch.setattr(scale, "checkpoint_dir", lambda base: clean / "no-weights")
+    monkeypatch.setattr(scale, "work_dir", lambda base: clean / "work")
+    assert scale.collect(scale.run_records(["smollm2"], METHODS, kept), ["smollm2"], METHODS) == rows
+    scale.restore("smollm2", kept)
+    restored = sorted((clean / "work" / "runs").glob("*/result.json"))
+    assert len(restored) == len(kept) > 0
+    for path in restored:
+        assert json.loads(path.read_text()) == json.loads((root / "work" / path.relative_to(clean / "work")).read_text())
 
 
 def test_interrupted_run_continues_from_its_checkpoint(quick_run, monkeypatch, tmp_path):
