@@ -95,9 +95,13 @@ def train(argv):
     say(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     say(f"task {task.name}: {len(train_rows)} train / {len(valid_rows)} validation / {len(test_rows)} test, "
         f"metric {metric}")
-    # before attach: LoRA changes the base
-    zero_shot = evaluate(base, test_rows, "zero-shot test") if main_process else None
-    if main_process:
+    # before attach: LoRA changes the base. A resumed run measured it before it stopped
+    # (minutes on a big base); checkpoints older than this key measure it again.
+    zero_shot = resumed.get("zero_shot") if resumed else None
+    if main_process and zero_shot is not None:
+        say(f"zero-shot test {metric}: {zero_shot:.4f} (from the checkpoint)")
+    elif main_process:
+        zero_shot = evaluate(base, test_rows, "zero-shot test")
         say(f"zero-shot test {metric}: {zero_shot:.4f}")
 
     # -- attach the method; only its parameters train, in fp32 --
@@ -190,7 +194,7 @@ def train(argv):
             _barrier(world)
         if cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done < cfg.steps:
             if main_process:
-                save_checkpoint(out / "checkpoint.pt", done, model, optimizer, batches)
+                save_checkpoint(out / "checkpoint.pt", done, model, optimizer, batches, zero_shot)
             last_saved = done
             _barrier(world)
     train_seconds = time.perf_counter() - t_start

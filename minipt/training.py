@@ -65,9 +65,10 @@ def all_sum(x: float, world: int) -> float:
 
 # ---- checkpoints ----------------------------------------------------------------------------
 
-def save_checkpoint(path: Path, step: int, model, optimizer, batches) -> None:
+def save_checkpoint(path: Path, step: int, model, optimizer, batches, zero_shot=None) -> None:
     state = {
         "step": step,
+        "zero_shot": zero_shot,  # the base's test score, so a resumed run need not measure it again
         "method": model.method.state_for_saving(),
         "optimizer": optimizer.state_dict(),
         "batches": batches.state(),

@@ -152,7 +152,7 @@ def test_prompt_transfer_starts_from_the_given_prompt(llama_dir, task_file, tmp_
                         method="prefix_tuning"))
 
 
-def test_resume_after_a_crash_is_exact(llama_dir, task_file, tmp_path, monkeypatch):
+def test_resume_after_a_crash_is_exact(llama_dir, task_file, tmp_path, monkeypatch, capsys):
     # dropout: the RNG must be restored too
     common = dict(steps=6, ckpt_interval=3, method="lora", lora_dropout=0.1)
     train.main(args(llama_dir, task_file, tmp_path / "straight", **common))
@@ -166,12 +166,16 @@ def test_resume_after_a_crash_is_exact(llama_dir, task_file, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         train.main(args(llama_dir, task_file, tmp_path / "crashed", **common))
     monkeypatch.setattr(train, "save_checkpoint", real_save)
+    capsys.readouterr()
     train.main(args(llama_dir, task_file, tmp_path / "crashed", resume=True, **common))
+    assert "(from the checkpoint)" in capsys.readouterr().out  # the base is not measured again
 
     a = load(tmp_path / "straight" / "prompt.safetensors", load_base(llama_dir)[0]).method.state_for_saving()
     b = load(tmp_path / "crashed" / "prompt.safetensors", load_base(llama_dir)[0]).method.state_for_saving()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert train_losses(tmp_path / "straight") == train_losses(tmp_path / "crashed")
+    straight, crashed = logged_test_row(tmp_path / "straight"), logged_test_row(tmp_path / "crashed")
+    assert (straight["zero_shot"], straight["accuracy"]) == (crashed["zero_shot"], crashed["accuracy"])
 
 
 def test_ddp_two_processes_equal_one(llama_dir, task_file, tmp_path):
