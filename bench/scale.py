@@ -150,7 +150,8 @@ def markdown(report) -> str:
              f"Made by `{report['command']}` at commit `{report['commit']}`"
              f"{' (with uncommitted changes)' if report['dirty'] else ''} on {report['machine']}, "
              "1 torch thread per run; 200 steps of 16, 800 test rows per task, "
-             "mean ± std where more than one seed is done. A blank cell: not run yet."
+             "mean ± std where more than one seed is done. A blank cell: not run yet; "
+             "`python bench/scale.py` runs what is missing. Every run's result: `runs.json`."
              + "".join(f" {LABELS[m].capitalize()} on {b} at lr {lr:g}, not its recipe's." for b, d in LR.items()
                        for m, lr in d.items() if b in bases)
              + "\n"]
