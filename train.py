@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from minipt.checkpoint import build_model, check_checkpoint, load_base
+from minipt.checkpoint import build_model, check_checkpoint, fast_dtype, load_base
 from minipt.data import Batches, TruncationWarning, collate, encode_text
 from minipt.evaluation import evaluate_generation, rank_classify
 from minipt.fileio import atomic_write
@@ -78,8 +78,11 @@ def train(argv):
 
         # -- the frozen base model --
         # a method that trains the base's weights keeps fp32 master weights
-        dtype = torch.float32 if method_class(cfg.method).trains_base else getattr(torch, cfg.dtype)
+        frozen = fast_dtype(cfg.device) if cfg.dtype == "auto" else cfg.dtype
+        dtype = torch.float32 if method_class(cfg.method).trains_base else getattr(torch, frozen)
         base, tok = load_base(cfg.base, dtype=dtype, device=cfg.device)
+        if cfg.dtype == "auto" and not method_class(cfg.method).trains_base:
+            say(f"dtype=auto: {frozen} on this {cfg.device}")
         is_t5 = base.config.model_type == "t5"
     template = cfg.template or task.template
     train_rows, test_rows = task.splits["train"], task.splits["test"]

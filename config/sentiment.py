@@ -11,5 +11,5 @@ steps = 200
 batch_size = 16
 lr = 3e-2
 optimizer = "adamw"
-dtype = "bfloat16"
+dtype = "auto"
 out_dir = "out/sentiment"

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_checkpoint, load_base
+from .checkpoint import check_checkpoint, fast_dtype, load_base
 from .data import with_bos
 from .cli import ArgumentParser
 from .generation import SettingError, check_context, check_sampling
@@ -605,7 +605,7 @@ def parse_args(argv=None):
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                    help="default bfloat16, or float32 with --packed")
+                    help="default: float32 with --packed, else bfloat16 where the hardware has it")
     ap.add_argument("--packed", action="store_true",
                     help="CPU: decode from the 4-bit codes of a checkpoint converted from GGUF Q4_1 "
                          "(minipt.packed)")
@@ -645,7 +645,7 @@ def check_args(args) -> None:
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    dtype = args.dtype or ("float32" if args.packed else "bfloat16")
+    dtype = args.dtype or ("float32" if args.packed else fast_dtype(args.device))
     try:
         check_args(args)
         server = make_server(args.base, args.prompts, args.host, args.port, getattr(torch, dtype),

@@ -18,7 +18,7 @@ from .tasks import BUILTIN
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "linear", "cosine")
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 NOT_EMPTY = ("method", "init", "base", "data", "out_dir", "optimizer", "schedule", "dtype", "device")
 
 
@@ -45,7 +45,7 @@ class TrainConfig(PromptConfig):
     adapter_layers: "int | None" = None  # None: the recipe's; negative: every layer but that many
     schedule: str = "linear"         # constant | linear | cosine (decay after warmup)
     grad_clip: float = 1.0           # max global grad norm; 0 disables
-    dtype: str = "bfloat16"          # frozen weights' dtype; method params and optimizer stay fp32
+    dtype: str = "auto"              # frozen weights' (auto: bfloat16 where the hardware has it, else float32)
     device: str = "cpu"              # cpu | cuda
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
     compile: bool = False            # torch.compile the blocks: faster steps after a 20-60 s first one

@@ -209,3 +209,17 @@ def test_help_describes_every_key(flag, capsys):
     undescribed = [k for k in described if not comments.get(k) or not described[k].endswith(comments[k])]
     assert not undescribed, f"no comment after these fields in PromptConfig / TrainConfig: {undescribed}"
     assert described["lr"].split()[1:5] == ["float", "|", "None", "(recipe)"]
+
+
+@pytest.mark.parametrize("capability, frozen", [("AVX2", "float32"), ("DEFAULT", "float32"),
+                                                ("AVX512", "bfloat16")])
+def test_dtype_auto_is_bf16_only_where_the_cpu_multiplies_it(capability, frozen, llama_dir, task_file,
+                                                             tmp_path, monkeypatch, capsys):
+    """On an AVX2-only CPU PyTorch multiplies bf16 in a scalar fallback, ~100x slower than fp32."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    loaded = []
+    real_load_base = train.load_base
+    monkeypatch.setattr(train, "load_base", lambda *a, **k: loaded.append(k["dtype"]) or real_load_base(*a, **k))
+    train.main(args(llama_dir, task_file, tmp_path, dtype="auto", steps=1, eval_interval=0))
+    assert loaded == [getattr(torch, frozen)]
+    assert f"dtype=auto: {frozen} on this cpu" in capsys.readouterr().out
