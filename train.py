@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from minipt.checkpoint import build_model, check_checkpoint, fast_dtype, load_base
+from minipt.checkpoint import build_model, check_checkpoint, load_base, resolve_dtype
 from minipt.data import Batches, TruncationWarning, collate, encode_text
 from minipt.evaluation import evaluate_generation, rank_classify
 from minipt.fileio import atomic_write
@@ -78,10 +78,11 @@ def train(argv):
 
         # -- the frozen base model --
         # a method that trains the base's weights keeps fp32 master weights
-        frozen = fast_dtype(cfg.device) if cfg.dtype == "auto" else cfg.dtype
-        dtype = torch.float32 if method_class(cfg.method).trains_base else getattr(torch, frozen)
-        base, tok = load_base(cfg.base, dtype=dtype, device=cfg.device)
-        if cfg.dtype == "auto" and not method_class(cfg.method).trains_base:
+        trains_base = method_class(cfg.method).trains_base
+        frozen = resolve_dtype(cfg.dtype, cfg.device)
+        base, tok = load_base(cfg.base, dtype=torch.float32 if trains_base else getattr(torch, frozen),
+                              device=cfg.device)
+        if cfg.dtype == "auto" and not trains_base:
             say(f"dtype=auto: {frozen} on this {cfg.device}")
         is_t5 = base.config.model_type == "t5"
     template = cfg.template or task.template

@@ -68,7 +68,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 from bench_generate import BATCH_PROMPTS, PROMPT, bench_case, print_cases, runners  # noqa: E402
-from minipt.checkpoint import fast_dtype, load_base  # noqa: E402
+from minipt.checkpoint import load_base, resolve_dtype  # noqa: E402
 from minipt.train_config import TrainConfig, parse_train_config  # noqa: E402
 from minipt.data import Batches, collate, encode_text  # noqa: E402
 from minipt.evaluation import rank_classify  # noqa: E402
@@ -488,7 +488,7 @@ def accuracy_worker(args) -> dict:
     task = load_task(cfg.data, seed=cfg.seed)
     train_rows, test_rows = task.splits["train"], task.splits["test"][:args.test_rows]
     if args.side == "minipt":
-        dtype = fast_dtype() if cfg.dtype == "auto" else cfg.dtype
+        dtype = resolve_dtype(cfg.dtype)
         model, params, tok = build_minipt("prompt_tuning", getattr(torch, dtype))
         loss_fn = lambda b: minipt_loss(model, b)
         evaluate = lambda: rank_classify(model, tok, test_rows, task.template, task.labels)[0]

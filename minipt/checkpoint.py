@@ -15,10 +15,12 @@ from .tensorfile import read_header, read_tensors
 CONVERTIBLE = (".gguf", ".safetensors", ".bin")   # files people pass where a checkpoint directory is expected
 
 
-def fast_dtype(device: str = "cpu") -> str:
-    """What dtype=auto means: bfloat16 where the hardware multiplies it (a GPU that supports
-    it; an x86 CPU with AVX-512 or AMX), else float32. On an AVX2-only CPU (AMD Zen 3, say)
-    PyTorch multiplies bf16 in a scalar fallback, about 100x slower than float32."""
+def resolve_dtype(name: str, device: str = "cpu") -> str:
+    """A dtype name with "auto" made concrete: bfloat16 where the hardware multiplies it (a GPU
+    that supports it; an x86 CPU with AVX-512 or AMX), else float32. On an AVX2-only CPU (AMD
+    Zen 3, say) PyTorch multiplies bf16 in a scalar fallback, about 100x slower than float32."""
+    if name != "auto":
+        return name
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     return "bfloat16" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "float32"

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_checkpoint, fast_dtype, load_base
+from .checkpoint import check_checkpoint, load_base, resolve_dtype
 from .data import with_bos
 from .cli import ArgumentParser
 from .generation import SettingError, check_context, check_sampling
@@ -645,7 +645,7 @@ def check_args(args) -> None:
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    dtype = args.dtype or ("float32" if args.packed else fast_dtype(args.device))
+    dtype = resolve_dtype(args.dtype or ("float32" if args.packed else "auto"), args.device)
     try:
         check_args(args)
         server = make_server(args.base, args.prompts, args.host, args.port, getattr(torch, dtype),
