@@ -284,7 +284,7 @@ def _per_row(value, B: int, name: str) -> list:
 
 @torch.inference_mode()
 def decode_steps(model, prompts: list[list[int]], max_new_tokens, *, temperature=0.0, top_k=None, top_p=None,
-                 eos_id=None, pad_id=0, seed=None, extra_positions=None):
+                 eos_id=None, pad_id=0, seed=None, extra_positions=None, with_logits=False):
     """Decode a batch one step at a time, each row with its own settings (a decoder-only model).
 
     max_new_tokens, temperature, top_k, top_p, seed and extra_positions take one value for
@@ -298,7 +298,8 @@ def decode_steps(model, prompts: list[list[int]], max_new_tokens, *, temperature
     its own seeded generator when it has a seed, so a row's sample does not depend on which
     other rows share its batch (`generate` draws the whole batch at once instead).
     extra_positions: the context each row's prompt method takes (virtual tokens, prefix);
-    by default the model's, the batch's longest.
+    by default the model's, the batch's longest. with_logits: yield (tokens, logits (B, V)), the
+    logits each row's token came from.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("decode_steps: every prompt needs at least one token")
@@ -344,7 +345,7 @@ def decode_steps(model, prompts: list[list[int]], max_new_tokens, *, temperature
                 out.append(t)
                 count[i] += 1
                 live[i] = t not in eos and count[i] < max_new[i]
-            yield out
+            yield (out, last) if with_logits else out
             if not any(live):
                 return
             # stopped rows keep decoding (their tokens are ignored): the static cache has a

@@ -118,11 +118,37 @@ class Stats:
                                    "request": _percentiles([c for _, _, c in lat])}}
 
 
+@dataclass
+class Scored:
+    """One token's log-probability under the row's model (fp32 log-softmax of its logits), and
+    the `top` most likely tokens at that place as [(id, logprob), ...]; None for a prompt's
+    first token, which nothing scores."""
+    token: int
+    logprob: "float | None"
+    top: "list | None"
+
+
+def score(logits, tokens, k: int) -> list:
+    """[Scored] of `tokens` (N,) under the logits (N, V) that chose them, each with its top k."""
+    lp = logits.float().log_softmax(-1)                                  # (N, V)
+    chosen = lp.gather(-1, tokens[:, None])[:, 0].tolist()
+    top_lp, top_ids = lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long())
+    return [Scored(t, c, list(zip(i, v))) for t, c, i, v in zip(tokens.tolist(), chosen, top_ids.tolist(),
+                                                                top_lp.tolist())]
+
+
 def _pick(row, logits, generator) -> int:
     """A row's next token from its (V,) logits: greedy, or sampled with its own settings."""
     if row.temperature <= 0:
         return int(logits.argmax())
     return int(sample_next(logits[None], row.temperature, row.top_k, row.top_p, generator)[0])
+
+
+def _score_one(row, logits, token: int):
+    """The row's Scored token from its (V,) logits, or None when it asked for no logprobs."""
+    if row.logprobs is None:
+        return None
+    return score(logits[None], torch.tensor([token], device=logits.device), row.logprobs)[0]
 
 
 def _generator(row, device):
@@ -137,6 +163,7 @@ class StaticScheduler:
     row with its own prompt, max_tokens and sampling settings. Rows arriving meanwhile wait
     for the next batch. Only this thread touches the KV cache."""
     name = "static"
+    states = None                 # no prompt states kept (see PromptStates)
 
     def __init__(self, app, max_batch: int = 16, window: float = 0.005, max_queue: int = 256):
         self.app, self.max_batch, self.window, self.max_queue = app, max_batch, window, max_queue
@@ -210,24 +237,28 @@ class StaticScheduler:
             # the batch layout (each row's virtual tokens and prefixes) is computed here, once:
             # removing a prompt from the bank later does not touch a batch in flight
             model = app.bank.for_rows([r.spec for r in rows])
+            # the echo first, its prompt scored by the row's model alone
+            scores = [_prompt_scores(model, i, r) if r.scores_prompt else None for i, r in enumerate(rows)]
         self.stats.batch_sizes[len(rows)] += 1
+        for r, s in zip(rows, scores):
+            r.start(s)
         steps = decode_steps(model, [r.ids for r in rows], [r.max_tokens for r in rows],
                              temperature=[r.temperature for r in rows], top_p=[r.top_p for r in rows],
                              top_k=[r.top_k for r in rows], seed=[r.seed for r in rows],
-                             extra_positions=[r.extra for r in rows],
+                             extra_positions=[r.extra for r in rows], with_logits=True,
                              pad_id=app.pad_id)  # no eos_id: each Row knows its own (chat, ignore_eos)
         try:
-            for tokens in steps:
+            for tokens, logits in steps:
                 n = 0
-                for r, t in zip(rows, tokens):
+                for i, (r, t) in enumerate(zip(rows, tokens)):
                     if r.finished:
                         continue
                     if r.cancelled.is_set():
                         r.finished = True
                         self.stats.cancelled()
-                    else:
+                    elif t is not None:
                         n += 1
-                        r.feed(t)
+                        r.feed(t, _score_one(r, logits[i], t))
                         if r.finished:
                             self.stats.finished(r)
                 self.stats.step(len(rows), n, batch=False)
@@ -239,6 +270,14 @@ class StaticScheduler:
             if not r.finished:
                 r.finish("length")
                 self.stats.finished(r)
+
+
+@torch.inference_mode()
+def _prompt_scores(model, i: int, row) -> list:
+    """[Scored] of row i's prompt tokens after the first, from one forward of that row alone."""
+    ids = torch.tensor([row.ids], device=model.bank.base.embed.weight.device)
+    logits, _ = model.bank(ids, rows=[model.rows[i]])
+    return score(logits[0, :-1], ids[0, 1:], row.logprobs)
 
 
 def _resolve(app, row):
@@ -274,32 +313,94 @@ def _new_caches(base, batch_size: int, width: int) -> list:
 
 
 class Joining:
-    """A row on its way into the batch: its virtual tokens and prompt run through the model
-    alone, a chunk at a time, into a KV cache of its own (`length` columns)."""
+    """A row on its way into the batch, in a KV cache of its own (`length` columns): first its
+    prompt's state, the keys and values of its virtual tokens (PromptStates: shared by every
+    row with that prompt), then its text, a chunk at a time."""
 
-    def __init__(self, row, pieces, bank):
-        self.row, self.pieces = row, pieces
+    def __init__(self, row, pieces, parts, bank):
+        self.row, self.pieces, self.parts = row, pieces, parts   # parts: the loaded Pieces it composes
         self.layout = bank.batch_layout([pieces])      # the row's prompt pieces, as a batch of one
-        self.length = self.layout["P"] + len(row.ids)
+        self.P = self.layout["P"]
+        self.length = self.P + len(row.ids)
         self.offset = 0 if pieces is None else pieces.position_offset
         self.done = 0                                  # prompt tokens in the cache so far
         self.caches = None
         self.generator = _generator(row, bank.base.embed.weight.device)
+        self.last = None                               # the logits after the latest chunk (V,)
+        self.prompt_scores = [] if row.scores_prompt else None
 
     @property
     def left(self) -> int:
         return len(self.row.ids) - self.done
 
-    def run(self, bank, n: int):
-        """The next n prompt tokens through the model; the last position's logits (V,)."""
+    def run(self, bank, states, n: int) -> None:
+        """The next n prompt tokens through the model (the prompt's state first, at the start),
+        scoring them when the row echoes with logprobs."""
         base = bank.base
+        device = base.embed.weight.device
         if self.caches is None:
             self.caches = _new_caches(base, 1, self.length)
-        ids = torch.tensor([self.row.ids[self.done:self.done + n]], device=base.embed.weight.device)
-        with _caches(base, self.caches):  # as generate's prefill: the virtual tokens enter at cache_pos 0
-            logits, _ = bank(ids, rows=None, layout=self.layout, cache_pos=self.done, last_only=True)
+            if self.P:
+                for c, (k, v) in zip(self.caches, states.get(self, bank)):
+                    c.k[0, :, :self.P], c.v[0, :, :self.P] = k, v
+        ids = torch.tensor([self.row.ids[self.done:self.done + n]], device=device)
+        start = self.P + self.done
+        positions = self.offset + torch.arange(start, start + n, device=device)[None]
+        scoring = self.prompt_scores is not None
+        with _caches(base, self.caches), bank.lora_rows(self.layout):
+            logits, _ = base(ids, position_ids=positions, prefixes=self.layout["prefixes"], cache_pos=start,
+                             last_only=not scoring)
+        logits = logits[0]                                                           # (n | 1, V)
+        if scoring:  # position t scores token t + 1; the previous chunk's last scores this one's first
+            before = logits[:-1] if self.last is None else torch.cat([self.last[None], logits[:-1]])
+            scored = ids[0, 1:] if self.last is None else ids[0]
+            self.prompt_scores += score(before, scored, self.row.logprobs)
         self.done += n
-        return logits[0, -1]
+        self.last = logits[-1]
+
+
+class PromptStates:
+    """The keys and values of each prompt's virtual tokens, computed once and kept for the next
+    rows that name it: they come first and attention is causal, so they are the same state for
+    every request with that prompt (a shared prefix). An LRU of `capacity` prompts or
+    compositions, keyed by the prompt files as loaded (a reloaded file is a new key)."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self.states: "collections.OrderedDict" = collections.OrderedDict()
+        self.hits = self.misses = self.saved_tokens = 0
+
+    def get(self, joining, bank) -> list:
+        """[(k, v) per layer], each (n_kv_head, P, hs), of the joining row's virtual tokens."""
+        key = tuple(map(id, joining.parts))
+        entry = self.states.get(key)
+        if entry is not None:
+            self.states.move_to_end(key)
+            self.hits += 1
+            self.saved_tokens += joining.P
+            return entry[1]
+        self.misses += 1
+        state = self._compute(joining, bank)
+        if self.capacity:
+            # the entry holds the pieces its key names, so no key is reused by other objects
+            self.states[key] = (joining.parts, state)
+            while len(self.states) > self.capacity:
+                self.states.popitem(last=False)
+        return state
+
+    @staticmethod
+    def _compute(joining, bank) -> list:
+        base, layout, P = bank.base, joining.layout, joining.P
+        caches = _new_caches(base, 1, P)
+        positions = joining.offset + torch.arange(P, device=base.embed.weight.device)[None]
+        with _caches(base, caches), bank.lora_rows(layout):
+            base(inputs_embeds=layout["vectors"], position_ids=positions, prefixes=layout["prefixes"],
+                 cache_pos=0, last_only=True)
+        return [(c.k[0], c.v[0]) for c in caches]
+
+    def snapshot(self) -> dict:
+        return {"cached": len(self.states), "hits": self.hits, "misses": self.misses,
+                "prefill_tokens_saved": self.saved_tokens}
 
 
 @dataclass
@@ -326,7 +427,7 @@ class Timeline:
         self.slots: "list[Slot | None]" = []   # None: a free slot (decoded along, ignored)
         self.caches = None
         self.clock = 0
-        self.prefixes = None                   # the slots' prompt prefixes per layer, stacked
+        self.layout = None                     # the slots' prompts as one batch (PromptBank.batch_layout)
         self.stale = True
 
     @property
@@ -337,7 +438,7 @@ class Timeline:
         return [s for s in self.slots if s is not None]
 
     def leave(self, i: int) -> None:
-        self.slots[i] = None      # its prefix stays stacked till the next layout: it only feeds a free slot
+        self.slots[i] = None      # its prompt stays in the layout till the next one: it only feeds a free slot
 
     def join(self, ready) -> None:
         """Rows whose prefill is done, as (Joining, first token), into free slots."""
@@ -388,11 +489,11 @@ class Timeline:
         mask = torch.arange(clock + 1, device=dev)[None] >= start[:, None]           # (B, clock + 1)
         positions = (offset + clock - start)[:, None]                                 # (B, 1)
         if self.stale:
-            self.prefixes = self.bank.batch_layout([s and s.pieces for s in self.slots])["prefixes"]
+            self.layout = self.bank.batch_layout([s and s.pieces for s in self.slots])
             self.stale = False
-        with _caches(self.base, self.caches):
-            logits, _ = self.base(ids, attention_mask=mask, position_ids=positions, prefixes=self.prefixes,
-                                  cache_pos=clock, last_only=True)
+        with _caches(self.base, self.caches), self.bank.lora_rows(self.layout):
+            logits, _ = self.base(ids, attention_mask=mask, position_ids=positions,
+                                  prefixes=self.layout["prefixes"], cache_pos=clock, last_only=True)
         self.clock += 1
         return logits[:, -1]
 
@@ -406,9 +507,11 @@ class ContinuousScheduler:
     one chunk of prefill, not after a whole batch."""
     name = "continuous"
 
-    def __init__(self, app, max_batch: int = 16, max_queue: int = 256, prefill_chunk: int = 256):
+    def __init__(self, app, max_batch: int = 16, max_queue: int = 256, prefill_chunk: int = 256,
+                 prompt_states: int = 64):
         self.app, self.max_batch, self.max_queue = app, max_batch, max_queue
         self.prefill_chunk = prefill_chunk
+        self.states = PromptStates(prompt_states)
         self.cv = threading.Condition()
         self.waiting: "collections.deque" = collections.deque()   # guarded by cv
         self.closing = False
@@ -476,7 +579,8 @@ class ContinuousScheduler:
                     r.finished = True
                     self.stats.cancelled()
                 elif (pieces := _resolve(app, r)) is not False:
-                    self.joining.append(Joining(r, pieces, app.bank))
+                    parts = tuple(app.bank.pieces[n] for n in r.spec.split("+")) if r.spec else ()
+                    self.joining.append(Joining(r, pieces, parts, app.bank))
 
     def _prefill(self) -> None:
         """Up to prefill_chunk prompt tokens of the joining rows, first come first served. A
@@ -493,16 +597,22 @@ class ContinuousScheduler:
             if j.left > budget and budget < self.prefill_chunk:
                 break                                        # next iteration, whole
             n = min(j.left, budget)
-            logits = j.run(self.app.bank, n)
+            j.run(self.app.bank, self.states, n)
             budget -= n
             if j.left:
                 continue
             self.joining.pop(0)
-            token = _pick(j.row, logits, j.generator)
+            r = j.row
+            r.start(j.prompt_scores)
+            if r.max_tokens == 0:                            # echo only: the prompt scored, nothing generated
+                r.finish("length")
+                self.stats.finished(r)
+                continue
+            token = _pick(r, j.last, j.generator)
             self.stats.step(1, 1, batch=False)
-            j.row.feed(token)
-            if j.row.finished:                              # one token was all it needed
-                self.stats.finished(j.row)
+            r.feed(token, _score_one(r, j.last, token))
+            if r.finished:                                  # one token was all it needed
+                self.stats.finished(r)
             else:
                 ready.append((j, token))
         if ready:
@@ -525,7 +635,7 @@ class ContinuousScheduler:
             live += 1
             r = s.row
             t = greedy[i] if r.temperature <= 0 else _pick(r, logits[i], s.generator)
-            r.feed(t)
+            r.feed(t, _score_one(r, logits[i], t))
             if r.finished:
                 self.stats.finished(r)
                 self.batch.leave(i)

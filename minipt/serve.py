@@ -14,10 +14,15 @@ that leave the base weights alone can share a batch (not LoRA or full fine-tunin
 
 Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST
 /v1/chat/completions (with "stream": true as server-sent events), GET /stats (queued and
-running rows, tokens/s, latency percentiles, rows per step), GET /health. Parameters:
-max_tokens (completions default 16, chat default: until the end of the turn, at most 1024 or
-what the context has left), temperature, top_p, stop, seed, n=1,
-stream_options.include_usage, and vLLM's ignore_eos and top_k.
+running rows, tokens/s, latency percentiles, rows per step, prompt states reused), GET
+/health, and vLLM's tokenizer endpoints POST /tokenize, POST /detokenize, GET /tokenizer_info.
+Parameters: max_tokens (completions default 16, chat default: until the end of the turn, at
+most 1024 or what the context has left), temperature, top_p, stop, seed, n=1,
+stream_options.include_usage, vLLM's ignore_eos and top_k, and logprobs: completions'
+`logprobs: k` and `echo` (max_tokens 0 with echo scores the prompt only: what
+lm-evaluation-harness sends), chat's `logprobs: true` and `top_logprobs: k`. A logprob is the
+fp32 log-softmax of the logits the row's own model gives; virtual tokens, prefixes and the
+BOS the server adds are never shown.
 
 Under load: a bounded queue (a full one answers 503 with Retry-After), a limit on max_tokens
 and on prompt plus answer against the context (400), and a request whose client has gone is
@@ -31,6 +36,7 @@ continuous batching by default, static batching with --scheduler static.
 Standard library only for the HTTP side (http.server).
 """
 import collections
+import functools
 import json
 import logging
 import math
@@ -51,7 +57,7 @@ from .cli import ArgumentParser
 from .generation import SettingError, check_context, check_sampling
 from .packed import pack_for_decoding
 from .prompts.mixed import PromptBank
-from .scheduler import ContinuousScheduler, Overloaded, StaticScheduler
+from .scheduler import ContinuousScheduler, Overloaded, Scored, StaticScheduler
 
 log = logging.getLogger("minipt.serve")
 
@@ -108,9 +114,10 @@ def parse_request(body, chat: bool, app: "App") -> list["Row"]:
 
     if _field(body, "n", (int,), 1) != 1:
         raise APIError("only n=1 is supported", param="n")
-    for key in ("logprobs", "top_logprobs", "echo", "tools", "functions", "response_format"):
+    for key in ("tools", "functions", "response_format"):
         if body.get(key) not in (None, False):
             raise APIError(f"'{key}' is not supported by this server", param=key)
+    top, echo = _logprob_fields(body, chat)
     if _field(body, "best_of", (int,), 1) != 1:
         raise APIError("only best_of=1 is supported", param="best_of")
     temperature = float(_field(body, "temperature", (int, float), 1.0))
@@ -132,7 +139,9 @@ def parse_request(body, chat: bool, app: "App") -> list["Row"]:
     if max_tokens is not None and max_tokens > limit:
         raise APIError(f"'{key}' is {max_tokens}, over this server's limit of {limit}", param=key)
     try:  # the settings' ranges, checked where generate.py and the library check them
-        check_sampling(1 if max_tokens is None else max_tokens, temperature, top_k, top_p, stop)
+        # max_tokens 0 with echo: only score the prompt (what evaluation harnesses send)
+        check_sampling(1 if max_tokens is None or (echo and max_tokens == 0) else max_tokens,
+                       temperature, top_k, top_p, stop)
     except SettingError as e:
         param = key if e.field == "max_new_tokens" else e.field
         raise APIError(str(e).replace("max_new_tokens", key), param=param) from None
@@ -140,18 +149,17 @@ def parse_request(body, chat: bool, app: "App") -> list["Row"]:
     tok = app.tokenizer
     if chat:
         texts = [app.chat_prompt(_field(body, "messages", (list,), required=True))]
-        prompts = [with_bos(tok, tok.encode(t)) for t in texts]
     else:
-        prompt = _field(body, "prompt", (str, list), required=True)
-        if isinstance(prompt, str) or _token_list(prompt):
-            prompt = [prompt]
-        if not prompt or not all(isinstance(p, str) or _token_list(p) for p in prompt):
+        texts = _field(body, "prompt", (str, list), required=True)
+        if isinstance(texts, str) or _token_list(texts):
+            texts = [texts]
+        if not texts or not all(isinstance(p, str) or _token_list(p) for p in texts):
             raise APIError("'prompt' must be a string, a list of strings, a list of token ids "
                            "or a list of those", param="prompt")
-        prompts = [with_bos(tok, tok.encode(p)) if isinstance(p, str) else p for p in prompt]
-        vocab = app.model_config.vocab_size
-        if any(t < 0 or t >= vocab for p in prompts for t in p):
-            raise APIError(f"token ids must be in [0, {vocab})", param="prompt")
+        app.check_ids([t for p in texts if not isinstance(p, str) for t in p], "prompt")
+    encoded = [tok.encode(p) if isinstance(p, str) else p for p in texts]
+    # a string gets BOS where the model needs one (hidden from echo); token ids go in as given
+    prompts = [with_bos(tok, e) if isinstance(p, str) else e for p, e in zip(texts, encoded)]
     if any(len(p) == 0 for p in prompts):
         raise APIError("the prompt is empty (it needs at least one token)",
                        param="prompt" if not chat else "messages")
@@ -170,10 +178,33 @@ def parse_request(body, chat: bool, app: "App") -> list["Row"]:
             raise APIError(f"this model's context is {context} tokens: the prompt takes {len(ids)}, "
                            f"the virtual tokens of {model!r} {extra}, which leaves {max(room, 0)} "
                            f"to generate, not {n}", param=key, code="context_length_exceeded") from None
+        text = texts[index] if isinstance(texts[index], str) else tok.decode(ids)
         rows.append(Row(index=index, ids=ids, spec=spec, extra=extra, max_tokens=n, temperature=temperature,
                         top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-                        eos=set() if ignore_eos else app.stop_ids(chat), request=request, decode=app.decode))
+                        eos=set() if ignore_eos else app.stop_ids(chat), request=request, decode=app.decode,
+                        logprobs=top, echo=text if echo else None, hidden=len(ids) - len(encoded[index])))
     return rows
+
+
+MAX_LOGPROBS = 20                # OpenAI's bound on top_logprobs (and legacy completions' logprobs)
+
+
+def _logprob_fields(body, chat: bool) -> tuple:
+    """(top-k alternatives per token, or None for no logprobs; echo) from a request: legacy
+    completions' `logprobs: int` and `echo`, chat's `logprobs: bool` + `top_logprobs: int`."""
+    if chat:
+        if body.get("echo") not in (None, False):
+            raise APIError("'echo' is for /v1/completions; chat does not echo its messages", param="echo")
+        wanted = _field(body, "logprobs", (bool,), False)
+        top = _field(body, "top_logprobs", (int,))
+        if top is not None and not wanted:
+            raise APIError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        key, top = "top_logprobs", (top or 0) if wanted else None
+    else:
+        key, top = "logprobs", _field(body, "logprobs", (int,))
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise APIError(f"'{key}' is {top}: must be in 0..{MAX_LOGPROBS}", param=key)
+    return top, False if chat else _field(body, "echo", (bool,), False)
 
 
 # ==== rows: one prompt's generation and its output events ====================================
@@ -184,28 +215,55 @@ class Row:
     of one request), holding back what might still become a stop string or is an unfinished
     UTF-8 character, and then a final ("done", ...) event. The row decides where it ends
     (EOS, stop string, max_tokens), so rows of one batch can each end differently.
-    `cancelled` is set by the HTTP side once nobody reads the events any more."""
+    `cancelled` is set by the HTTP side once nobody reads the events any more.
+
+    Logprobs: `logprobs` is None (none asked) or how many alternatives to give per token;
+    the scheduler scores each token it feeds as a `Scored` (token, logprob, top), and they
+    travel with the text deltas ("delta", index, text, [Scored, ...]). `echo` is the prompt's
+    text to send first (None: no echo), scored from its second token on; the first `hidden`
+    prompt tokens are the server's own (a BOS it added) and are neither echoed nor scored."""
 
     def __init__(self, *, index, ids, spec, extra, max_tokens, temperature, top_p, top_k, seed, stop, eos,
-                 request, decode):
+                 request, decode, logprobs=None, echo=None, hidden=0):
         self.index, self.ids, self.spec, self.extra, self.decode = index, ids, spec, extra, decode
         self.max_tokens, self.temperature, self.top_p, self.top_k = max_tokens, temperature, top_p, top_k
         self.seed = seed
         self.stop, self.eos = stop, eos
+        self.logprobs, self.echo, self.hidden = logprobs, echo, hidden
         self.request = request
         self.events: "queue.Queue[tuple]" = request["events"]
         self.cancelled = threading.Event()
         self.text = ""            # decoded so far (complete characters)
         self.pending: list = []   # tokens whose bytes do not end a character yet
         self.sent = 0             # characters of text already sent as deltas
+        self.scored: list = []    # Scored tokens not sent yet
         self.n_tokens = 0
         self.finished = False
         self.t_arrived, self.t_first = time.monotonic(), None   # for the latency figures of /stats
 
-    def feed(self, token: int) -> None:
-        """One new token (the scheduler stops feeding once `finished`)."""
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the scheduler must score the prompt's tokens (echo with logprobs)."""
+        return self.echo is not None and self.logprobs is not None
+
+    def start(self, prompt_scores=None) -> None:
+        """After the prefill, before the first token: the echo, with `prompt_scores`, the Scored
+        ids[1:] (given when scores_prompt)."""
+        if self.echo is None:
+            return
+        scored = None
+        if prompt_scores is not None:
+            first = Scored(self.ids[self.hidden], None, None)
+            scored = [first, *prompt_scores[self.hidden:]]
+        self.events.put(("delta", self.index, self.echo, scored or []))
+
+    def feed(self, token: int, scored=None) -> None:
+        """One new token, with its Scored when logprobs were asked (the scheduler stops
+        feeding once `finished`)."""
         if self.t_first is None:
             self.t_first = time.monotonic()
+        if scored is not None and not (token in self.eos and self.request["chat"]):
+            self.scored.append(scored)  # a completion shows its EOS (a harness counts it); chat does not
         if token in self.eos:
             return self.finish("stop")
         self.n_tokens += 1
@@ -227,17 +285,18 @@ class Row:
                    default=0)
         self._send(len(self.text) - hold)
 
-    def _send(self, upto: int) -> None:
-        if upto > self.sent:
-            self.events.put(("delta", self.index, self.text[self.sent:upto]))
-            self.sent = upto
+    def _send(self, upto: int, flush: bool = False) -> None:
+        """The text up to `upto` and the tokens scored so far (every one of them when flushing)."""
+        if upto > self.sent or (flush and self.scored):
+            self.events.put(("delta", self.index, self.text[self.sent:upto], self.scored))
+            self.sent, self.scored = upto, []
 
     def finish(self, reason: str) -> None:
         self.finished = True
         if self.pending:  # cut inside a character: send what there is (U+FFFD for the missing bytes)
             self.text += self.decode(self.pending)
             self.pending = []
-        self._send(len(self.text))
+        self._send(len(self.text), flush=True)
         self.events.put(("done", self.index, reason, len(self.ids), self.n_tokens))
 
     def fail(self, message: str, status=500, type="server_error", code=None) -> None:
@@ -252,11 +311,12 @@ class App:
     scheduler. scheduler: "continuous" or "static" (minipt/scheduler.py); max_queue: rows
     that may wait before requests get a 503; prefill_chunk: prompt tokens prefilled between
     two decoding steps (continuous); window: how long a static batch waits for rows;
-    max_tokens_limit: the most tokens one row may ask for (default: the context)."""
+    max_tokens_limit: the most tokens one row may ask for (default: the context); prompt_states:
+    prompts whose virtual tokens' keys and values are kept for reuse (continuous; 0: none)."""
 
     def __init__(self, base_dir, prompt_dir, dtype=torch.float32, device="cpu", max_batch=16, window=0.005,
                  packed=False, scheduler="continuous", max_queue=256, prefill_chunk=256,
-                 max_tokens_limit=None):
+                 max_tokens_limit=None, prompt_states=64):
         self.base, self.tokenizer = load_base(base_dir, dtype=dtype, device=device)
         if self.base.config.model_type != "gpt":
             raise ValueError(f"{base_dir}: serving needs a decoder-only model")
@@ -271,13 +331,14 @@ class App:
         tok = self.tokenizer
         self.pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id or 0
         self.decode = lambda ids: tok.decode(ids, skip_special=True)
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda i: tok.decode([i]))   # one token as text
         self.created = int(time.time())
         self.max_tokens_limit = max_tokens_limit or self.model_config.max_seq_len
         self.scan()
         if scheduler == "static":
             self.scheduler = StaticScheduler(self, max_batch, window, max_queue)
         elif scheduler == "continuous":
-            self.scheduler = ContinuousScheduler(self, max_batch, max_queue, prefill_chunk)
+            self.scheduler = ContinuousScheduler(self, max_batch, max_queue, prefill_chunk, prompt_states)
         else:
             raise ValueError(f"scheduler={scheduler!r}: 'continuous' or 'static'")
 
@@ -358,6 +419,53 @@ class App:
             turns.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
         return tok.apply_chat_template(turns)
 
+    def check_ids(self, ids, param: str) -> None:
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise APIError(f"token ids must be in [0, {vocab})", param=param)
+
+    # ---- the tokenizer endpoints, as vLLM names them (lm-evaluation-harness's "remote" tokenizer)
+
+    def tokenize(self, body) -> dict:
+        """POST /tokenize {"prompt": text} or {"messages": [...]}: the ids this server would
+        read. add_special_tokens (default true): BOS where the model starts with one."""
+        tok = self.tokenizer
+        if not isinstance(body, dict):
+            raise APIError("the request body must be a JSON object")
+        if "model" in body:
+            self.resolve_model(_field(body, "model", (str,)))
+        special = _field(body, "add_special_tokens", (bool,), True)
+        if "messages" in body:
+            ids = tok.encode(self.chat_prompt(_field(body, "messages", (list,))))
+        else:
+            ids = tok.encode(_field(body, "prompt", (str,), required=True))
+        ids = with_bos(tok, ids) if special else ids
+        out = {"count": len(ids), "max_model_len": self.model_config.max_seq_len, "tokens": ids}
+        if _field(body, "return_token_strs", (bool,), False):
+            out["token_strs"] = [self.token_text(i) for i in ids]
+        return out
+
+    def detokenize(self, body) -> dict:
+        """POST /detokenize {"tokens": [ids]}: their text, special tokens included."""
+        if not isinstance(body, dict):
+            raise APIError("the request body must be a JSON object")
+        ids = _field(body, "tokens", (list,), required=True)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise APIError("'tokens' must be a list of token ids", param="tokens")
+        self.check_ids(ids, "tokens")
+        return {"prompt": self.tokenizer.decode(ids)}
+
+    def tokenizer_info(self) -> dict:
+        """GET /tokenizer_info: the special tokens and the chat template (as Jinja) the server
+        applies to /v1/chat/completions."""
+        tok = self.tokenizer
+        text = lambda i: None if i is None else tok.decode([i])
+        return {"tokenizer_class": f"minipt.{type(tok).__name__}",
+                "chat_template": getattr(tok, "applied_chat_template", None),
+                "bos_token": text(tok.bos_id), "eos_token": text(tok.eos_id), "pad_token": text(tok.pad_id),
+                "add_bos_token": bool(getattr(tok, "add_bos", False)),
+                "model_max_length": self.model_config.max_seq_len, "vocab_size": self.model_config.vocab_size}
+
     def stop_ids(self, chat: bool) -> set:
         """Token ids that end a row: EOS, and in chat also the template's end of turn."""
         tok = self.tokenizer
@@ -368,8 +476,11 @@ class App:
     def stats(self) -> dict:
         """GET /stats. batch_sizes: rows per decoding step (continuous) or per batch (static)."""
         s = self.scheduler
-        return {"scheduler": s.name, "queued_rows": s.queued(), "running_rows": s.running_rows,
-                "max_batch": s.max_batch, "max_queue": s.max_queue, **s.stats.snapshot()}
+        out = {"scheduler": s.name, "queued_rows": s.queued(), "running_rows": s.running_rows,
+               "max_batch": s.max_batch, "max_queue": s.max_queue, **s.stats.snapshot()}
+        if s.states is not None:
+            out["prompt_states"] = s.states.snapshot()
+        return out
 
     def close(self) -> None:
         self.scheduler.close()
@@ -415,6 +526,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(200, self._model(name))
             if path == "/stats":
                 return self._json(200, self.app.stats())
+            if path == "/tokenizer_info":
+                return self._json(200, self.app.tokenizer_info())
             if path == "/health":  # the scheduler thread is what can die
                 alive = self.app.scheduler.thread.is_alive()
                 return self._json(200 if alive else 503, {"status": "ok" if alive else "scheduler stopped"})
@@ -429,12 +542,15 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0].rstrip("/")
         try:
             raw = self._read_body()  # read first, whatever the route: the connection stays usable
-            if path not in ("/v1/completions", "/v1/chat/completions"):
+            tokenizer_route = {"/tokenize": self.app.tokenize, "/detokenize": self.app.detokenize}.get(path)
+            if path not in ("/v1/completions", "/v1/chat/completions") and tokenizer_route is None:
                 raise APIError(f"no route POST {path}", 404, "not_found_error")
             try:
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise APIError(f"the request body is not valid JSON ({e})") from None
+            if tokenizer_route is not None:
+                return self._json(200, tokenizer_route(body))
             rows = parse_request(body, path == "/v1/chat/completions", self.app)
         except APIError as e:
             return self._error(e)
@@ -505,28 +621,47 @@ class Handler(BaseHTTPRequestHandler):
     def _reply(self, rows) -> None:
         req = rows[0].request
         texts, reasons, usage = collections.defaultdict(str), {}, [0, 0]
+        scored = collections.defaultdict(list)
         for ev in self._events(rows):
             if ev[0] == "error":
                 return self._error(ev[2])
             if ev[0] == "delta":
                 texts[ev[1]] += ev[2]
+                scored[ev[1]] += ev[3]
             else:
                 reasons[ev[1]] = ev[2]
                 usage[0] += ev[3]
                 usage[1] += ev[4]
+        logprobs = lambda i: None if rows[i].logprobs is None else self._logprobs(scored[i], chat=req["chat"])
         if req["chat"]:
             head = self._head(req, "chat.completion")
             choices = [{"index": 0, "message": {"role": "assistant", "content": texts[0]},
-                        "logprobs": None, "finish_reason": reasons[0]}]
+                        "logprobs": logprobs(0), "finish_reason": reasons[0]}]
         else:
             head = self._head(req, "text_completion")
-            choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]}
+            choices = [{"index": i, "text": texts[i], "logprobs": logprobs(i), "finish_reason": reasons[i]}
                        for i in range(len(rows))]
         self._json(200, {**head, "choices": choices, "usage": self._usage(*usage)})
 
+    def _logprobs(self, scored, chat: bool, offset: int = 0) -> dict:
+        """Scored tokens in the OpenAI shape: chat's {"content": [{token, logprob, bytes,
+        top_logprobs}]}, or legacy completions' {tokens, token_logprobs, top_logprobs (the top k
+        and the chosen token), text_offset (into the choice's text, from `offset`)}."""
+        text = self.app.token_text
+        if chat:
+            entry = lambda t, lp: {"token": text(t), "logprob": lp, "bytes": list(text(t).encode())}
+            return {"content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top]}
+                                for s in scored]}
+        tokens = [text(s.token) for s in scored]
+        offsets = [offset + sum(map(len, tokens[:i])) for i in range(len(tokens))]
+        return {"tokens": tokens, "token_logprobs": [s.logprob for s in scored],
+                "top_logprobs": [None if s.top is None else {**{text(t): lp for t, lp in s.top},
+                                                             text(s.token): s.logprob} for s in scored],
+                "text_offset": offsets}
+
     def _stream(self, rows) -> None:
-        """Server-sent events: one chunk per text delta, one with each row's finish_reason,
-        optionally one with the usage, then `data: [DONE]`."""
+        """Server-sent events: one chunk per text delta (with its tokens' logprobs when asked),
+        one with each row's finish_reason, optionally one with the usage, then `data: [DONE]`."""
         req, chat = rows[0].request, rows[0].request["chat"]
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -535,19 +670,24 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
         head = self._head(req, "chat.completion.chunk" if chat else "text_completion")
+        offsets = collections.Counter()   # characters each choice has streamed so far
 
         def send(obj) -> None:  # raises BrokenPipeError & co. when the client has gone: see do_POST
             self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
             self.wfile.flush()
 
-        def chunk(index, text=None, reason=None, role=None) -> dict:
+        def chunk(index, text=None, reason=None, role=None, scored=None) -> dict:
+            logprobs = None
+            if scored is not None and rows[index].logprobs is not None:
+                logprobs = self._logprobs(scored, chat, offsets[index])
             if chat:
                 delta = {} if text is None else {"content": text}
                 if role:
                     delta = {"role": role, **delta}
-                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             else:
-                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+                choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
+            offsets[index] += sum(len(self.app.token_text(s.token)) for s in scored or [])
             return {**head, "choices": [choice]}
 
         if chat:
@@ -558,7 +698,7 @@ class Handler(BaseHTTPRequestHandler):
                 send(ev[2].body())
                 break
             if ev[0] == "delta":
-                send(chunk(ev[1], ev[2]))
+                send(chunk(ev[1], ev[2], scored=ev[3]))
             else:
                 send(chunk(ev[1], reason=ev[2]))
                 usage[0] += ev[3]
@@ -616,6 +756,9 @@ def parse_args(argv=None):
                          "runs until its longest row ends")
     ap.add_argument("--max-queue", type=int, default=256,
                     help="rows that may wait for a place; past that, requests get 503 and Retry-After")
+    ap.add_argument("--prompt-states", type=int, default=64,
+                    help="continuous: prompts (and compositions) whose virtual tokens' keys and values "
+                         "are kept for the next request (least recently used go first; 0: none)")
     ap.add_argument("--prefill-chunk", type=int, default=256,
                     help="continuous: prompt tokens prefilled between two decoding steps")
     ap.add_argument("--max-tokens-limit", type=int, default=None,
@@ -637,6 +780,8 @@ def check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if args.prompt_states < 0:
+        raise ValueError(f"--prompt-states {args.prompt_states}: must be at least 0 (0: keep none)")
     if not (math.isfinite(args.batch_window_ms) and args.batch_window_ms >= 0):
         raise ValueError(f"--batch-window-ms {args.batch_window_ms}: must be a finite number >= 0")
     check_checkpoint(args.base)
@@ -651,7 +796,8 @@ def main(argv=None):
         server = make_server(args.base, args.prompts, args.host, args.port, getattr(torch, dtype),
                              args.device, args.max_batch, args.batch_window_ms / 1000, args.packed,
                              scheduler=args.scheduler, max_queue=args.max_queue,
-                             prefill_chunk=args.prefill_chunk, max_tokens_limit=args.max_tokens_limit)
+                             prefill_chunk=args.prefill_chunk, max_tokens_limit=args.max_tokens_limit,
+                             prompt_states=args.prompt_states)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     log.info("serving %s on %s/v1", ", ".join(server.app.model_ids()), server.url)

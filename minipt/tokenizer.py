@@ -475,6 +475,12 @@ class BPETokenizer:
         return "".join(turns)
 
     @property
+    def applied_chat_template(self) -> str | None:
+        """apply_chat_template's rendering as Jinja: the model's own ChatML template (which it
+        follows), or the transcript's."""
+        return {"transcript": TRANSCRIPT_CHAT_TEMPLATE, "chatml": self.chat_template}.get(self.chat_format)
+
+    @property
     def chat_stop_ids(self) -> set:
         """Ids that end a chat answer: EOS, and ChatML's end of turn or, in a transcript, any
         token holding a newline."""
@@ -538,6 +544,13 @@ class BPETokenizer:
 # --------------------------------------------------------------------------- sentencepiece-style BPE
 
 _SPACE_MARK = "\u2581"    # '▁': sentencepiece writes a space as this character inside its pieces
+
+
+# transcript_chat (below) as a Jinja template: what a client renders to see the prompt the
+# server builds (GET /tokenizer_info reports it)
+TRANSCRIPT_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] | trim }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}")
 
 
 def transcript_chat(messages, add_generation_prompt: bool = True) -> str:
@@ -774,6 +787,13 @@ class SentencePieceBPE:
         if add_generation_prompt:
             turns.append("<start_of_turn>model\n")
         return "".join(turns)
+
+    @property
+    def applied_chat_template(self) -> str | None:
+        """apply_chat_template's rendering as Jinja (BOS first, as bos_token)."""
+        if self.chat_format == "transcript":
+            return "{{ bos_token }}" + TRANSCRIPT_CHAT_TEMPLATE if self.bos_id is not None else TRANSCRIPT_CHAT_TEMPLATE
+        return GEMMA_CHAT_TEMPLATE if self.chat_format == "gemma" else None
 
     @property
     def chat_stop_ids(self) -> set:
