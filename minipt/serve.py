@@ -392,6 +392,8 @@ class App:
                 pieces = self.bank.resolve(model)
             except KeyError:
                 pieces = None
+            except ValueError as e:   # a composition the bank cannot build (two LoRAs)
+                raise APIError(f"model {model!r}: {e}", param="model") from None
             if pieces is None:
                 raise APIError(f"the model {model!r} does not exist "
                                f"(served: {', '.join([BASE_ID, *self.bank.names])}; "

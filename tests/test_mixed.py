@@ -1,34 +1,44 @@
 """Mixed-prompt batches: every row of a PromptBank batch, whatever prompt it names (or
 none, or a composition), computes what that row computes alone with its own prompt file
-through PromptedModel; and composing prompts equals one prompt with the pieces joined."""
+through PromptedModel; and composing prompts equals one prompt with the pieces joined.
+LoRA rows get their own low-rank update, the shared base untouched."""
+import contextlib
 import itertools
 
 import pytest
 import torch
 
+from minipt import fast
 from minipt.checkpoint import load_model
 from minipt.generation import generate
-from minipt.prompts import PromptConfig, attach, load, save
+from minipt.prompts import PromptConfig, attach, load, lora_rows, save
 from minipt.prompts.mixed import MIXABLE, PromptBank
 
 LENGTHS = {"prompt_tuning": 3, "p_tuning": 5, "prefix_tuning": 4, "p_tuning_v2": 2, "adapter": 3}
+LORAS = {"lora": dict(lora_r=2, lora_targets=["q_proj", "v_proj"]),          # v_proj in both: ranks padded
+         "lora_b": dict(lora_r=3, lora_targets=["v_proj", "gate_proj", "down_proj"])}
 
 
 @pytest.fixture(scope="module")
 def prompt_files(llama_dir, tmp_path_factory):
-    """One file per mixable method (different lengths, adapters with open gates), plus a
-    second soft prompt and prefix for composition."""
+    """One file per mixable method (different lengths, adapters with open gates, LoRA with a
+    random B), plus a second soft prompt, prefix and LoRA (another rank and targets) for
+    composition."""
     folder = tmp_path_factory.mktemp("prompts")
     files = {}
-    for seed, (name, method, P) in enumerate([(m, m, LENGTHS[m]) for m in MIXABLE]
+    for seed, (name, method, P) in enumerate([(m, m, LENGTHS.get(m, 0)) for m in MIXABLE]
                                              + [("soft_b", "prompt_tuning", 2),
-                                                ("prefix_b", "prefix_tuning", 3)]):
+                                                ("prefix_b", "prefix_tuning", 3), ("lora_b", "lora", 0)]):
         cfg = PromptConfig.for_method(method, num_virtual_tokens=P, init="random", seed=seed,
-                                      encoder_hidden=16, projection_hidden=24, adapter_layers=2)
+                                      encoder_hidden=16, projection_hidden=24, adapter_layers=2,
+                                      **LORAS.get(name, {}))
         model = attach(load_model(llama_dir), cfg)
         with torch.no_grad():
             if method == "adapter":
                 model.method.gates.uniform_(-1, 1)
+            if method == "lora":  # B starts at zero: the update would be nothing
+                for B in model.method.lora_B.values():
+                    B.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
             for p in model.method.parameters():  # larger than init, so prompts visibly differ
                 p.mul_(3)
         files[name] = save(model, folder / f"{name}.safetensors")
@@ -61,7 +71,7 @@ def ragged_batch(lengths, seed=0):
     return ids, mask
 
 
-PAIRS = list(itertools.combinations([None, *MIXABLE], 2)) + [(m, m) for m in MIXABLE]
+PAIRS = list(itertools.combinations([None, *MIXABLE], 2)) + [(m, m) for m in MIXABLE] + [("lora", "lora_b")]
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=[f"{a or 'none'}-{b}" for a, b in PAIRS])
@@ -78,11 +88,15 @@ def test_every_row_of_a_mixed_batch_equals_the_row_alone(llama_dir, prompt_files
 
 @torch.no_grad()
 def test_mixed_generation_equals_each_prompt_generating_alone(llama_dir, prompt_files, bank):
-    rows = [None, *MIXABLE, "soft_b+prefix_tuning+adapter"]
+    rows = [None, *MIXABLE, "soft_b+prefix_tuning+adapter", "lora_b", "lora+soft_b"]
     prompts = [[5 + b, 6, 7, 8][: 2 + b % 3] for b in range(len(rows))]
     together = generate(bank.for_rows(rows), prompts, 6)
     for name, prompt, out in zip(rows, prompts, together):
-        if name and "+" in name:
+        if name == "lora+soft_b":  # the soft prompt on the LoRA'd base
+            base = load_model(llama_dir)
+            load(prompt_files["lora"], base)
+            expected = generate(load(prompt_files["soft_b"], base), [prompt], 6)[0]
+        elif name and "+" in name:
             expected = generate(bank.for_rows([name]), [prompt], 6)[0]
         else:
             base = load_model(llama_dir)
@@ -118,14 +132,87 @@ def test_composed_prefixes_equal_one_prefix_of_both(llama_dir, prompt_files, ban
     assert (composed - joined(ids)[0]).abs().max() <= 1e-5
 
 
+@torch.no_grad()
+def test_lora_rows_packed_and_padded(llama_dir, prompt_files, bank, monkeypatch):
+    """A ragged batch of LoRA rows takes the packed kernel (one product pair per adapter over
+    its tokens) with fast on, the gathered one (a batched product over the rows) with it off:
+    each row equals the row alone either way."""
+    calls = []
+
+    def spy(name):
+        kernel = getattr(lora_rows, name)
+        return lambda *args: calls.append(name) or kernel(*args)
+    for name in ("gathered", "segmented"):
+        monkeypatch.setattr(lora_rows, name, spy(name))
+    rows = ["lora", None, "lora_b", "lora+soft_b", "lora_b+prefix_tuning"]
+    ids, mask = ragged_batch([6, 3, 8, 5, 7], seed=1)
+    for switch, kernel in ((contextlib.nullcontext, "segmented"), (fast.off, "gathered")):
+        with switch():
+            calls.clear()
+            logits, _ = bank(ids, rows=rows, attention_mask=mask)
+            assert set(calls) == {kernel}
+            for b, name in enumerate(rows):
+                n = int(mask[b].sum())
+                if "+" in (name or ""):  # (test_mixed_generation checks "lora+soft_b" against its own model)
+                    expected = bank(ids[b:b + 1, -n:], rows=[name])[0][0]
+                else:
+                    expected = alone(llama_dir, prompt_files.get(name), ids[b, -n:])
+                assert (logits[b, -n:] - expected).abs().max() <= 1e-5, (kernel, b, name)
+
+
+@torch.no_grad()
+def test_lora_rows_leave_the_base_and_the_other_rows_alone(llama_dir, prompt_files):
+    """The base's weights stay bit for bit what they were (nothing merged); rows without a
+    LoRA compute exactly what they compute in a batch without LoRA rows, and the bare base
+    exactly its own output outside lora_rows; a running row keeps its LoRA when the file goes."""
+    bank, fresh = PromptBank(load_model(llama_dir)), load_model(llama_dir)
+    for name in ("lora", "lora_b", "prefix_tuning"):
+        bank.add(name, prompt_files[name])
+    ids, mask = ragged_batch([5, 8, 6, 7], seed=2)
+    with_lora, _ = bank(ids, rows=["lora", None, "lora_b+prefix_tuning", None], attention_mask=mask)
+    without, _ = bank(ids, rows=[None, None, "prefix_tuning", None], attention_mask=mask)
+    assert torch.equal(with_lora[[1, 3]], without[[1, 3]])
+    assert (with_lora[2] - without[2]).abs().max() > 1e-3                      # the LoRA matters
+    assert torch.equal(bank.base(ids, attention_mask=mask)[0], fresh(ids, attention_mask=mask)[0])
+    # as the server's decoding step would: the base itself, inside lora_rows
+    with bank.lora_rows(bank.batch_layout(["lora", None])):
+        stepped, _ = bank.base(ids[:2, -5:])
+    assert all(w.rows is None for w in bank.row_lora.values())
+    assert (stepped[0] - alone(llama_dir, prompt_files["lora"], ids[0, -5:])).abs().max() <= 1e-5
+    assert torch.equal(stepped[1], bank.base(ids[:2, -5:])[0][1])
+    with bank.lora_rows(bank.batch_layout([None, "prefix_tuning"])):   # no LoRA row: nothing activated
+        assert all(w.rows is None for w in bank.row_lora.values())
+    pieces = bank.resolve("lora")
+    bank.remove("lora")
+    again, _ = bank(ids, rows=[pieces, None, "lora_b+prefix_tuning", None], attention_mask=mask)
+    assert torch.equal(again, with_lora)
+    # the same tensors, in order (a wrapped layer's keys gain ".base")
+    before, after = list(fresh.state_dict().values()), list(bank.base.state_dict().values())
+    assert len(before) == len(after) and all(map(torch.equal, before, after))
+
+
+@torch.no_grad()
+def test_a_lora_model_mixes_like_its_file(llama_dir, prompt_files, bank):
+    """A PromptedModel with a LoRA gives the bank its A/B pairs; one attached to the bank's
+    own base would change every row, and is refused."""
+    other = PromptBank(load_model(llama_dir))
+    other.add("lora", load(prompt_files["lora"], load_model(llama_dir)))
+    ids = torch.randint(3, 120, (2, 6), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(other(ids, rows=["lora", None])[0], bank(ids, rows=["lora", None])[0])
+    base = load_model(llama_dir)
+    own = PromptBank(base)
+    with pytest.raises(ValueError, match="attached to the bank's own base"):
+        own.add("lora", load(prompt_files["lora"], base))
+
+
 def test_bank_refuses_what_it_cannot_mix(llama_dir, bank, tmp_path, converted_dir):
-    lora = attach(load_model(llama_dir), PromptConfig(method="lora", lora_r=2))
-    path = save(lora, tmp_path / "lora.safetensors")
-    before = {k: v.clone() for k, v in bank.base.state_dict().items()}
-    with pytest.raises(ValueError, match="lora changes the base weights"):
-        bank.add("lora", path)
-    # the shared base untouched
-    assert all(torch.equal(before[k], v) for k, v in bank.base.state_dict().items())
+    full = attach(load_model(llama_dir), PromptConfig(method="full"))
+    path = save(full, tmp_path / "full.safetensors")
+    with pytest.raises(ValueError, match="full replaces every weight of the base, so it can only be served "
+                                         "as its own base"):
+        bank.add("full", path)
+    with pytest.raises(ValueError, match="a row takes one LoRA"):
+        bank(torch.ones(1, 3, dtype=torch.long), rows=["lora+lora_b"])
     with pytest.raises(KeyError, match="unknown prompt 'nope'"):
         bank(torch.ones(1, 3, dtype=torch.long), rows=["nope"])
     with pytest.raises(ValueError, match="'a\\+b' is not a usable name"):

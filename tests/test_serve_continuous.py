@@ -38,6 +38,9 @@ def every_method(base_dir, tmp_path_factory):
         with torch.no_grad():
             if method == "adapter":
                 model.method.gates.uniform_(-1, 1)
+            if method == "lora":                 # B starts at zero: give the update something to add
+                for p in model.method.lora_B.values():
+                    p.normal_(0, 0.1)
             for p in model.method.parameters():  # larger than init, so the prompts steer the model
                 p.mul_(4)
         save(model, folder / f"{method}.safetensors", tok)
@@ -72,7 +75,8 @@ def test_rows_joining_a_running_batch_equal_generate_alone(base_dir, every_metho
                         lambda base, b, w: layouts.append((b, w)) or new_caches(base, b, w))
     app = App(base_dir, every_method, max_batch=6, prefill_chunk=8)
     rng = random.Random(0)
-    models = ["base", *MIXABLE, "prompt_tuning+prefix_tuning", "p_tuning+adapter", "p_tuning_v2+adapter"]
+    models = ["base", *MIXABLE, "prompt_tuning+prefix_tuning", "p_tuning+adapter", "p_tuning_v2+adapter",
+              "lora+prompt_tuning"]
     jobs = []
     for i in range(40):
         text = "".join(rng.choice("abcdefghij klmnop,.") for _ in range(rng.randint(1, 30)))
@@ -107,6 +111,8 @@ def test_rows_joining_a_running_batch_equal_generate_alone(base_dir, every_metho
             model = base
             if "+" in body["model"]:
                 model = bank.for_rows([body["model"]])
+            elif body["model"] == "lora":   # onto a base of its own: the bank's is shared
+                model = load(every_method / "lora.safetensors", load_base(base_dir)[0], tok)
             elif body["model"] != "base":
                 model = load(every_method / f"{body['model']}.safetensors", base, tok)
             out = generate(model, [ids], n, eos_id=2, pad_id=2)[0]

@@ -171,7 +171,7 @@ class PromptMethod(nn.Module):
 
     uses: tuple = ()       # the PromptConfig fields the method reads (besides method and seed)
     choices: dict = {}     # field -> the values it may take (each item's, for a list field)
-    changes_base = False   # changes the base's own layers (LoRA) or weights: no mixing with other prompts
+    changes_base = False   # attaching changes the base's layers (LoRA) or weights (PromptBank: LoRA per row)
     trains_base = False    # the base's weights are the parameters (full fine-tuning): fp32, saved whole
     holds_soft_prompt = False  # the file's "prompt" tensor is (P, C) input vectors (inspect's neighbours)
     peft_type = None       # peft's name for the same method, if interop can export it

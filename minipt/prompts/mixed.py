@@ -3,37 +3,46 @@
     bank = PromptBank(base)
     bank.add("sentiment", "out/sentiment/prompt.safetensors", tok)
     bank.add("style", "style.safetensors", tok)
-    logits, _ = bank(idx, rows=["sentiment", None, "style+sentiment"], attention_mask=mask)
-    generate(bank.for_rows(["sentiment", "style"]), token_lists, 32)
+    bank.add("sql", "out/sql-lora/prompt.safetensors", tok)          # a LoRA
+    logits, _ = bank(idx, rows=["sentiment", None, "style+sentiment", "sql+style"], attention_mask=mask)
+    generate(bank.for_rows(["sentiment", "style", "sql"]), token_lists, 32)
 
 Every row names its own prompt: None (or "") is the bare base, "a+b" composes a and b.
-A prompt contributes up to three pieces, none of which depends on the input, so each is
+A prompt contributes up to four pieces, none of which depends on the input, so each is
 computed once when the prompt is added:
 
   vectors   (P, C) virtual tokens before the text (soft prompt, P-tuning);
   joined    per layer, keys/values in the same softmax as the text's (prefix tuning,
             P-tuning v2), plus the P positions they occupy before the text;
-  gated     per layer, keys/values with their own softmax and tanh gate (prompt adapter).
+  gated     per layer, keys/values with their own softmax and tanh gate (prompt adapter);
+  lora      per targeted linear layer, a LoRA's A, B and scale, applied to the row's own
+            tokens only, never merged into the shared base (`lora_rows.py`, S-LoRA / Punica).
 
 A batch pads each piece to its longest row and masks the padding out: a row's virtual
 tokens sit right before its first real token, as in `PromptedModel`, with masked slots
 in front of them; positions count real tokens only. So every row computes exactly what it
 would alone (`tests/test_mixed.py` checks each pair of methods). Composition concatenates
-the pieces in order: "a+b" reads a's virtual tokens then b's, and a's prefix then b's.
+the pieces in order: "a+b" reads a's virtual tokens then b's, and a's prefix then b's. A row
+takes at most one LoRA; its layers then read the other prompts' virtual tokens as well as
+the text ("sql+style" is the style prompt on the LoRA'd model).
 
-Methods that change the base weights (LoRA, full fine-tuning) cannot share a batch with
-other prompts and are refused here; load them with `minipt.prompts.load`.
+Full fine-tuning replaces every weight of the base, so it cannot share a batch with other
+prompts and is refused here: serve it as its own base (`minipt.prompts.load`).
 """
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from ..layers import LayerPrefix
-from .base import METHODS, method_class
+from .base import METHODS, PromptConfig, method_class
+from .lora import LoRA
+from .lora_rows import ActiveRows, LoRAWeights, RowLoRALinear, stack_rows
 from .model import place_prompt, whole_mask
 
-MIXABLE = tuple(m for m in METHODS if not method_class(m).changes_base)   # methods that leave the base alone
+# the methods that leave the base alone, and LoRA (applied per row, unmerged)
+MIXABLE = tuple(m for m in METHODS if not method_class(m).changes_base or issubclass(method_class(m), LoRA))
 
 
 @dataclass
@@ -43,6 +52,7 @@ class Pieces:
     joined: "list[tuple | None]"                    # per layer: (k, v), each (n_kv_head, P, hs)
     gated: "list[list[tuple]]"                      # per layer: [(k, v, gate (n_head,)), ...]
     position_offset: int                            # positions the joined prefix occupies
+    lora: "LoRAWeights | None" = None               # per layer path: (A (r, in), B (out, r), scale)
 
     @staticmethod
     def of(method, n_layers: int) -> "Pieces":
@@ -53,8 +63,17 @@ class Pieces:
         return Pieces(vectors, joined, gated, method.position_offset)
 
     @staticmethod
+    def of_lora(weights: LoRAWeights, n_layers: int) -> "Pieces":
+        return Pieces(None, [None] * n_layers, [[] for _ in range(n_layers)], 0, weights)
+
+    @staticmethod
     def compose(parts: "list[Pieces]", n_layers: int) -> "Pieces":
-        """a+b+...: vectors and joined prefixes concatenated in order, gated ones side by side."""
+        """a+b+...: vectors and joined prefixes concatenated in order, gated ones side by side,
+        and the one LoRA among them, if any."""
+        loras = [p.lora for p in parts if p.lora is not None]
+        if len(loras) > 1:
+            raise ValueError(f"a row takes one LoRA: this composition holds {len(loras)} "
+                             "(compose a LoRA with prompts, not with another LoRA)")
         vectors = [p.vectors for p in parts if p.vectors is not None]
         joined = []
         for i in range(n_layers):
@@ -63,7 +82,7 @@ class Pieces:
                           if kv else None)
         gated = [sum((p.gated[i] for p in parts), []) for i in range(n_layers)]
         return Pieces(torch.cat(vectors) if vectors else None, joined, gated,
-                      sum(p.position_offset for p in parts))
+                      sum(p.position_offset for p in parts), loras[0] if loras else None)
 
 
 class PromptBank(nn.Module):
@@ -77,6 +96,7 @@ class PromptBank(nn.Module):
         self.base = base
         self.n_layers = len(base.layers)
         self.pieces: dict[str, Pieces] = {}
+        self.row_lora: dict[str, RowLoRALinear] = {}    # layer path -> its wrapper, once a LoRA targets it
 
     @property
     def config(self):
@@ -87,17 +107,29 @@ class PromptBank(nn.Module):
         return sorted(self.pieces)
 
     def add(self, name: str, prompt, tokenizer=None) -> None:
-        """Register a prompt under `name`: a prompt file, or a PromptedModel on this base."""
+        """Register a prompt under `name`: a prompt file, or a PromptedModel on this base (a
+        LoRA one on another copy of it: attached to this base, it would change every row)."""
         from . import load, read_prompt
         if "+" in name or not name:
             raise ValueError(f"PromptBank.add: {name!r} is not a usable name ('+' composes prompts)")
+        source = f"PromptBank.add({name!r})" if isinstance(prompt, nn.Module) else prompt
         if isinstance(prompt, nn.Module):
-            kind = prompt.method.config.method
+            kind, file = prompt.method.config.method, None
         else:
-            kind = read_prompt(prompt)[0]["config"]["method"]
-        if kind not in MIXABLE:  # checked before loading: loading LoRA would change the shared base
-            raise ValueError(f"{prompt}: {kind} changes the base weights and cannot share a batch with other "
-                             f"prompts (mixable: {', '.join(MIXABLE)})")
+            file = read_prompt(prompt)
+            kind = file[0]["config"]["method"]
+        if kind in METHODS and kind not in MIXABLE:
+            why = ("replaces every weight of the base, so it can only be served as its own base "
+                   "(minipt.prompts.load)" if method_class(kind).trains_base
+                   else "changes the base's own layers and cannot share a batch with other prompts")
+            raise ValueError(f"{source}: {kind} {why}; mixable: {', '.join(MIXABLE)}")
+        if kind in METHODS and issubclass(method_class(kind), LoRA):
+            # never load()ed: attaching its LoRALinear wrappers would change the shared base
+            weights = self._lora_weights(prompt, file, source, tokenizer)
+            for path in weights.layers:
+                self._wrap(path)
+            self.pieces[name] = Pieces.of_lora(weights, self.n_layers)
+            return
         method = (prompt if isinstance(prompt, nn.Module) else load(prompt, self.base, tokenizer)).method
         with torch.no_grad():
             method.eval()
@@ -109,6 +141,31 @@ class PromptBank(nn.Module):
                                    [[(k.to(dtype), v.to(dtype), g.float()) for k, v, g in layer]
                                     for layer in p.gated],
                                    p.position_offset)
+
+    def _lora_weights(self, prompt, file, source, tokenizer) -> LoRAWeights:
+        from .files import base_fingerprint, check_base, check_fingerprint
+        if file is None:
+            if prompt.base is self.base:
+                raise ValueError(f"{source}: this LoRA is attached to the bank's own base, which it changes "
+                                 "for every row; attach it to another copy of the base, or add its file")
+            check_fingerprint(source, {"base": base_fingerprint(prompt.base)}, base_fingerprint(self.base))
+            config, state = prompt.method.config, prompt.method.state_for_saving()
+        else:
+            meta, state = file
+            check_base(prompt, meta, self.base, tokenizer)
+            config = PromptConfig.from_dict(meta["config"])
+        return LoRAWeights.from_state(state, config.lora_alpha / config.lora_r, self.base, source)
+
+    def _wrap(self, path: str) -> None:
+        """Swap the base's linear layer at `path` for a RowLoRALinear (once)."""
+        if path not in self.row_lora:
+            owner, _, attr = path.rpartition(".")
+            owner = self.base.get_submodule(owner)
+            layer = getattr(owner, attr)
+            if not isinstance(layer, RowLoRALinear):   # (another bank on this base may have wrapped it)
+                layer = RowLoRALinear(layer)
+                setattr(owner, attr, layer)
+            self.row_lora[path] = layer
 
     def remove(self, name: str) -> None:
         self.pieces.pop(name)
@@ -144,6 +201,7 @@ class PromptBank(nn.Module):
         prefixes = [self._layer_prefixes(resolved, i) for i in range(self.n_layers)]
         return {"P": P, "vectors": vectors, "vmask": vmask, "offsets": offsets,
                 "prefixes": prefixes if any(prefixes) else None,
+                "lora": stack_rows([None if p is None else p.lora for p in resolved], device),
                 "extra_positions": max(n + int(o) for n, o in zip(lengths, offsets))}
 
     def _layer_prefixes(self, resolved, i):
@@ -180,6 +238,32 @@ class PromptBank(nn.Module):
                 gates[b] = x[2]
         return LayerPrefix(k, v, mask=mask, gate=gates)
 
+    @contextmanager
+    def lora_rows(self, layout: dict, token_slots=None):
+        """For the duration, each row of the batch gets its own LoRA's update on the layers it
+        targets (layout from batch_layout: a decoding step of the base with these rows runs
+        inside). token_slots (N,): each token's slot where the base packs the batch
+        (GPT.forward without a cache, fast on: `fast.Unpadded`'s tokens, row-major).
+        Nothing is activated for a layout without LoRA rows."""
+        lora = layout["lora"]
+        if lora is None:
+            yield
+            return
+        groups = n_tokens = None
+        if token_slots is not None:
+            k = next(iter(lora["layers"].values()))[0].size(0) - 1
+            groups = [(token_slots == s).nonzero().squeeze(1) for s in range(1, k + 1)]
+            n_tokens = len(token_slots)
+        wrappers = {path: self.row_lora[path] for path in lora["layers"]}
+        before = {path: w.rows for path, w in wrappers.items()}
+        try:
+            for path, (A, B, scale) in lora["layers"].items():
+                wrappers[path].rows = ActiveRows(A, B, scale, lora["slots"], groups, n_tokens)
+            yield
+        finally:
+            for path, w in wrappers.items():
+                w.rows = before[path]
+
     def forward(self, idx, targets=None, *, rows, attention_mask=None, cache_pos=None, last_only=False,
                 loss_only=False, layout=None):
         """Like PromptedModel.forward, with rows[b] naming row b's prompt. Pass `layout`
@@ -189,9 +273,14 @@ class PromptBank(nn.Module):
         mask = whole_mask(attention_mask, idx, cache_pos)
         placed = place_prompt(x, mask, targets, layout["P"], layout["vectors"], layout["vmask"],
                               layout["offsets"][:, None], cache_pos)
-        logits, loss = self.base(inputs_embeds=placed.x, targets=placed.targets, attention_mask=placed.mask,
-                                 position_ids=placed.positions, prefixes=layout["prefixes"],
-                                 cache_pos=placed.cache_pos, last_only=last_only, loss_only=loss_only)
+        token_slots = None
+        if layout["lora"] is not None and placed.cache_pos is None:
+            token_slots = layout["lora"]["slots"][:, None].expand_as(placed.mask)[placed.mask.bool()]   # (N,)
+        with self.lora_rows(layout, token_slots):
+            logits, loss = self.base(inputs_embeds=placed.x, targets=placed.targets,
+                                     attention_mask=placed.mask, position_ids=placed.positions,
+                                     prefixes=layout["prefixes"], cache_pos=placed.cache_pos,
+                                     last_only=last_only, loss_only=loss_only)
         return placed.without_prompt(logits, last_only), loss
 
     def for_rows(self, rows) -> "BoundRows":
