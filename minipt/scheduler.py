@@ -313,9 +313,10 @@ def _new_caches(base, batch_size: int, width: int) -> list:
 
 
 class Joining:
-    """A row on its way into the batch, in a KV cache of its own (`length` columns): first its
-    prompt's state, the keys and values of its virtual tokens (PromptStates: shared by every
-    row with that prompt), then its text, a chunk at a time."""
+    """A row on its way into the batch: its virtual tokens and prompt run through the model
+    alone, a chunk at a time, into a KV cache of its own (`length` columns). The virtual
+    tokens' keys and values are the same for every row with this prompt: taken from
+    PromptStates when there, else computed with the first chunk and kept there."""
 
     def __init__(self, row, pieces, parts, bank):
         self.row, self.pieces, self.parts = row, pieces, parts   # parts: the loaded Pieces it composes
@@ -334,69 +335,66 @@ class Joining:
         return len(self.row.ids) - self.done
 
     def run(self, bank, states, n: int) -> None:
-        """The next n prompt tokens through the model (the prompt's state first, at the start),
-        scoring them when the row echoes with logprobs."""
+        """The next n prompt tokens through the model (the virtual tokens before the first),
+        scored when the row echoes with logprobs."""
         base = bank.base
-        device = base.embed.weight.device
+        ids = torch.tensor([self.row.ids[self.done:self.done + n]], device=base.embed.weight.device)
+        x = base.embed(ids)                                                          # (1, n, C)
+        start = self.P + self.done                     # the cache column of this chunk's first token
+        computing = False
         if self.caches is None:
             self.caches = _new_caches(base, 1, self.length)
-            if self.P:
-                for c, (k, v) in zip(self.caches, states.get(self, bank)):
+            state = states.get(self.parts, self.P) if self.P else None
+            if state is not None:
+                for c, (k, v) in zip(self.caches, state):
                     c.k[0, :, :self.P], c.v[0, :, :self.P] = k, v
-        ids = torch.tensor([self.row.ids[self.done:self.done + n]], device=device)
-        start = self.P + self.done
-        positions = self.offset + torch.arange(start, start + n, device=device)[None]
+            elif self.P:                               # the virtual tokens go in with the first chunk
+                x, start, computing = torch.cat([self.layout["vectors"], x], 1), 0, True
+        positions = self.offset + torch.arange(start, self.P + self.done + n, device=x.device)[None]
         scoring = self.prompt_scores is not None
         with _caches(base, self.caches), bank.lora_rows(self.layout):
-            logits, _ = base(ids, position_ids=positions, prefixes=self.layout["prefixes"], cache_pos=start,
-                             last_only=not scoring)
-        logits = logits[0]                                                           # (n | 1, V)
+            logits, _ = base(inputs_embeds=x, position_ids=positions, prefixes=self.layout["prefixes"],
+                             cache_pos=start, last_only=not scoring)
+        if computing:
+            states.put(self.parts, [(c.k[0, :, :self.P].clone(), c.v[0, :, :self.P].clone())
+                                    for c in self.caches])
+        logits = logits[0, -n:] if scoring else logits[0]                            # (n | 1, V)
         if scoring:  # position t scores token t + 1; the previous chunk's last scores this one's first
             before = logits[:-1] if self.last is None else torch.cat([self.last[None], logits[:-1]])
-            scored = ids[0, 1:] if self.last is None else ids[0]
-            self.prompt_scores += score(before, scored, self.row.logprobs)
+            self.prompt_scores += score(before, ids[0, 1:] if self.last is None else ids[0], self.row.logprobs)
         self.done += n
         self.last = logits[-1]
 
 
 class PromptStates:
-    """The keys and values of each prompt's virtual tokens, computed once and kept for the next
-    rows that name it: they come first and attention is causal, so they are the same state for
-    every request with that prompt (a shared prefix). An LRU of `capacity` prompts or
-    compositions, keyed by the prompt files as loaded (a reloaded file is a new key)."""
+    """The keys and values of each prompt's virtual tokens, kept for the next rows that name
+    it: they come first and attention is causal, so they are the same state for every
+    request with that prompt (a shared prefix). An LRU of `capacity` prompts or compositions,
+    keyed by the loaded prompt pieces they are made of (a reloaded file is a new key)."""
 
     def __init__(self, capacity: int = 64):
         self.capacity = capacity
         self.states: "collections.OrderedDict" = collections.OrderedDict()
         self.hits = self.misses = self.saved_tokens = 0
 
-    def get(self, joining, bank) -> list:
-        """[(k, v) per layer], each (n_kv_head, P, hs), of the joining row's virtual tokens."""
-        key = tuple(map(id, joining.parts))
-        entry = self.states.get(key)
-        if entry is not None:
-            self.states.move_to_end(key)
-            self.hits += 1
-            self.saved_tokens += joining.P
-            return entry[1]
-        self.misses += 1
-        state = self._compute(joining, bank)
+    def get(self, parts, P: int) -> "list | None":
+        """[(k, v) per layer], each (n_kv_head, P, hs), of the P virtual tokens of `parts`; None
+        when not kept (a miss)."""
+        entry = self.states.get(tuple(map(id, parts)))
+        if entry is None:
+            self.misses += 1
+            return None
+        self.states.move_to_end(tuple(map(id, parts)))
+        self.hits += 1
+        self.saved_tokens += P
+        return entry[1]
+
+    def put(self, parts, state: list) -> None:
         if self.capacity:
             # the entry holds the pieces its key names, so no key is reused by other objects
-            self.states[key] = (joining.parts, state)
+            self.states[tuple(map(id, parts))] = (parts, state)
             while len(self.states) > self.capacity:
                 self.states.popitem(last=False)
-        return state
-
-    @staticmethod
-    def _compute(joining, bank) -> list:
-        base, layout, P = bank.base, joining.layout, joining.P
-        caches = _new_caches(base, 1, P)
-        positions = joining.offset + torch.arange(P, device=base.embed.weight.device)[None]
-        with _caches(base, caches), bank.lora_rows(layout):
-            base(inputs_embeds=layout["vectors"], position_ids=positions, prefixes=layout["prefixes"],
-                 cache_pos=0, last_only=True)
-        return [(c.k[0], c.v[0]) for c in caches]
 
     def snapshot(self) -> dict:
         return {"cached": len(self.states), "hits": self.hits, "misses": self.misses,

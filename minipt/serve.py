@@ -9,8 +9,9 @@ served as its own model, requests for different prompts decoded together in one 
 
 Models: "base" is the bare base model; every `NAME.safetensors` in the folder is model NAME
 (a file added later is served on the next request, a removed one is dropped; the base loads
-once); "a+b" serves prompts a and b composed (see minipt/prompts/mixed.py). Only methods
-that leave the base weights alone can share a batch (not LoRA or full fine-tuning).
+once); "a+b" serves prompts a and b composed (see minipt/prompts/mixed.py). Prompts of every
+method and LoRAs (each row's own update, never merged) share a batch; a full fine-tuning
+file is not (it replaces every weight of the base, not a part of it).
 
 Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST
 /v1/chat/completions (with "stream": true as server-sent events), GET /stats (queued and

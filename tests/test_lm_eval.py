@@ -105,3 +105,28 @@ def test_smollm2_loglikelihoods_equal_transformers(smollm2_dir, hf_smollm2, tmp_
                 lp = hf_smollm2(torch.tensor([ids])).logits[0].float().log_softmax(-1)
             expected = lp[torch.arange(len(ids) - 1), ids[1:]]
             assert got[0] is None and (torch.tensor(got[1:]) - expected).abs().max() < 1e-3
+
+
+def test_the_readme_lm_eval_command(served, task_dir, base_dir, tmp_path):
+    """The README's command, as a user runs it (on our task, our server, the soft prompt)."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+    server, folder = served
+    directory, rows = task_dir
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (command,) = re.findall(r"^\.venv/bin/lm_eval .*?(?<!\\)$", readme.replace("\\\n", ""), re.M)
+    command = (command.replace("DIR_OF_YOUR_YAML_TASKS", str(directory)).replace("TASK", "minipt_tiny_choice")
+               .replace("http://127.0.0.1:8000", server.url).replace("model=sentiment", "model=soft"))
+    args = [sys.executable, "-m", "lm_eval", *shlex.split(command)[1:], "--output_path", str(tmp_path)]
+    subprocess.run(args, check=True, env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1"},
+                   capture_output=True, timeout=600)
+    (result,) = tmp_path.rglob("results_*.json")
+    acc = json.loads(result.read_text())["results"]["minipt_tiny_choice"]["acc,none"]
+    base, tok = load_base(base_dir)
+    model = load(folder / "soft.safetensors", base, tok)
+    examples = [{"input": r["input"], "target": LABELS[r["label"]]} for r in rows]
+    predicted = label_scores(model, tok, examples, "{input}", LABELS)[:, 0].argmax(-1)
+    assert acc == pytest.approx((predicted == torch.tensor([r["label"] for r in rows])).float().mean().item())

@@ -440,3 +440,55 @@ def test_packed_server_answers_as_generate_on_the_packed_model(tmp_path):
     pack_for_decoding(model)
     expected = generate(model, [tok.encode(TEXTS[1])], 12, eos_id=tok.eos_id, pad_id=tok.eos_id)[0]
     assert status == 200 and body["choices"][0]["text"] == tok.decode(expected, skip_special=True)
+
+
+# ---- LoRA beside prompts ---------------------------------------------------------------------
+
+def test_loras_are_served_per_row_beside_prompts(base_dir, tmp_path):
+    """LoRA files in the folder are models too, decoded in one batch with prompts and the bare
+    base (never merged): each answer equals generate on a base with that LoRA alone; "lora+soft"
+    is the soft prompt on the LoRA'd base; two LoRAs in one row and full fine-tuning are refused."""
+    make_prompt(base_dir, tmp_path / "soft.safetensors", "soft", seed=0)
+    for name, seed, targets in [("lora", 1, ["q_proj", "v_proj"]), ("lora_b", 2, ["k_proj", "up_proj"])]:
+        base, tok = load_base(base_dir)
+        model = attach(base, PromptConfig(method="lora", lora_r=2, lora_targets=targets, seed=seed))
+        with torch.no_grad():
+            for p in model.method.lora_B.values():
+                p.normal_(0, 0.5)
+        save(model, tmp_path / f"{name}.safetensors", tok)
+    base, tok = load_base(base_dir)
+    save(attach(base, PromptConfig(method="full")), tmp_path / "full.safetensors", tok)
+
+    def alone(names, text):
+        base, tok = load_base(base_dir)
+        model = base
+        for name in names.split("+"):   # the LoRA first: the soft prompt then runs on its layers
+            model = load(tmp_path / f"{name}.safetensors", base, tok) if name != "base" else model
+        out = generate(model, [tok.encode(text)], 10, eos_id=tok.eos_id, pad_id=tok.eos_id)[0]
+        return tok.decode(out, skip_special=True)
+
+    jobs = [("lora", TEXTS[0]), ("lora_b", TEXTS[1]), ("soft", TEXTS[2]), ("base", TEXTS[3]),
+            ("lora+soft", TEXTS[4]), ("lora", TEXTS[1])]
+    with running(make_server(base_dir, tmp_path, port=0, window=1.0, scheduler="static")) as static, \
+            running(make_server(base_dir, tmp_path, port=0)) as continuous:
+        assert sorted(m["id"] for m in raw(continuous, "GET", "/v1/models")[1]["data"]) == \
+            ["base", "lora", "lora_b", "soft"]                       # full fine-tuning is not servable
+        for server in (static, continuous):
+            replies, barrier = {}, threading.Barrier(len(jobs))
+
+            def ask(i, model, text):
+                barrier.wait()
+                replies[i] = raw(server, "POST", "/v1/completions", {"model": model, "prompt": text,
+                                                                     "max_tokens": 10, "temperature": 0})
+            threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            for i, (model, text) in enumerate(jobs):
+                assert replies[i][1]["choices"][0]["text"] == alone(model, text), (server.app.scheduler.name, model)
+        assert "6" in stats(static)["batch_sizes"]                  # one batch held them all
+        status, reply = raw(continuous, "POST", "/v1/completions", {"model": "lora+lora_b", "prompt": "x"})
+        assert status == 400 and reply["error"]["param"] == "model" and "one LoRA" in reply["error"]["message"]
+        assert all(torch.equal(a, b) for a, b in zip(continuous.app.base.state_dict().values(),
+                                                      load_base(base_dir)[0].state_dict().values()))
