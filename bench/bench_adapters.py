@@ -117,7 +117,7 @@ def run_scenario(args) -> dict:
             runs[rate] = drive(app, plan), app.stats()["prompt_states"]
             print(f"  {SCENARIOS[args.scenario]:<28} {rate:>4} req/s done", file=sys.stderr, flush=True)
         app.close()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # MB (Linux reports kB); before the checks
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # MB (Linux: kB); before the checks
         # the checks: a sample of jobs generated with the adapter file alone, on a base of their own
         base, tok = load_base(BASE, dtype=getattr(torch, args.dtype))
         expected = {}
@@ -194,7 +194,8 @@ def main(argv=None):
     if args.no_write:
         return
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps({"machine": machine, "args": vars(args), **results}, indent=2))
+    (OUT / "results.json").write_text(json.dumps({"machine": machine, "args": vars(args), **results},
+                                                 indent=2))
     plot(results, OUT / "adapters.png")
     many = results["many"]
     (OUT / "README.md").write_text(

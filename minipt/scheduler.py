@@ -7,7 +7,14 @@ row keeps its place until then.
 ContinuousScheduler, iteration-level batching (Yu et al. 2022, Orca; Kwon et al. 2023, vLLM):
 a row is prefilled alone, in chunks between decoding steps, joins the running batch at the
 next step and leaves it at the step it ends. Each row keeps its own prompt (PromptBank's
-pieces, computed once per prompt file), sampling settings, stop strings and stream.
+pieces, computed once per prompt file; a LoRA applied to its row alone), sampling settings,
+stop strings and stream. A prompt's virtual tokens are the same leading state for every row
+that names it, so their keys and values are kept (`PromptStates`, an LRU) and the next such
+row is prefilled from its first real token on: vLLM's prefix caching, for soft prompts.
+
+Both schedulers score tokens for rows that ask for logprobs (`score`): the generated ones
+from the logits they were picked from, an echoed prompt from the row's own prefill (the
+continuous scheduler) or a forward of the row alone (static).
 
 The running batch's KV cache (`Timeline`) is generation.py's left-padded layout stretched
 over time: one column clock for the whole batch, every row's keys and values in a run of
@@ -132,7 +139,7 @@ def score(logits, tokens, k: int) -> list:
     """[Scored] of `tokens` (N,) under the logits (N, V) that chose them, each with its top k."""
     lp = logits.float().log_softmax(-1)                                  # (N, V)
     chosen = lp.gather(-1, tokens[:, None])[:, 0].tolist()
-    top_lp, top_ids = lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long())
+    top_lp, top_ids = lp.topk(k, -1)                                     # (N, k) each
     return [Scored(t, c, list(zip(i, v))) for t, c, i, v in zip(tokens.tolist(), chosen, top_ids.tolist(),
                                                                 top_lp.tolist())]
 

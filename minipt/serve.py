@@ -653,8 +653,8 @@ class Handler(BaseHTTPRequestHandler):
         text = self.app.token_text
         if chat:
             entry = lambda t, lp: {"token": text(t), "logprob": lp, "bytes": list(text(t).encode())}
-            return {"content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top]}
-                                for s in scored]}
+            return {"content": [{**entry(s.token, s.logprob),
+                                 "top_logprobs": [entry(t, lp) for t, lp in s.top]} for s in scored]}
         tokens = [text(s.token) for s in scored]
         offsets = [offset + sum(map(len, tokens[:i])) for i in range(len(tokens))]
         return {"tokens": tokens, "token_logprobs": [s.logprob for s in scored],

@@ -792,7 +792,7 @@ class SentencePieceBPE:
     def applied_chat_template(self) -> str | None:
         """apply_chat_template's rendering as Jinja (BOS first, as bos_token)."""
         if self.chat_format == "transcript":
-            return "{{ bos_token }}" + TRANSCRIPT_CHAT_TEMPLATE if self.bos_id is not None else TRANSCRIPT_CHAT_TEMPLATE
+            return ("{{ bos_token }}" if self.bos_id is not None else "") + TRANSCRIPT_CHAT_TEMPLATE
         return GEMMA_CHAT_TEMPLATE if self.chat_format == "gemma" else None
 
     @property

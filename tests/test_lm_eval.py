@@ -54,8 +54,9 @@ def task_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("harness-task")
     g = torch.Generator().manual_seed(0)
     words = ["the film", "a plot", "music", "it was", "acting", "this one", "ending"]
-    rows = [{"input": " ".join(words[i] for i in torch.randint(0, len(words), (3,), generator=g).tolist()) + ":",
-             "label": i % len(LABELS)} for i in range(12)]
+    picks = torch.randint(0, len(words), (12, 3), generator=g).tolist()
+    rows = [{"input": " ".join(words[i] for i in pick) + ":", "label": n % len(LABELS)}
+            for n, pick in enumerate(picks)]
     (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "task.yaml").write_text(TASK.format(data=folder / "rows.jsonl", labels=json.dumps(LABELS)))
     return folder, rows

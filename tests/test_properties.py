@@ -277,7 +277,7 @@ def test_left_padding_leaves_the_real_tokens_logits_alone(decoders, family, meth
 BANK_NAMES = [*MIXABLE, "soft_b", "prefix_b", "lora_b"]   # the prompt files of test_mixed's fixture
 ROW_SPEC = st.one_of(st.sampled_from([None, ""]), st.sampled_from(BANK_NAMES),
                      st.lists(st.sampled_from(BANK_NAMES), min_size=2, max_size=3)
-                     .filter(lambda names: sum(n.startswith("lora") for n in names) <= 1)  # a row takes one LoRA
+                     .filter(lambda names: sum(n.startswith("lora") for n in names) <= 1)  # one LoRA a row
                      .map("+".join))
 
 

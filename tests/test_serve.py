@@ -486,7 +486,7 @@ def test_loras_are_served_per_row_beside_prompts(base_dir, tmp_path):
             for t in threads:
                 t.join(60)
             for i, (model, text) in enumerate(jobs):
-                assert replies[i][1]["choices"][0]["text"] == alone(model, text), (server.app.scheduler.name, model)
+                assert replies[i][1]["choices"][0]["text"] == alone(model, text), (server.url, model)
         assert "6" in stats(static)["batch_sizes"]                  # one batch held them all
         status, reply = raw(continuous, "POST", "/v1/completions", {"model": "lora+lora_b", "prompt": "x"})
         assert status == 400 and reply["error"]["param"] == "model" and "one LoRA" in reply["error"]["message"]

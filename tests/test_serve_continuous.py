@@ -185,6 +185,44 @@ LONG = {"model": "soft", "prompt": "x", "max_tokens": 600, "ignore_eos": True, "
 
 
 @pytest.mark.parametrize("scheduler", ["continuous", "static"])
+def test_logprobs_of_every_method_in_one_batch_equal_each_row_alone(base_dir, every_method, scheduler):
+    """Echoed prompts and generated tokens, scored for rows of every method (LoRA and a
+    composition with it too) decoded together: the log-softmax of each row's logits alone."""
+    app = App(base_dir, every_method, max_batch=16, prefill_chunk=5, scheduler=scheduler, window=0.5)
+    models = ["base", *MIXABLE, "lora+prompt_tuning", "p_tuning_v2+adapter"]
+    prompts = [[3 + (7 * i + j) % 110 for j in range(4 + i)] for i in range(len(models))]
+    try:
+        requests = [parse_request({"model": m, "prompt": p, "max_tokens": 5, "logprobs": 2, "echo": True,
+                                   "ignore_eos": True, "temperature": 0}, False, app)
+                    for m, p in zip(models, prompts)]
+        for rows in requests:
+            app.scheduler.submit(rows)
+        scored = []
+        for rows in requests:
+            got = []
+            while (ev := rows[0].events.get(timeout=120))[0] != "done":
+                got += ev[3]
+            scored.append(got)
+    finally:
+        app.close()
+    bank = PromptBank(load_base(base_dir)[0])
+    for m in MIXABLE:
+        bank.add(m, every_method / f"{m}.safetensors")
+    for model, ids, got in zip(models, prompts, scored):
+        full = torch.tensor([ids + [s.token for s in got[len(ids):]]])
+        assert full.size(1) == len(ids) + 5 and got[0].logprob is None
+        with torch.no_grad():   # the row alone: its file on a fresh base, a composition in a batch of one
+            if "+" in model:
+                logits = bank(full, rows=[model])[0]
+            else:
+                base, tok = load_base(base_dir)
+                alone = base if model == "base" else load(every_method / f"{model}.safetensors", base, tok)
+                logits = alone(full)[0]
+        expected = logits[0, :-1].float().log_softmax(-1).gather(-1, full[0, 1:, None])[:, 0]
+        assert (torch.tensor([s.logprob for s in got[1:]]) - expected).abs().max() < 1e-4, (scheduler, model)
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "static"])
 def test_a_request_arriving_mid_batch_starts_before_the_batch_ends(base_dir, prompt_dir, oracle, scheduler):
     """A long row decodes; a short request sent after its 20th token gets its first token
     (and its whole answer) while the long row is still running. The static scheduler, where

@@ -9,7 +9,7 @@ import threading
 import openai
 import pytest
 import torch
-from test_serve import (TEXTS, base_dir, make_prompt, oracle, prompt_dir, raw, running,  # noqa: F401
+from test_serve import (TEXTS, base_dir, oracle, prompt_dir, raw, running,  # noqa: F401 (fixtures)
                         tiny_tokenizer)
 
 from minipt.checkpoint import load_base
@@ -84,13 +84,11 @@ def test_completion_logprobs_are_the_generated_tokens_own(server, alone, oracle,
         assert lp["token_logprobs"][t] == max(lp["top_logprobs"][t].values())
 
 
-def test_a_bos_the_server_adds_is_neither_echoed_nor_scored(server, alone):
+def test_a_bos_the_server_adds_is_neither_echoed_nor_scored(server, alone, monkeypatch):
     tok = server.app.tokenizer
-    tok.add_bos = True   # as Gemma's tokenizer: a string prompt starts with BOS
-    try:
-        choice = completion(server, model="soft", prompt="Hello", max_tokens=1, echo=True, logprobs=0)
-    finally:
-        del tok.add_bos
+    monkeypatch.setattr(tok, "add_bos", True, raising=False)   # as Gemma's: a string prompt starts with BOS
+    choice = completion(server, model="soft", prompt="Hello", max_tokens=1, echo=True, logprobs=0)
+    monkeypatch.undo()
     lp = choice["logprobs"]
     assert lp["tokens"][:5] == list("Hello") and lp["token_logprobs"][0] is None
     ids = [tok.bos_id, *tok.encode("Hello")]
@@ -135,11 +133,10 @@ def test_sampled_and_streamed_logprobs(server, client, alone):
     assert (got - expected[torch.arange(10), full[len(TEXTS[0]):]]).abs().max() < 1e-4
     chunks = list(client.completions.create(model="ptune", prompt=TEXTS[0], max_tokens=10, temperature=0.9,
                                             seed=3, logprobs=2, extra_body={"ignore_eos": True}, stream=True))
-    tokens = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
-    values = [v for ch in chunks if ch.choices and ch.choices[0].logprobs
-              for v in ch.choices[0].logprobs.token_logprobs]
-    offsets = [o for ch in chunks if ch.choices and ch.choices[0].logprobs
-               for o in ch.choices[0].logprobs.text_offset]
+    pieces = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs]
+    tokens = [t for lp in pieces for t in lp.tokens]
+    values = [v for lp in pieces for v in lp.token_logprobs]
+    offsets = [o for lp in pieces for o in lp.text_offset]
     assert tokens == c.logprobs.tokens and values == pytest.approx(c.logprobs.token_logprobs, abs=1e-6)
     assert offsets == c.logprobs.text_offset
 
