@@ -110,15 +110,13 @@ def test_smollm2_loglikelihoods_equal_transformers(smollm2_dir, hf_smollm2, tmp_
 
 def test_the_readme_lm_eval_command(served, task_dir, base_dir, tmp_path):
     """The README's command, as a user runs it (on our task, our server, the soft prompt)."""
-    import re
     import shlex
     import subprocess
     import sys
-    from pathlib import Path
+    from test_readme import shell_commands
     server, folder = served
     directory, rows = task_dir
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    (command,) = re.findall(r"^\.venv/bin/lm_eval .*?(?<!\\)$", readme.replace("\\\n", ""), re.M)
+    (command,) = [c for c in shell_commands() if c.startswith(".venv/bin/lm_eval ")]
     command = (command.replace("DIR_OF_YOUR_YAML_TASKS", str(directory)).replace("TASK", "minipt_tiny_choice")
                .replace("http://127.0.0.1:8000", server.url).replace("model=sentiment", "model=soft"))
     args = [sys.executable, "-m", "lm_eval", *shlex.split(command)[1:], "--output_path", str(tmp_path)]

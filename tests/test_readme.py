@@ -80,6 +80,7 @@ RUN_ELSEWHERE = {
     "make test": "CI's command (.ci/run)",
     ".venv/bin/torchrun": "tests/test_train.py::test_ddp_two_processes_equal_one",
     "minipt.convert SRC OUT": "placeholders; convert runs on a real HF directory below",
+    ".venv/bin/lm_eval": "tests/test_lm_eval.py::test_the_readme_lm_eval_command, against a server",
 }
 # Budget cuts appended to train.py commands: the commands run as written, only shorter.
 SHORT_RUN = ["--eval_interval=0", "--ckpt_interval=1", "--eval_examples=8"]
