@@ -7,7 +7,7 @@
     model = load("task.safetensors", base, tokenizer)
 """
 from .base import METHODS, PromptConfig, PromptMethod, method_class
-from .files import check_base, read_prompt, save_prompt
+from .files import base_fingerprint, check_base, check_fingerprint, read_prompt, save_prompt
 from .model import PromptedModel
 
 
@@ -26,10 +26,12 @@ def save(model: PromptedModel, path, tokenizer=None):
     return save_prompt(path, model, tokenizer)
 
 
-def load(path, base, tokenizer=None) -> PromptedModel:
-    """A prompt file onto its base model; a one-line error if it belongs to another base."""
+def load(path, base, tokenizer=None, fingerprint=None) -> PromptedModel:
+    """A prompt file onto its base model; a one-line error if it belongs to another base.
+    fingerprint: the base's (files.base_fingerprint), when the caller keeps it: hashing the
+    embedding matrix is most of the time a load takes."""
     meta, tensors = read_prompt(path)
-    check_base(path, meta, base, tokenizer)
+    check_fingerprint(path, meta, fingerprint or base_fingerprint(base, tokenizer))
     config = PromptConfig.from_dict(meta["config"])
     # values from the file
     model = attach(base, PromptConfig.for_method(**{**config.to_dict(), "init": "random"}))
