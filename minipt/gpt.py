@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import fast
 from .config import GPTConfig
-from .layers import (GeGLU, GeluMLP, KVCache, Linear, RMSNorm, ScaledEmbedding, SelfAttention, SwiGLU,
+from .layers import (Causal, GeGLU, GeluMLP, KVCache, Linear, RMSNorm, ScaledEmbedding, SelfAttention, SwiGLU,
                      rope_cos_sin)
 
 
@@ -120,13 +120,17 @@ class GPT(nn.Module):
         x = self.embed(idx) if inputs_embeds is None else inputs_embeds     # (B, T, C)
         B, T, _ = x.shape
         start = cache_pos or 0
+        if attention_mask is not None and start == 0 and bool(attention_mask.all()):
+            # no row is padded: the mask says nothing, and without it attention is plain causal
+            # (layers.Causal: SDPA's fast kernels on CUDA). Asked once per batch, at its first
+            # forward (a host sync on a GPU); the decoding steps after it keep the mask given.
+            attention_mask = None
         if position_ids is None:
             position_ids = self._positions(attention_mask, start, T, B, x.device)
         mask = self._mask(attention_mask, start, T, B, x.device)
         local_mask = self._window(mask, attention_mask, start, T, x.device, self.config.sliding_window)
         unpadded = None
-        padded = attention_mask is not None and not attention_mask.all()
-        if cache_pos is None and (shared is not None or (fast.ENABLED and padded)):
+        if cache_pos is None and (shared is not None or (fast.ENABLED and attention_mask is not None)):
             x, position_ids, unpadded = fast.Unpadded.pack(x, position_ids, attention_mask, shared)
         rope = local_rope = None
         if self.pos_embed is not None:
@@ -180,7 +184,8 @@ class GPT(nn.Module):
     @staticmethod
     def _mask(attention_mask, start, T, B, device):
         """Bool keep-mask (B, 1, T, S): causal, minus padded keys. Each query may always see
-        itself, so padding rows stay finite instead of softmaxing over nothing."""
+        itself, so padding rows stay finite instead of softmaxing over nothing. Without
+        padding or cached positions, a layers.Causal (T x T)."""
         if attention_mask is None and T == 1:
             return None                                                      # one new token sees all
         S = start + T
@@ -188,7 +193,7 @@ class GPT(nn.Module):
         k_pos = torch.arange(S, device=device)[None, :]
         causal = k_pos <= q_pos                                              # (T, S)
         if attention_mask is None:
-            return causal[None, None]
+            return Causal(causal[None, None]) if start == 0 else causal[None, None]
         keep = causal[None] & attention_mask.bool()[:, None, :]             # (B, T, S)
         keep = keep | (k_pos == q_pos)[None]
         return keep[:, None]
@@ -201,6 +206,10 @@ class GPT(nn.Module):
         stay visible (they have no position). None without a window."""
         if not window:
             return None
+        if isinstance(mask, Causal):
+            if T <= window:
+                return mask                                                  # no key is that far back
+            mask = mask.mask
         S = start + T
         if attention_mask is None:
             k_pos = torch.arange(S, device=device)[None]                     # (1, S)

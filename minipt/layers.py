@@ -157,11 +157,21 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+@dataclass
+class Causal:
+    """The keep-mask of a batch with no padding and no cached positions before it: plain
+    causal, T x T. SDPA gets it as is_causal=True and no mask, the same attention bit for bit
+    on CPU, and on CUDA the only way to its flash kernel (an explicit mask rules flash out);
+    what needs the mask as a tensor (a joined prefix, fast.cpu_attention) reads `mask`."""
+    mask: torch.Tensor                      # (1, 1, T, T) bool
+
+
 def attend(q, k, v, mask, prefix, scale=None):
     """Scaled dot-product attention of q (B, nh, T, hs) over k, v (B, nkv, S, hs),
     plus the layer's prefix: a LayerPrefix, a list of them (mixed-prompt batches: at most
-    one joined, any number gated), or None. `mask` is a bool (B, 1, T, S) keep-mask or an
-    additive float bias; grouped-query heads are expanded inside SDPA."""
+    one joined, any number gated), or None. `mask` is a bool (B, 1, T, S) keep-mask, an
+    additive float bias, a Causal or None (every key); grouped-query heads are expanded
+    inside SDPA."""
     prefixes = prefix_list(prefix)
     gqa = q.size(1) != k.size(1)
     for p in prefixes:
@@ -180,10 +190,19 @@ def attend(q, k, v, mask, prefix, scale=None):
 
 
 def _sdpa(q, k, v, mask, scale, gqa):
-    y = fast.cpu_attention(q, k, v, mask, scale) if fast.ENABLED else None
-    if y is None:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return y
+    causal = isinstance(mask, Causal)
+    y = fast.cpu_attention(q, k, v, mask.mask if causal else mask, scale) if fast.ENABLED else None
+    if y is not None:
+        return y
+    if causal:
+        mask = None
+    elif mask is not None and gqa and q.device.type == "cuda":
+        # CUDA's kernel for a mask (memory-efficient) takes no grouped heads, and with
+        # enable_gqa SDPA would fall back to the math kernel: (B, nh, T, S) scores in memory
+        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                          enable_gqa=gqa)
 
 
 def prefix_list(prefix) -> list:
@@ -193,7 +212,9 @@ def prefix_list(prefix) -> list:
 
 def _extend_mask(mask, prefix: LayerPrefix, q, S: int):
     """Put the prefix's P columns in front of a (B|1, H|1, T, S) mask (bool keep-mask or
-    additive float bias); no mask at all means "attend to everything"."""
+    additive float bias, or a Causal); no mask at all means "attend to everything"."""
+    if isinstance(mask, Causal):
+        mask = mask.mask
     B, _, T, _ = q.shape
     P = prefix.k.size(2)
     if mask is None and prefix.mask is None:
