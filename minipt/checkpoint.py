@@ -17,12 +17,13 @@ CONVERTIBLE = (".gguf", ".safetensors", ".bin")   # files people pass where a ch
 
 def resolve_dtype(name: str, device: str = "cpu") -> str:
     """A dtype name with "auto" made concrete: bfloat16 where the hardware multiplies it (a GPU
-    that supports it; an x86 CPU with AVX-512 or AMX), else float32. On an AVX2-only CPU (AMD
-    Zen 3, say) PyTorch multiplies bf16 in a scalar fallback, about 100x slower than float32."""
+    of compute capability 8.0 or later, Ampere on; an x86 CPU with AVX-512 or AMX), else float32.
+    On an AVX2-only CPU (AMD Zen 3, say) PyTorch multiplies bf16 in a scalar fallback, about 100x
+    slower than float32; a V100 or T4 emulates it, which is_bf16_supported() counts unless told not to."""
     if name != "auto":
         return name
     if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
     return "bfloat16" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "float32"
 
 
