@@ -102,7 +102,7 @@ def _single_token_scores(model, tok, rows, template, label_tokens, batch_size, m
     """
     prompts = [encode_prompt(tok, template.format(input=r["input"]))[-(max_len - 1):] for r in rows]
     K = model.n_members
-    scores = torch.empty(len(rows), K, len(label_tokens))
+    scores = torch.empty(len(rows), K, len(label_tokens), device="cpu")
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))  # similar lengths, little padding
     pad_id, device = _pad_id(tok, False, model), _device(model)
     for start in range(0, len(order), batch_size):
@@ -122,7 +122,7 @@ def _label_scores(model, tok, rows, template, labels, is_t5, batch_size, max_len
              for r in rows for label in labels]
     inputs = "input_ids" if is_t5 else "idx"
     K = model.n_members
-    scores = torch.empty(len(pairs), K)
+    scores = torch.empty(len(pairs), K, device="cpu")
     order = sorted(range(len(pairs)), key=lambda j: len(pairs[j][inputs]))
     pad_id, device = _pad_id(tok, is_t5, model), _device(model)
     for start in range(0, len(order), batch_size):

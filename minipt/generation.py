@@ -64,13 +64,14 @@ def check_context(extra: int, prompt_tokens: int, max_new_tokens: int, context: 
 
 
 def pad_batch(rows: list[list[int]], pad_id: int, left: bool = True):
-    """(ids, attention_mask), both (B, T); left padding right-aligns every row."""
+    """(ids, attention_mask), both (B, T) on the CPU (filled row by row there, then moved to
+    the model's device in one copy); left padding right-aligns every row."""
     T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros(len(rows), T, dtype=torch.long, device="cpu")
     for i, r in enumerate(rows):
         cols = slice(T - len(r), T) if left else slice(0, len(r))
-        ids[i, cols] = torch.tensor(r, dtype=torch.long)
+        ids[i, cols] = torch.tensor(r, dtype=torch.long, device="cpu")
         mask[i, cols] = 1
     return ids, mask
 
@@ -91,9 +92,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
                                   or not isinstance(model.config, GPTConfig))):
         raise ValueError(f"generate: lookup={lookup}: a count >= 0, for greedy decoding of one prompt with a "
                          "decoder model")
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    pick = lambda logits: sample_next(logits[:, -1], temperature, top_k, top_p, gen)
     device = next(model.parameters()).device
+    # on the logits' device: torch.multinomial refuses a generator on another one
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    pick = lambda logits: sample_next(logits[:, -1], temperature, top_k, top_p, gen)
     if lookup:
         steps = _lookup_steps(model, prompts[0], max_new_tokens, lookup, device)
     elif isinstance(model.config, GPTConfig):
@@ -225,7 +227,7 @@ def _lookup_steps(model, prompt, max_new_tokens, k, device):
     model.setup_cache(1, T + max_new_tokens)
     logits, _ = model(torch.tensor([prompt], device=device), cache_pos=0, last_only=True)
     seq = list(prompt) + [int(logits[0, -1].argmax())]
-    yield torch.tensor(seq[-1:])
+    yield torch.tensor(seq[-1:], device="cpu")                # host tokens, as `generate` reads them
     pos = T                                                   # where seq[-1] goes in the cache
     size = k                                                  # draft length, halved after misses
     while len(seq) - T < max_new_tokens:
@@ -237,7 +239,7 @@ def _lookup_steps(model, prompt, max_new_tokens, k, device):
             m += 1
         for t in greedy[:m + 1]:
             seq.append(t)
-            yield torch.tensor([t])
+            yield torch.tensor([t], device="cpu")
         pos += m + 1
         if draft:
             size = min(k, size * 2) if m == len(draft) else max(1, size // 2)

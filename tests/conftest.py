@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Hugging Face checkpoints (the oracle side of the parity
 tests) and the real SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct, fetched and
-converted by the project's scripts."""
+converted by the project's scripts; and the device switch, `MINIPT_DEVICE=cuda make test`."""
+import os
 import shutil
 
 import pytest
@@ -9,6 +10,19 @@ import torch
 from minipt.fetch import fetch
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEVICE = os.environ.get("MINIPT_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The device the device-aware tests build their models and tensors on: $MINIPT_DEVICE,
+    the CPU unless set. Tests that do not ask for it run on the CPU under any setting."""
+    return torch.device(DEVICE)
+
+
+def cpu_only(reason: str):
+    """Mark a test that cannot run under MINIPT_DEVICE other than cpu; the skip says why."""
+    return pytest.mark.skipif(DEVICE != "cpu", reason=f"MINIPT_DEVICE={DEVICE}: {reason}")
 
 
 def tiny_hf_model(kind: str, vocab_size: int = 120):
@@ -114,13 +128,14 @@ def t5_dir(converted_dir):
 def greedy_by_full_forwards(model, prompt, n):
     """n greedy tokens, each from a forward over everything so far (no KV cache): the
     reference that cached generation must equal."""
+    device = next(model.parameters()).device
     seq = []
     for _ in range(n):
         if getattr(model, "is_t5", False):
-            dec = torch.tensor([[model.config.decoder_start_id] + seq])
-            logits, _ = model(torch.tensor([prompt]), decoder_input_ids=dec)
+            dec = torch.tensor([[model.config.decoder_start_id] + seq], device=device)
+            logits, _ = model(torch.tensor([prompt], device=device), decoder_input_ids=dec)
         else:
-            logits, _ = model(torch.tensor([prompt + seq]))
+            logits, _ = model(torch.tensor([prompt + seq], device=device))
         seq.append(logits[0, -1].argmax().item())
     return seq
 

@@ -180,7 +180,7 @@ class PromptedModel(nn.Module):
         x = self.base.embed(input_ids)                                        # (B, S, C)
         if self._encoder_side():
             at = (leading_pads(attention_mask) if attention_mask is not None
-                  else torch.zeros(B, dtype=torch.long))
+                  else torch.zeros(B, dtype=torch.long, device=input_ids.device))
             x = insert_at(x, self.method.input_prompt()[None].expand(B, -1, -1), at)
         prefixes = self.method.prefixes(B) or {}
         return self.base.encode(inputs_embeds=x, attention_mask=self.encoder_mask(attention_mask),

@@ -1,0 +1,107 @@
+"""Tensors follow the model's device. Every forward, training step, generation (greedy,
+seeded sampling, prompt lookup), rank classification and mixed-prompt batch, of both
+families and every method, names the device of each tensor it makes; seeded sampling draws
+from a generator on the logits' device.
+
+A CPU shows it: under `torch.device("meta")` as the default device, a factory call
+(torch.zeros, torch.tensor, ...) that names no device makes a meta tensor, and the first op
+that mixes it with the model's real tensors raises. MINIPT_DEVICE=cuda runs the same checks
+with the models on the GPU."""
+import pytest
+import torch
+
+from minipt.checkpoint import load_base, load_model
+from minipt.evaluation import rank_classify
+from minipt.generation import decode_steps, generate
+from minipt.prompts import PromptConfig, attach, save
+from minipt.prompts.mixed import MIXABLE, PromptBank
+
+METHODS = ["base", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter", "lora"]
+FAMILIES = ["llama", "gemma3", "t5-v1.1"]
+
+
+def nothing_made_without_a_device():
+    return torch.device("meta")
+
+
+def method_config(method, seed=0):
+    return PromptConfig.for_method(method, num_virtual_tokens=3, init="random", seed=seed, encoder_hidden=16,
+                                   projection_hidden=24, adapter_layers=2, lora_r=2)
+
+
+def model_for(directory, method, device):
+    base = load_model(directory, device=device)
+    return base if method == "base" else attach(base, method_config(method))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_training_and_generation_name_every_device(converted_dir, family, method, device):
+    model = model_for(converted_dir(family), method, device)
+    t5 = family.startswith("t5")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 100, (2, 9), generator=g).to(device)
+    targets = torch.randint(2, 100, (2, 5), generator=g).to(device) if t5 else ids
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with nothing_made_without_a_device():
+        model(ids, targets=targets)                                 # no padding: no mask at all
+        model(ids, targets=targets, attention_mask=mask)
+        model.train()
+        model(ids, targets=targets, attention_mask=mask, **({} if t5 else {"loss_only": True}))[1].backward()
+        model.eval()
+        prompts = [[5, 6, 7, 8], [9, 10]]
+        generate(model, prompts, 3)
+        generate(model, prompts, 3, temperature=1.0, top_k=5, top_p=0.9, seed=1)
+        if not t5:
+            generate(model, [[5, 6, 7, 5, 6, 7, 5]], 4, lookup=3)
+
+
+class SmallIds:
+    """A tokenizer of ids below 52, for the tiny models' 120-token vocabularies."""
+    bos_id, pad_id, eos_id, add_bos = None, 0, 1, False
+
+    def __init__(self, t5):
+        self.t5 = t5
+
+    def encode(self, text, add_eos=True):
+        return [2 + ord(c) % 50 for c in text] + ([self.eos_id] if add_eos and self.t5 else [])
+
+
+@pytest.mark.parametrize("family", ["llama", "t5-v1.1"])
+@pytest.mark.parametrize("labels", [[" yes", " no"], [" yes", " no way"]], ids=["one token", "several"])
+def test_rank_classification_names_every_device(converted_dir, family, labels, device):
+    model = load_model(converted_dir(family), device=device)
+    rows = [{"input": "a b", "target": labels[0]}, {"input": "cde", "target": labels[1]}]
+    with nothing_made_without_a_device():
+        rank_classify(model, SmallIds(family.startswith("t5")), rows, "{input}:", labels)
+
+
+def test_mixed_batches_name_every_device(converted_dir, device, tmp_path):
+    directory = converted_dir("llama")
+    bank = PromptBank(load_model(directory, device=device))
+    for seed, method in enumerate(MIXABLE):
+        bank.add(method, save(attach(load_model(directory), method_config(method, seed)),
+                              tmp_path / f"{method}.safetensors"))
+    rows = [*MIXABLE, None]
+    ids = torch.randint(2, 100, (len(rows), 7), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with nothing_made_without_a_device():
+        bank(ids, rows=rows, attention_mask=mask)
+        generate(bank.for_rows(rows), [[5, 6, 7]] * len(rows), 3)
+        list(decode_steps(bank.for_rows(rows), [[5, 6, 7]] * len(rows), 3, temperature=1.0,
+                          seed=list(range(len(rows)))))
+
+
+def test_seeded_sampling_draws_on_the_model_device(converted_dir, device, monkeypatch):
+    """torch.multinomial refuses a generator on another device than its probabilities: a
+    CPU generator (torch.Generator() names none) fails seeded sampling on a GPU."""
+    made, real = [], torch.Generator
+    monkeypatch.setattr(torch, "Generator", lambda *a, **k: made.append(k.get("device")) or real(*a, **k))
+    llama, t5 = (load_model(converted_dir(family), device=device) for family in ("llama", "t5-v1.1"))
+    for model in (llama, t5):
+        generate(model, [[5, 6, 7]], 2, temperature=1.0, seed=0)
+    list(decode_steps(llama, [[5, 6, 7]], 2, temperature=1.0, seed=0))
+    on = next(llama.parameters()).device
+    assert len(made) == 3 and all(d is not None and torch.device(d) == on for d in made), made
