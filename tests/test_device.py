@@ -105,3 +105,21 @@ def test_seeded_sampling_draws_on_the_model_device(converted_dir, device, monkey
     list(decode_steps(llama, [[5, 6, 7]], 2, temperature=1.0, seed=0))
     on = next(llama.parameters()).device
     assert len(made) == 3 and all(d is not None and torch.device(d) == on for d in made), made
+
+
+def test_attaching_p_tuning_leaves_the_global_rng_alone(converted_dir, monkeypatch, device):
+    """Its encoder is drawn from a generator of its own: no seeding of the global CPU or
+    CUDA generators (torch.manual_seed would reseed every GPU) and no draw from them."""
+    seeded = []
+    for name in ("manual_seed", "manual_seed_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda seed, name=name: seeded.append(name))
+    before = torch.get_rng_state()
+    encoders = []
+    for kind in ("lstm", "mlp"):
+        config = PromptConfig.for_method("p_tuning", num_virtual_tokens=3, init="random", encoder_type=kind,
+                                         encoder_hidden=16, seed=5)
+        encoders.append([attach(load_model(converted_dir("llama"), device=device), config).method.encoder
+                         .state_dict() for _ in range(2)])
+    assert torch.equal(torch.get_rng_state(), before) and seeded == []
+    for a, b in encoders:                                          # and the seed still decides it
+        assert all(torch.equal(a[k], b[k]) for k in a)

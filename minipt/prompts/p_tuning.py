@@ -26,6 +26,8 @@ Trainable parameters, with d = d_model, h = encoder_hidden:
            + MLP 4h^2 + 2h + 2hd + d
     mlp:   2hd + h^2 + 2h + d
 """
+import math
+
 import torch
 import torch.nn as nn
 
@@ -33,23 +35,44 @@ from .base import PromptConfig, PromptMethod, model_dims
 from .soft_prompt import SoftPrompt, embedding_scale, initial_prompt
 
 
+def default_init(module: nn.Module, g: torch.Generator) -> None:
+    """PyTorch's own initialisation of the Embedding, LSTM and Linear layers in `module`, in
+    the order they were built, drawn from g: the values a global RNG seeded like g gave."""
+    for m in module.modules():
+        if isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, generator=g)
+        elif isinstance(m, nn.LSTM):
+            bound = 1 / math.sqrt(m.hidden_size)
+            for w in m.parameters():
+                nn.init.uniform_(w, -bound, bound, generator=g)
+        elif isinstance(m, nn.Linear):
+            nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=g)
+            bound = 1 / math.sqrt(m.in_features)
+            nn.init.uniform_(m.bias, -bound, bound, generator=g)
+
+
 class PromptEncoder(nn.Module):
-    def __init__(self, init: torch.Tensor, hidden: int, kind: str, residual: bool):
+    def __init__(self, init: torch.Tensor, hidden: int, kind: str, residual: bool, g: torch.Generator):
+        """The layers start at PyTorch's default init drawn from g, on the CPU (the same
+        values on any device); the global RNG, CPU or CUDA, is never drawn from or seeded."""
         super().__init__()
         P, C = init.shape
         self.kind, self.residual = kind, residual
-        self.embedding = nn.Embedding(P, C)
+        with torch.device("meta"):                    # built without their own init's draws
+            self.embedding = nn.Embedding(P, C)
+            if kind == "lstm":
+                self.lstm_head = nn.LSTM(C, hidden, num_layers=2, bidirectional=True, batch_first=True)
+                self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(),
+                                              nn.Linear(2 * hidden, C))
+            elif kind == "mlp":
+                self.mlp_head = nn.Sequential(nn.Linear(C, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                              nn.ReLU(), nn.Linear(hidden, C))
+            else:
+                raise ValueError(f"P-tuning: encoder_type {kind!r} unknown; choose lstm or mlp")
+        self.to_empty(device="cpu")
         with torch.no_grad():
+            default_init(self, g)                     # the embedding's draw too: the layers a seed always gave
             self.embedding.weight.copy_(init)
-        if kind == "lstm":
-            self.lstm_head = nn.LSTM(C, hidden, num_layers=2, bidirectional=True, batch_first=True)
-            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(),
-                                          nn.Linear(2 * hidden, C))
-        elif kind == "mlp":
-            self.mlp_head = nn.Sequential(nn.Linear(C, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                          nn.ReLU(), nn.Linear(hidden, C))
-        else:
-            raise ValueError(f"P-tuning: encoder_type {kind!r} unknown; choose lstm or mlp")
         if residual:
             nn.init.zeros_(self.mlp_head[-1].weight)
             nn.init.zeros_(self.mlp_head[-1].bias)
@@ -83,10 +106,8 @@ class PTuning(PromptMethod):
         self.n_input_tokens = P = config.num_virtual_tokens
         self.d_model = model_dims(base)["d_model"]
         init = initial_prompt(config, base.embed.weight, tokenizer, P, embedding_scale(base))
-        with torch.random.fork_rng(devices=[]):  # seeded LSTM/Linear init, global RNG untouched
-            torch.manual_seed(config.seed)
-            self.encoder = PromptEncoder(init, config.encoder_hidden, config.encoder_type,
-                                         config.encoder_residual)
+        self.encoder = PromptEncoder(init, config.encoder_hidden, config.encoder_type, config.encoder_residual,
+                                     torch.Generator().manual_seed(config.seed))
         self.register_buffer("collapsed", None, persistent=False)               # (P, C) once collapsed
 
     def input_prompt(self):
