@@ -20,6 +20,7 @@ from minipt.checkpoint import check_checkpoint, load_base
 from minipt.cli import ArgumentParser
 from minipt.config import T5Config
 from minipt.data import encode_prompt
+from minipt.devices import check_device
 from minipt.evaluation import rank_classify
 from minipt.generation import check_sampling, compile_decoding, generate
 from minipt.packed import pack_for_decoding
@@ -71,8 +72,7 @@ def check_args(args):
     """Every option checked before the model loads; (model config, tokenizer) of --base."""
     if args.packed and args.device != "cpu":
         raise ValueError(f"--packed is for CPU decoding, not --device {args.device}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this torch build sees no CUDA device")
+    check_device(args.device, f"--device {args.device}", "--device cpu")
     if not args.labels:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     if args.lookup < 0 or (args.lookup and (args.temperature > 0 or len(args.text) > 1)):

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from minipt.checkpoint import build_model, check_checkpoint, load_base, resolve_dtype
 from minipt.data import Batches, TruncationWarning, collate, encode_text
+from minipt.devices import check_device
 from minipt.evaluation import evaluate_generation, rank_classify
 from minipt.fileio import atomic_write
 from minipt.progress import Progress
@@ -60,7 +61,7 @@ def train(argv):
         cfg = parse_train_config(argv)
         out = Path(cfg.out_dir)
         check_device_and_out_dir(cfg, out)
-        rank, world = setup_distributed(cfg.device)
+        rank, world, device = setup_distributed(cfg.device)
         main_process = rank == 0
         say = print if main_process else (lambda *a, **k: None)
         warnings.simplefilter("once" if main_process else "ignore", TruncationWarning)
@@ -79,11 +80,11 @@ def train(argv):
         # -- the frozen base model --
         # a method that trains the base's weights keeps fp32 master weights
         trains_base = method_class(cfg.method).trains_base
-        frozen = resolve_dtype(cfg.dtype, cfg.device)
+        frozen = resolve_dtype(cfg.dtype, device)
         base, tok = load_base(cfg.base, dtype=torch.float32 if trains_base else getattr(torch, frozen),
-                              device=cfg.device)
+                              device=device)
         if cfg.dtype == "auto" and not trains_base:
-            say(f"dtype=auto: {frozen} on this {cfg.device}")
+            say(f"dtype=auto: {frozen} on this {device}")
         is_t5 = base.config.model_type == "t5"
     template = cfg.template or task.template
     train_rows, test_rows = task.splits["train"], task.splits["test"]
@@ -149,28 +150,30 @@ def train(argv):
         rows = [train_rows[i] for i in Batches.shard(next(batches), rank, world)]
         micro = [collate(rows[i::cfg.grad_accum], tok, template, cfg.max_len, is_t5, pad, eos=not task.labels)
                  for i in range(cfg.grad_accum)]
-        micro = [{k: v.to(cfg.device) for k, v in mb.items()} for mb in micro]
-        n_targets = all_sum(sum(int((mb["targets"] != -100).sum()) for mb in micro), world)
-        loss_sum = 0.0
+        # counted on the host, before the batches move: no wait for the device per micro-batch
+        n_mb = [int((mb["targets"] != -100).sum()) for mb in micro]
+        real_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
+        micro = [{k: v.to(device) for k, v in mb.items()} for mb in micro]
+        n_targets = all_sum(sum(n_mb), world, device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # read once a step, not per micro-batch
         done = step + 1
         try:
             for i, mb in enumerate(micro):
-                n_mb = int((mb["targets"] != -100).sum())
                 with ddp.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext():
                     _, loss = ddp(mb["input_ids" if is_t5 else "idx"], mb["targets"],
                                   attention_mask=mb["attention_mask"], loss_only=True)
                     # a sum over this rank's target tokens / the global count: DDP's gradient average
                     # then equals the gradient of the mean loss over the whole global batch
-                    (loss * n_mb * world / n_targets).backward()
-                loss_sum += loss.item() * n_mb
-                seen_tokens += int(mb["attention_mask"].sum())
+                    (loss * n_mb[i] * world / n_targets).backward()
+                loss_sum += loss.detach().double() * n_mb[i]
+            seen_tokens += real_tokens
         except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain one
             if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                 raise
             rows_each = micro[0]["targets"].shape[0]
             sys.exit(f"error: out of memory at step {done} on micro-batches of {rows_each} rows; "
                      f"{smaller_pieces(cfg, world)}; {kept(out, last_saved)}")
-        loss = all_sum(loss_sum, world) / n_targets
+        loss = all_sum(loss_sum, world, device) / n_targets
         if not math.isfinite(loss):  # every rank sees the same sum, so all stop here together
             sys.exit(f"error: loss is {loss} at step {done}, stopped before the update; "
                      f"{kept(out, last_saved)}")
@@ -236,9 +239,7 @@ def bad_input_exits(prefix=""):
 
 
 def check_device_and_out_dir(cfg, out: Path) -> None:
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
-        raise ValueError(f"device={cfg.device!r}: CUDA is not available ({build}); use --device=cpu")
+    check_device(cfg.device, f"device={cfg.device!r}", "--device=cpu")
     check_writable(out)
     earlier = [name for name in RUN_FILES if (out / name).exists()]
     if earlier and not (cfg.resume or cfg.overwrite):

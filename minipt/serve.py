@@ -54,6 +54,7 @@ import torch
 
 from .checkpoint import check_checkpoint, load_base, resolve_dtype
 from .data import with_bos
+from .devices import check_device
 from .cli import ArgumentParser
 from .generation import SettingError, check_context, check_sampling
 from .packed import pack_for_decoding
@@ -777,6 +778,7 @@ def check_args(args) -> None:
         raise ValueError(f"--prompts {args.prompts}: not a folder")
     if args.packed and (args.dtype == "bfloat16" or args.device != "cpu"):
         raise ValueError("--packed decodes on the CPU from float32 weights (drop --dtype/--device)")
+    check_device(args.device, f"--device {args.device}", "--device cpu")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: must be in 0..65535 (0: any free port)")
     for name in ("max_batch", "max_queue", "prefill_chunk", "max_tokens_limit"):
@@ -793,9 +795,9 @@ def check_args(args) -> None:
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    dtype = resolve_dtype(args.dtype or ("float32" if args.packed else "auto"), args.device)
     try:
         check_args(args)
+        dtype = resolve_dtype(args.dtype or ("float32" if args.packed else "auto"), args.device)
         server = make_server(args.base, args.prompts, args.host, args.port, getattr(torch, dtype),
                              args.device, args.max_batch, args.batch_window_ms / 1000, args.packed,
                              scheduler=args.scheduler, max_queue=args.max_queue,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .devices import check_device
 from .fileio import atomic_write
 from .tensorfile import load_pickle
 
@@ -48,17 +49,36 @@ def lr_at(step: int, cfg) -> float:
 # ---- data parallel --------------------------------------------------------------------------
 
 def setup_distributed(device: str):
-    """(rank, world_size) — (0, 1) unless launched by torchrun, which sets RANK/WORLD_SIZE."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def all_sum(x: float, world: int) -> float:
+    """(rank, world_size, device): (0, 1, device) unless launched by torchrun, which sets
+    RANK, WORLD_SIZE and LOCAL_RANK. There each rank takes its own GPU, cuda:LOCAL_RANK, and
+    the ranks reduce over NCCL; CPU ranks over gloo."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cuda = device.startswith("cuda")
+    if cuda:
+        if world > 1:
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            device = f"cuda:{local_rank}"
+            check_device(device, f"LOCAL_RANK={local_rank}: {device}", "--device=cpu")
+        if torch.device(device).index is not None:
+            torch.cuda.set_device(device)  # what a bare "cuda" and NCCL's buffers mean from here on
+        # TF32 for fp32 matmuls and convolutions on CUDA, the one place it is set: several times
+        # fp32's rate on Ampere and later (inputs rounded to 10 mantissa bits, fp32 sums), off in
+        # PyTorch by default. It changes fp32 products only: an fp32 run's, and the fp32 method
+        # parameters' (LoRA, P-tuning's encoder) beside a bf16 base.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if world == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64)
+        return 0, 1, device
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), world, device
+
+
+def all_sum(x, world: int, device="cpu") -> float:
+    """x (a number or a one-element tensor) summed over the ranks. The sum is taken on the
+    training device, NCCL's only kind, in float64 (exact for token counts)."""
+    if world == 1:
+        return float(x)
+    t = torch.as_tensor(x, dtype=torch.float64, device=device).reshape(1)
     dist.all_reduce(t)
     return t.item()
 
@@ -73,6 +93,8 @@ def save_checkpoint(path: Path, step: int, model, optimizer, batches, zero_shot=
         "optimizer": optimizer.state_dict(),
         "batches": batches.state(),
         "torch_rng": torch.get_rng_state(),
+        # dropout on a GPU draws from that device's generator, not the CPU's
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python_rng": random.getstate(),
     }
     atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -104,6 +126,9 @@ def restore_checkpoint(state: dict, model, optimizer, batches) -> int:
     optimizer.load_state_dict(state["optimizer"])
     batches.load_state(state["batches"])
     torch.set_rng_state(state["torch_rng"])
+    if torch.cuda.is_available():  # checkpoints before "cuda_rng", or from a CPU run, have none
+        for i, rng in enumerate(state.get("cuda_rng", [])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(rng, i)
     random.setstate(state["python_rng"])
     return state["step"]
 

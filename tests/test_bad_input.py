@@ -163,6 +163,7 @@ TRAIN_CASES = [
     ("unknown dtype", dict(dtype="float8"), ["dtype='float8' unknown", "bfloat16"]),
     ("unknown schedule", dict(schedule="exp"), ["schedule='exp' unknown", "cosine"]),
     ("unknown device", dict(device="tpu"), ["device='tpu' unknown"]),
+    ("not a device", dict(device="cuda0"), ["device='cuda0': not a device", "use --device=cpu, cuda or cuda:N"]),
     ("prompt file for another base", dict(init_from=lambda t: prompt_file(t, base_copy(other_weights)(t))),
      ["init_from:", "trained on a different base model", "embedding hash"]),
     ("corrupt prompt file", dict(init_from=junk("p.safetensors", bytes(range(256)) * 16)),
@@ -210,6 +211,22 @@ def test_cuda_without_cuda(llama_dir, task_file, tmp_path):
     stops(lambda: train.main(args(llama_dir, task_file, tmp_path / "out", device="cuda")),
           "device='cuda': CUDA is not available", "--device=cpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gpu_beyond_the_machine_is_refused_before_loading(llama_dir, task_file, tmp_path, monkeypatch):
+    import generate as generate_cli
+    from minipt import serve
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for module in (train, serve, generate_cli):
+        monkeypatch.setattr(module, "load_base", None)                # a load would raise a TypeError
+    stops(lambda: train.main(args(llama_dir, task_file, tmp_path / "out", device="cuda:1")),
+          "device='cuda:1': no such GPU, this machine has 1 (cuda:0)")
+    stops(lambda: serve.main(["--base", str(llama_dir), "--prompts", str(tmp_path), "--device", "cuda:1"]),
+          "--device cuda:1: no such GPU, this machine has 1 (cuda:0)")
+    stops(lambda: generate_cli.main(["--base", str(llama_dir), "--text", "x", "--device", "cuda:1"]),
+          "--device cuda:1: no such GPU")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_error_is_one_line_and_status_1(llama_dir, tmp_path):
@@ -583,6 +600,8 @@ def cli_cases():
         (gen("--prompt", lambda t: str(prompt_file(t, base_copy(other_weights)(t)))),
          ["trained on a different base model", "embedding hash"]),
         (gen("--packed", "--device", "cuda"), ["--packed is for CPU decoding"]),
+        (gen("--device", "gpu"), ["--device gpu: not a device", "use --device cpu, cuda or cuda:N"]),
+        (gen("--device", "meta"), ["--device meta: meta devices are not supported"]),
         (("generate", lambda t: ["--base", str(t.tmp / "nowhere"), "--text", "x"]),
          ["nowhere: no such checkpoint"]),
         (("generate", lambda t: ["--base", str(t.t5), "--text", "x", "--compile"]),
@@ -595,6 +614,8 @@ def cli_cases():
         (("serve", lambda t: base(t) + ["--prompts", str(t.tmp / "none")]),
          ["--prompts", "none: not a folder"]),
         (("serve", lambda t: ["--base", str(a_file(t)), "--prompts", str(t.tmp)]), ["a_file: a file"]),
+        (("serve", lambda t: base(t) + ["--prompts", str(t.tmp), "--device", "cuda:x"]),
+         ["--device cuda:x: not a device", "use --device cpu, cuda or cuda:N"]),
         (("evaluation", lambda t: base(t) + [str(t.tmp / "none.safetensors")]),
          ["none.safetensors: no such prompt"]),
         (("evaluation", lambda t: base(t) + ["--data", str(t.tmp / "none.jsonl"), "p"]),
@@ -616,6 +637,10 @@ def cli_cases():
                                 "--base", str(a_file(t))]),
          ["a_file: a file, not a minipt checkpoint directory"]),
     ]
+    if not torch.cuda.is_available():
+        cases += [(gen("--device", "cuda"), ["--device cuda: CUDA is not available", "use --device cpu"]),
+                  (("serve", lambda t: base(t) + ["--prompts", str(t.tmp), "--device", "cuda"]),
+                   ["--device cuda: CUDA is not available", "use --device cpu"])]
     return cases
 
 

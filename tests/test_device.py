@@ -7,10 +7,14 @@ A CPU shows it: under `torch.device("meta")` as the default device, a factory ca
 (torch.zeros, torch.tensor, ...) that names no device makes a meta tensor, and the first op
 that mixes it with the model's real tensors raises. MINIPT_DEVICE=cuda runs the same checks
 with the models on the GPU."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from minipt.checkpoint import load_base, load_model
+from minipt import training
+from minipt.checkpoint import load_model
+from minipt.data import Batches
 from minipt.evaluation import rank_classify
 from minipt.generation import decode_steps, generate
 from minipt.prompts import PromptConfig, attach, save
@@ -105,6 +109,94 @@ def test_seeded_sampling_draws_on_the_model_device(converted_dir, device, monkey
     list(decode_steps(llama, [[5, 6, 7]], 2, temperature=1.0, seed=0))
     on = next(llama.parameters()).device
     assert len(made) == 3 and all(d is not None and torch.device(d) == on for d in made), made
+
+
+# ---- training on a device: one GPU per rank, reductions there, every device's RNG saved -------
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """Two CUDA devices as far as torch.cuda's queries tell; what set_device is given; TF32
+    switched back after the test."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield chosen
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def torchrun_env(monkeypatch, local_rank, world=2):
+    for key, value in dict(RANK=local_rank, LOCAL_RANK=local_rank, WORLD_SIZE=world).items():
+        monkeypatch.setenv(key, str(value))
+    backends = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", backends.append)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: local_rank)
+    return backends
+
+
+def test_each_rank_trains_on_its_own_gpu_over_nccl(fake_gpus, monkeypatch):
+    backends = torchrun_env(monkeypatch, local_rank=1)
+    assert training.setup_distributed("cuda") == (1, 2, "cuda:1")
+    assert fake_gpus == ["cuda:1"] and backends == ["nccl"]
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32   # fp32 runs in TF32
+
+
+def test_a_rank_beyond_the_gpus_is_refused(fake_gpus, monkeypatch):
+    torchrun_env(monkeypatch, local_rank=2, world=3)
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=2: cuda:2: no such GPU, this machine has 2"):
+        training.setup_distributed("cuda")
+
+
+def test_cpu_ranks_use_gloo_and_leave_cuda_alone(fake_gpus, monkeypatch):
+    backends = torchrun_env(monkeypatch, local_rank=1)
+    assert training.setup_distributed("cpu") == (1, 2, "cpu")
+    assert backends == ["gloo"] and fake_gpus == [] and not torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert training.setup_distributed("cuda") == (0, 1, "cuda") and fake_gpus == []
+
+
+def test_all_sum_reduces_a_float64_tensor_on_the_training_device(monkeypatch, device):
+    """NCCL reduces CUDA tensors only: a CPU tensor is refused there (meta shows the device
+    is the one given, whatever it is)."""
+    class Reduced(Exception):
+        pass
+    seen = []
+
+    def all_reduce(t):
+        seen.append(t)
+        if t.device.type == "meta":
+            raise Reduced
+        t.mul_(2)                                                    # two ranks with the same value
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    with pytest.raises(Reduced):
+        training.all_sum(3.0, 2, torch.device("meta"))
+    assert seen[0].device.type == "meta" and seen[0].dtype == torch.float64 and seen[0].shape == (1,)
+    assert training.all_sum(torch.tensor(1.5, dtype=torch.float64, device=device), 2, device) == 3.0
+    assert seen[1].device == torch.empty(0, device=device).device
+    assert training.all_sum(7, 1) == 7.0 and not seen[2:]            # one process: nothing to reduce
+
+
+def checkpoint_parts():
+    method = SimpleNamespace(state_for_saving=dict, load_saved=lambda state: None)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    return SimpleNamespace(method=method), optimizer, Batches(8, 2, seed=0)
+
+
+def test_checkpoints_carry_every_gpus_rng_state(fake_gpus, monkeypatch, tmp_path):
+    states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((device, state)))
+    training.save_checkpoint(tmp_path / "checkpoint.pt", 3, *checkpoint_parts())
+    state = training.read_checkpoint(tmp_path / "checkpoint.pt")
+    assert training.restore_checkpoint(state, *checkpoint_parts()) == 3
+    assert [d for d, _ in restored] == [0, 1] and all(torch.equal(s, r) for s, (_, r) in zip(states, restored))
+
+    restored.clear()                             # a checkpoint from before "cuda_rng" still resumes
+    del state["cuda_rng"]
+    assert training.restore_checkpoint(state, *checkpoint_parts()) == 3 and restored == []
 
 
 def test_attaching_p_tuning_leaves_the_global_rng_alone(converted_dir, monkeypatch, device):
