@@ -18,7 +18,7 @@ from .tasks import BUILTIN
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "linear", "cosine")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+DTYPES = ("auto", "bfloat16", "float32")
 NOT_EMPTY = ("method", "init", "base", "data", "out_dir", "optimizer", "schedule", "dtype", "device")
 
 
@@ -76,6 +76,9 @@ class TrainConfig(PromptConfig):
                          ("bucket_batches", 0), ("lr", 0), ("weight_decay", 0), ("grad_clip", 0)):
             if getattr(self, key) < low:
                 raise ValueError(f"{key}={getattr(self, key)}: must be at least {low}")
+        if self.dtype == "float16":  # its gradients underflow without a loss scale (a GradScaler)
+            raise ValueError("dtype='float16': fp16 training needs loss scaling, which minipt does not do; "
+                             "use dtype=bfloat16 (same memory, no scaling needed) or float32")
         for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("dtype", DTYPES)):
             if getattr(self, key) not in choices:
                 raise ValueError(f"{key}={getattr(self, key)!r} unknown; choose one of {', '.join(choices)}")

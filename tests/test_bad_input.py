@@ -163,6 +163,8 @@ TRAIN_CASES = [
     ("unknown dtype", dict(dtype="float8"), ["dtype='float8' unknown", "bfloat16"]),
     ("unknown schedule", dict(schedule="exp"), ["schedule='exp' unknown", "cosine"]),
     ("unknown device", dict(device="tpu"), ["device='tpu' unknown"]),
+    ("fp16 training", dict(dtype="float16"), ["dtype='float16': fp16 training needs loss scaling",
+                                              "use dtype=bfloat16", "or float32"]),
     ("not a device", dict(device="cuda0"), ["device='cuda0': not a device", "use --device=cpu, cuda or cuda:N"]),
     ("prompt file for another base", dict(init_from=lambda t: prompt_file(t, base_copy(other_weights)(t))),
      ["init_from:", "trained on a different base model", "embedding hash"]),
