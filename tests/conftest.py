@@ -25,6 +25,12 @@ def cpu_only(reason: str):
     return pytest.mark.skipif(DEVICE != "cpu", reason=f"MINIPT_DEVICE={DEVICE}: {reason}")
 
 
+def ranks_fit(n: int):
+    """Mark a test that starts n torchrun ranks on the device: on GPUs, one each."""
+    return pytest.mark.skipif(DEVICE != "cpu" and torch.cuda.device_count() < n,
+                              reason=f"MINIPT_DEVICE={DEVICE}: {n} ranks need {n} GPUs, one each")
+
+
 def tiny_hf_model(kind: str, vocab_size: int = 120):
     """A small random transformers model of the given family, in eval mode, fp32. Give it the
     real vocabulary size when real text goes through it."""

@@ -30,6 +30,7 @@ from minipt.prompts.base import METHODS, fields_read
 from minipt.tensorfile import read_tensors
 from minipt.train_config import TrainConfig, parse_train_config
 
+from conftest import ranks_fit
 from test_train import args, llama_dir, t5_dir, task_file  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -332,6 +333,7 @@ def test_out_of_memory_suggests_grad_accum(error, llama_dir, task_file, tmp_path
     assert not (out / "prompt.safetensors").exists()
 
 
+@ranks_fit(2)
 def test_torchrun_one_rank_failing_stops_all(llama_dir, task_file, tmp_path):
     """Rank 1 runs out of memory at its first step; rank 0 must not wait for it forever."""
     script = tmp_path / "one_rank_fails.py"

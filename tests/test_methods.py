@@ -20,10 +20,10 @@ def base_dirs(converted_dir):
     return {family: converted_dir("t5-v1.1" if family == "t5" else family) for family in FAMILIES}
 
 
-def prompted(base_dirs, family, method):
+def prompted(base_dirs, family, method, device="cpu"):
     cfg = PromptConfig.for_method(method, num_virtual_tokens=4, init="random", encoder_hidden=16,
                        projection_hidden=24, adapter_layers=1, lora_r=2)
-    model = attach(load_model(base_dirs[family]), cfg)
+    model = attach(load_model(base_dirs[family], device=device), cfg)
     if method == "adapter":  # open the gates: a closed gate is the base model itself
         with torch.no_grad():
             model.method.gates.fill_(0.5)
@@ -38,8 +38,8 @@ def prompted(base_dirs, family, method):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 @torch.no_grad()
-def test_cached_generation_equals_full_forward(base_dirs, family, method):
-    model = prompted(base_dirs, family, method)
+def test_cached_generation_equals_full_forward(base_dirs, family, method, device):
+    model = prompted(base_dirs, family, method, device)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
     cached = model.generate(prompts, 5)  # one padded batch through the KV cache
     assert cached == [greedy_by_full_forwards(model, p, 5) for p in prompts]
@@ -48,9 +48,9 @@ def test_cached_generation_equals_full_forward(base_dirs, family, method):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
 @pytest.mark.parametrize("method", METHODS)
 @torch.no_grad()
-def test_left_padded_row_equals_row_alone(base_dirs, family, method):
-    model = prompted(base_dirs, family, method)
-    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(0))
+def test_left_padded_row_equals_row_alone(base_dirs, family, method, device):
+    model = prompted(base_dirs, family, method, device)
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     batch, _ = model(ids, attention_mask=mask)
@@ -58,22 +58,22 @@ def test_left_padded_row_equals_row_alone(base_dirs, family, method):
     assert (batch[1, 3:] - alone[0]).abs().max() <= 1e-5
 
 
-def batch_for(family):
+def batch_for(family, device="cpu"):
     g = torch.Generator().manual_seed(1)
     if family == "t5":
-        return dict(idx=torch.randint(2, 100, (4, 8), generator=g),
-                    targets=torch.randint(2, 100, (4, 5), generator=g))
-    ids = torch.randint(0, 120, (4, 12), generator=g)
+        return dict(idx=torch.randint(2, 100, (4, 8), generator=g).to(device),
+                    targets=torch.randint(2, 100, (4, 5), generator=g).to(device))
+    ids = torch.randint(0, 120, (4, 12), generator=g).to(device)
     return dict(idx=ids[:, :-1], targets=ids[:, 1:])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
-def test_training_moves_only_the_method(base_dirs, family, method):
-    model = prompted(base_dirs, family, method)
+def test_training_moves_only_the_method(base_dirs, family, method, device):
+    model = prompted(base_dirs, family, method, device)
     frozen = {k: v.clone() for k, v in model.base.state_dict().items() if "lora_" not in k}
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-    batch = batch_for(family)
+    batch = batch_for(family, device)
     model.train()
     losses = []
     for _ in range(6):
@@ -94,15 +94,15 @@ def test_training_moves_only_the_method(base_dirs, family, method):
 @pytest.mark.parametrize("family", ["llama", "t5"])
 @pytest.mark.parametrize("method", METHODS)
 @torch.no_grad()
-def test_prompt_file_round_trip(base_dirs, family, method, tmp_path):
-    model = prompted(base_dirs, family, method).eval()
+def test_prompt_file_round_trip(base_dirs, family, method, tmp_path, device):
+    model = prompted(base_dirs, family, method, device).eval()
     torch.manual_seed(1)
     for p in model.trainable_parameters():      # away from the seeded start, which load could rebuild
         p.add_(0.1 * torch.randn_like(p))
-    batch = batch_for(family)
+    batch = batch_for(family, device)
     expected, _ = model(batch["idx"], batch["targets"])
     path = save(model, tmp_path / "p.safetensors")
-    again = load(path, load_model(base_dirs[family])).eval()
+    again = load(path, load_model(base_dirs[family], device=device)).eval()
     got, _ = again(batch["idx"], batch["targets"])
     assert torch.equal(got, expected)
 

@@ -20,7 +20,7 @@ from minipt.tasks import load_task
 from minipt import training
 from minipt.train_config import TrainConfig, field_comments, parse_train_config
 
-from conftest import save_tiny_hf, tiny_hf_model
+from conftest import DEVICE, ranks_fit, save_tiny_hf, tiny_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +57,8 @@ def args(base, task, out, **over):
     values = dict(base=base, data=task, template="Review: {input}\nSentiment:", out_dir=out, steps=6,
                   batch_size=4, lr=0.05, warmup_steps=0, schedule="constant", log_interval=1, eval_interval=3,
                   ckpt_interval=0, eval_examples=6, max_len=96, num_virtual_tokens=4, init="random",
-                  dtype="float32", encoder_hidden=16, projection_hidden=16, adapter_layers=1, lora_r=2)
+                  dtype="float32", encoder_hidden=16, projection_hidden=16, adapter_layers=1, lora_r=2,
+                  device=DEVICE)
     values.update(over)
     return [f"--{k}={v}" for k, v in drop_unread(values).items()]   # one set of settings for every method
 
@@ -73,7 +74,7 @@ def logged_test_row(out):
 
 def reloaded_test_accuracy(out, base_dir, task_file):
     """The test accuracy of the saved prompt file, reloaded onto a fresh base."""
-    base, tok = load_base(base_dir)
+    base, tok = load_base(base_dir, device=DEVICE)
     model = load(Path(out) / "prompt.safetensors", base, tok)
     task = load_task(str(task_file))
     return rank_classify(model, tok, task.splits["test"], "Review: {input}\nSentiment:", task.labels)[0]
@@ -178,6 +179,7 @@ def test_resume_after_a_crash_is_exact(llama_dir, task_file, tmp_path, monkeypat
     assert (straight["zero_shot"], straight["accuracy"]) == (crashed["zero_shot"], crashed["accuracy"])
 
 
+@ranks_fit(2)
 def test_ddp_two_processes_equal_one(llama_dir, task_file, tmp_path):
     common = args(llama_dir, task_file, tmp_path / "one", steps=3, batch_size=4, eval_interval=0)
     train.main(common)
@@ -220,6 +222,6 @@ def test_dtype_auto_is_bf16_only_where_the_cpu_multiplies_it(capability, frozen,
     loaded = []
     real_load_base = train.load_base
     monkeypatch.setattr(train, "load_base", lambda *a, **k: loaded.append(k["dtype"]) or real_load_base(*a, **k))
-    train.main(args(llama_dir, task_file, tmp_path, dtype="auto", steps=1, eval_interval=0))
+    train.main(args(llama_dir, task_file, tmp_path, dtype="auto", steps=1, eval_interval=0, device="cpu"))
     assert loaded == [getattr(torch, frozen)]
     assert f"dtype=auto: {frozen} on this cpu" in capsys.readouterr().out
