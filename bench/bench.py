@@ -47,6 +47,18 @@ Sections (`--only`, comma-separated; default train,generate):
 Threads are torch's defaults (printed with the CPU name). Timed things run one after the
 other on purpose; on a shared machine use `--rounds` (train) and `--gen-repeats` (generate).
 Internally `--worker KIND` runs one configuration and prints one JSON line.
+
+On a GPU, `--device cuda` puts both sides there (train, generate, scaling, accuracy): every
+timer is read after torch.cuda.synchronize(), MFU counts against the GPU's own matmul peak,
+and beside peak RSS each configuration reports its peak GPU memory
+(torch.cuda.max_memory_allocated, reset when the model is loaded, so weights + activations
++ optimizer state). Where the real weights cannot be fetched, `--random-shape smollm2-135m`
+(or qwen2.5-0.5b) gives both sides the same random weights in that model's shape
+(bench/random_bases.py), with synthetic token batches: `text-BxT` random tokens, and the
+classification shape `cls-BxT` (also available with real weights).
+
+    python bench/bench.py --device cuda --random-shape smollm2-135m --only train \
+        --shapes text-8x512,cls-16x64 --configs minipt-bfloat16,peft-bfloat16 --gen-dtypes bfloat16
 """
 import argparse
 import dataclasses
@@ -77,13 +89,17 @@ from minipt.packed import pack_for_decoding  # noqa: E402
 from minipt.prompts import PromptConfig, attach  # noqa: E402
 from minipt.tasks import load_task  # noqa: E402
 from minipt.training import lr_at, make_optimizer  # noqa: E402
-from weights import BASES, base_checkpoint, base_gguf  # noqa: E402
+from weights import BASES, base_gguf  # noqa: E402
+import random_bases  # noqa: E402
+from bench_generate import sources, sync  # noqa: E402
 
 SECTIONS = ("train", "generate", "scaling", "accuracy")
 METHODS = {"prompt_tuning": "soft prompt", "p_tuning_v2": "prefix (v2)", "lora": "LoRA"}
 TRAIN_CONFIGS = [("minipt", "bfloat16"), ("minipt-compiled", "bfloat16"), ("peft", "float32"),
                  ("peft", "bfloat16")]
 BASE = "smollm2"          # --base: which of weights.BASES both sides load
+RANDOM = None             # --random-shape: random weights of that shape instead (random_bases.SHAPES)
+DEVICE = "cpu"            # --device
 N_VIRTUAL = 20
 LORA_R, LORA_ALPHA, LORA_TARGETS = 8, 16.0, ["q_proj", "v_proj"]
 DEFAULTS = TrainConfig()               # train.py's defaults: the recipe both sides follow
@@ -96,6 +112,10 @@ def parse_args(argv=None):
     ap.add_argument("--only", default="train,generate", help=f"sections, from {','.join(SECTIONS)}")
     ap.add_argument("--json", type=Path, default=None, help="also write every number here")
     ap.add_argument("--base", choices=list(BASES), default=BASE, help="the base both sides load")
+    ap.add_argument("--random-shape", choices=list(random_bases.SHAPES), default=None,
+                    help="random weights in this real model's shape on both sides, instead of --base "
+                         "(synthetic batches: text-BxT and cls-BxT shapes)")
+    ap.add_argument("--device", default="cpu", help="where both sides run: cpu, cuda, cuda:1, ...")
     # train
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -103,14 +123,18 @@ def parse_args(argv=None):
                     help="run every configuration this often, alternating order")
     ap.add_argument("--methods", default=",".join(METHODS), help="train section: from " + ",".join(METHODS))
     ap.add_argument("--shapes", default="sentiment",
-                    help="train section: batch shapes, from sentiment and text-BxT (B rows of T tokens, "
-                         "loss on every token), comma-separated")
+                    help="train section: batch shapes, from sentiment, text-BxT (B rows of T tokens, "
+                         "loss on every token) and cls-BxT (B random rows of T/4 to T tokens, left padded, "
+                         "loss on the last one), comma-separated")
+    ap.add_argument("--configs", default=",".join(f"{side}-{dtype}" for side, dtype in TRAIN_CONFIGS),
+                    help="train section: which configurations run, comma-separated")
     # generate
     ap.add_argument("--gen-repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--gen-batch-sizes", default="1,8")
-    ap.add_argument("--gen-dtypes", default="float32,float32+packed+compiled,float16",
+    ap.add_argument("--gen-dtypes", default=None,
                     help="generate section: one table per dtype, both sides in it "
+                         "(default float32,float32+packed+compiled,float16; on CUDA bfloat16,float32) "
                          "(float32, float16, bfloat16); "
                          "+packed: minipt decodes from the checkpoint's 4-bit codes; "
                          "+compiled: its one-token step is compiled")
@@ -148,14 +172,27 @@ def parse_args(argv=None):
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS)) + sorted(set(args.methods.split(",")) - set(METHODS))
     unknown += [s for s in args.shapes.split(",") if s != "sentiment" and text_shape(s) is None]
+    known = {f"{side}-{dtype}" for side, dtype in TRAIN_CONFIGS}
+    unknown += [c for c in args.configs.split(",") if c not in known]
     if unknown:
-        ap.error(f"unknown section or method {unknown[0]!r}")
+        ap.error(f"unknown section, method, shape or config {unknown[0]!r}")
+    cuda = args.device.startswith("cuda")
+    if args.gen_dtypes is None:
+        args.gen_dtypes = "bfloat16,float32" if cuda else "float32,float32+packed+compiled,float16"
+    if args.random_shape and not args.worker and ("sentiment" in args.shapes.split(",") and "train" in args.sections
+                                                  or "accuracy" in args.sections):
+        ap.error("--random-shape: the sentiment shape and the accuracy section need the real base and the "
+                 "task's data (use the cls-BxT shape)")
     for entry in args.gen_dtypes.split(","):
         name, *modes = entry.split("+")
         if (name not in ("float32", "float16", "bfloat16") or not set(modes) <= {"packed", "compiled"}
                 or ("packed" in modes and name != "float32")):
             ap.error(f"--gen-dtypes: {entry!r}: a dtype (float32, float16, bfloat16), optionally +compiled, "
                      "and float32 optionally +packed")
+        if "packed" in modes and cuda:
+            ap.error(f"--gen-dtypes: {entry!r}: the 4-bit products are CPU kernels")
+    if cuda and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device here")
     return args
 
 
@@ -174,28 +211,50 @@ def cpu_name() -> str:
 def machine_info() -> dict:
     import peft
     import transformers
-    return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    info = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "device": DEVICE, "random_shape": RANDOM}
+    if cuda():
+        info["gpu"] = torch.cuda.get_device_name(DEVICE)
+    return info
 
 
-def matmul_peak(dtype, n=2048, repeats=10) -> float:
-    """FLOP/s of an n x n x n matmul in dtype: the fastest of `repeats` after three warm-ups.
-    A peak is what the hardware can do; load on a shared machine only ever slows a repeat,
-    so the best one (not the median, which came out below training's own rate) is the peak."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def cuda() -> bool:
+    return DEVICE.startswith("cuda")
+
+
+def matmul_peak(dtype, n=None, repeats=10) -> float:
+    """FLOP/s of an n x n x n matmul in dtype on DEVICE: the fastest of `repeats` after three
+    warm-ups. A peak is what the hardware can do; load on a shared machine only ever slows a
+    repeat, so the best one (not the median, which came out below training's own rate) is the
+    peak. n: 2048 on a CPU, 8192 on a GPU (a smaller one would time its launch)."""
+    n = n or (8192 if cuda() else 2048)
+    a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
     for _ in range(3):
         torch.mm(a, b)
     times = []
     for _ in range(repeats):
+        sync(DEVICE)
         t0 = time.perf_counter()
         torch.mm(a, b)
+        sync(DEVICE)
         times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / min(times)
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # Linux: KiB
+
+
+def peak_gpu_gb() -> "float | None":
+    """torch.cuda.max_memory_allocated since the last reset_gpu_peak(), in GB; None on a CPU."""
+    return torch.cuda.max_memory_allocated(DEVICE) / 1024 ** 3 if cuda() else None
+
+
+def reset_gpu_peak():
+    if cuda():
+        sync(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -257,6 +316,9 @@ def prompt_config(method: str) -> PromptConfig:
 
 def peft_config(method: str):
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
+    if method == "prompt_tuning" and RANDOM:      # no transformers tokenizer to init from (timing only)
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=N_VIRTUAL,
+                                  prompt_tuning_init=PromptTuningInit.RANDOM)
     if method == "prompt_tuning":
         # peft's own text init, through the GGUF's tokenizer (same ids as minipt's)
         gguf = base_gguf(BASE)
@@ -273,12 +335,18 @@ def peft_config(method: str):
 
 def load_tokenizer_only():
     from minipt.tokenizer import load_tokenizer
-    return load_tokenizer(base_checkpoint(BASE))
+    return load_tokenizer(sources(BASE, RANDOM)[0])
+
+
+def load_hf(dtype):
+    """The transformers model of the base's weights, on DEVICE."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(**sources(BASE, RANDOM)[1], dtype=dtype).to(DEVICE)
 
 
 def build_minipt(method: str, dtype):
     """(PromptedModel in train mode, trainable params in fp32, tokenizer), as train.py builds them."""
-    base, tok = load_base(base_checkpoint(BASE), dtype=dtype)
+    base, tok = load_base(sources(BASE, RANDOM)[0], dtype=dtype, device=DEVICE)
     model = attach(base, prompt_config(method), tok)
     params = model.trainable_parameters()
     for p in params:
@@ -289,10 +357,7 @@ def build_minipt(method: str, dtype):
 def build_peft(method: str, dtype):
     """(peft model in train mode, its trainable params as peft makes them)."""
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-    gguf = base_gguf(BASE)
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
-    model = get_peft_model(hf, peft_config(method))
+    model = get_peft_model(load_hf(dtype), peft_config(method))
     return model.train(), [p for p in model.parameters() if p.requires_grad]
 
 
@@ -315,7 +380,7 @@ def peft_loss(model, batch, n_virtual: int):
 def build_side(side: str, method: str, dtype):
     """(loss_fn(batch), trainable params, base config, minipt tokenizer) for one configuration.
     Both sides batch the data with minipt's tokenizer, so both hold one: minipt its own."""
-    cfg_dir = base_checkpoint(BASE)
+    cfg_dir = sources(BASE, RANDOM)[0]
     if side.startswith("minipt"):
         model, params, tok = build_minipt(method, dtype)
         if side == "minipt-compiled":
@@ -339,9 +404,25 @@ def sentiment_batches(tok, n: int, cfg=DEFAULTS):
 
 
 def text_shape(shape: str):
-    """"text-8x128" -> (8, 128); None if the name is not of that form."""
-    m = re.fullmatch(r"text-(\d+)x(\d+)", shape)
+    """"text-8x128" -> (8, 128), and "cls-16x64" the same way; None if the name is not of that form."""
+    m = re.fullmatch(r"(?:text|cls)-(\d+)x(\d+)", shape)
     return (int(m[1]), int(m[2])) if m and int(m[1]) > 0 and int(m[2]) > 1 else None
+
+
+def classify_batches(n: int, B: int, T: int, vocab: int) -> list:
+    """n batches of the classification shape without the task's data: B rows of random tokens,
+    their lengths spread evenly from T/4 to T (a varied batch, 3/8 of it padding; the sentiment
+    task's are a fifth or more), left padded, a loss on each row's last token only."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(n):
+        lengths = torch.linspace(max(1, T // 4), T, B).round().long()[torch.randperm(B, generator=g)]
+        mask = (torch.arange(T)[None] >= T - lengths[:, None]).long()              # (B, T), left padding
+        idx = torch.randint(0, vocab, (B, T), generator=g) * mask
+        targets = torch.full((B, T), -100)
+        targets[:, -1] = torch.randint(0, vocab, (B,), generator=g)
+        batches.append({"idx": idx, "targets": targets, "attention_mask": mask})
+    return batches
 
 
 def text_batches(tok, n: int, B: int, T: int):
@@ -361,8 +442,19 @@ def text_batches(tok, n: int, B: int, T: int):
     return batches
 
 
-def shape_batches(tok, shape: str, n: int):
-    return sentiment_batches(tok, n) if shape == "sentiment" else text_batches(tok, n, *text_shape(shape))
+def shape_batches(tok, shape: str, n: int, vocab: int):
+    """n batches of the shape; random tokens for cls-BxT, and for text-BxT with --random-shape."""
+    if shape == "sentiment":
+        return sentiment_batches(tok, n)
+    if shape.startswith("cls-"):
+        return classify_batches(n, *text_shape(shape), vocab)
+    if RANDOM:
+        return [synthetic_batch(*text_shape(shape), vocab, seed=i) for i in range(n)]
+    return text_batches(tok, n, *text_shape(shape))
+
+
+def on_device(batch: dict) -> dict:
+    return {k: v.to(DEVICE) for k, v in batch.items()}
 
 
 # --------------------------------------------------------------------------- workers (one configuration each)
@@ -373,15 +465,19 @@ def train_worker(args) -> dict:
     loss_fn, params, cfg, tok = build_side(args.side, args.method, getattr(torch, args.dtype))
     # loading alone (minipt reads fp32 and casts; transformers dequantizes)
     load_peak = peak_rss_gb()
-    batches = shape_batches(tok, args.shape, args.warmup + args.steps)
+    gpu_load_peak = peak_gpu_gb()
+    reset_gpu_peak()                               # the steps' peak: weights + activations + optimizer state
+    batches = [on_device(b) for b in shape_batches(tok, args.shape, args.warmup + args.steps, cfg.vocab_size)]
     optimizer = make_optimizer(DEFAULTS, params)   # AdamW, lr 3e-2, weight decay 0.01
     steps, initial_loss = [], None
     for i, batch in enumerate(batches):
+        sync(DEVICE)
         t0 = time.perf_counter()
         loss = loss_fn(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync(DEVICE)
         seconds = time.perf_counter() - t0
         if i == 0:
             initial_loss = loss.item()   # before any update: the same batch and prompt on both sides
@@ -396,7 +492,8 @@ def train_worker(args) -> dict:
             "first_step_s": first_step_s, "steps": steps,
             "trainable": sum(p.numel() for p in params),
             "param_dtypes": sorted({str(p.dtype) for p in params}),
-            "peak_rss_gb": peak_rss_gb(), "peak_rss_after_load_gb": load_peak}
+            "peak_rss_gb": peak_rss_gb(), "peak_rss_after_load_gb": load_peak,
+            "peak_gpu_gb": peak_gpu_gb(), "peak_gpu_after_load_gb": gpu_load_peak}
 
 
 def synthetic_batch(B: int, T: int, vocab: int, seed: int = 0) -> dict:
@@ -420,22 +517,26 @@ def scaling_worker(args) -> dict:
     for B, T in points:
         if (B, T) in measured:
             continue
-        batch = synthetic_batch(B, T, cfg.vocab_size)
+        batch = on_device(synthetic_batch(B, T, cfg.vocab_size))
         times = []
+        reset_gpu_peak()
         for i in range(1 + args.scaling_steps):
+            sync(DEVICE)
             t0 = time.perf_counter()
             loss_fn(batch).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            sync(DEVICE)
             if i > 0:
                 times.append(time.perf_counter() - t0)
-        measured[(B, T)] = times, peak_rss_gb()
+        measured[(B, T)] = times, peak_rss_gb(), peak_gpu_gb()
+        gpu = f", peak GPU {measured[(B, T)][2]:.2f} GB" if cuda() else ""
         print(f"  {args.side} {args.dtype}: batch {B} x {T} tokens: {statistics.median(times):.3f} s/step, "
-              f"peak RSS {measured[(B, T)][1]:.2f} GB", file=sys.stderr, flush=True)
+              f"peak RSS {measured[(B, T)][1]:.2f} GB{gpu}", file=sys.stderr, flush=True)
     return {"side": args.side, "dtype": args.dtype,
             "points": [{"batch": B, "length": T, "seconds": statistics.median(ts), "all": ts,
-                        "peak_rss_gb": rss}
-                       for (B, T), (ts, rss) in measured.items()]}
+                        "peak_rss_gb": rss, "peak_gpu_gb": gpu}
+                       for (B, T), (ts, rss, gpu) in measured.items()]}
 
 
 @torch.no_grad()
@@ -453,9 +554,9 @@ def peft_rank_accuracy(model, tok, rows, template, labels, n_virtual: int, batch
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         ids, mask = pad_batch([prompts[i] for i in chunk], tok.pad_id, left=False)
-        logits = model(input_ids=ids, attention_mask=mask).logits             # (B, n_virtual + T, V)
+        logits = model(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE)).logits  # (B, n_virtual + T, V)
         last = n_virtual + mask.sum(1) - 1
-        best = logits[torch.arange(len(chunk)), last][:, label_ids].argmax(-1).tolist()
+        best = logits[torch.arange(len(chunk)), last.to(DEVICE)][:, label_ids].argmax(-1).tolist()
         correct += sum(labels[b] == rows[i]["target"] for b, i in zip(best, chunk))
     model.train(was_training)
     return correct / len(rows)
@@ -469,7 +570,8 @@ def recipe_steps(cfg, params, loss_fn, make_batch):
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        batch = make_batch()
+        batch = on_device(make_batch())
+        sync(DEVICE)
         t0 = time.perf_counter()
         loss = loss_fn(batch)
         loss.backward()
@@ -477,6 +579,7 @@ def recipe_steps(cfg, params, loss_fn, make_batch):
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync(DEVICE)
         yield step + 1, loss.item(), time.perf_counter() - t0
 
 
@@ -525,7 +628,9 @@ def run_worker(args, kind: str, side: str, method: str = "prompt_tuning", dtype:
            "--scaling-lengths", args.scaling_lengths, "--scaling-batches", args.scaling_batches,
            "--scaling-batch", str(args.scaling_batch), "--scaling-len", str(args.scaling_len),
            "--scaling-steps", str(args.scaling_steps), "--accuracy-steps", str(args.accuracy_steps),
-           "--eval-every", str(args.eval_every)]
+           "--eval-every", str(args.eval_every), "--device", args.device]
+    if args.random_shape:
+        cmd += ["--random-shape", args.random_shape]
     if args.test_rows is not None:
         cmd += ["--test-rows", str(args.test_rows)]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -544,7 +649,8 @@ def train_section(args, info) -> dict:
 
 def train_shape(args, info, shape: str) -> dict:
     methods = args.methods.split(",")
-    configs = [(m, side, dtype) for m in methods for side, dtype in TRAIN_CONFIGS]
+    chosen = args.configs.split(",")
+    configs = [(m, side, dtype) for m in methods for side, dtype in TRAIN_CONFIGS if f"{side}-{dtype}" in chosen]
     runs = {c: [] for c in configs}
     for r in range(args.rounds):
         for m, side, dtype in configs if r % 2 == 0 else configs[::-1]:
@@ -560,6 +666,7 @@ def train_shape(args, info, shape: str) -> dict:
                      "tokens_per_s": statistics.median(s["tokens"] / s["seconds"] for s in steps),
                      "flops_per_s": statistics.median(s["flops"] / s["seconds"] for s in steps),
                      "peak_rss_gb": max(res["peak_rss_gb"] for res in results),
+                     "peak_gpu_gb": max((res["peak_gpu_gb"] or 0) for res in results) if cuda() else None,
                      "initial_loss": results[0]["initial_loss"], "trainable": results[0]["trainable"],
                      "param_dtypes": results[0]["param_dtypes"], "runs": results})
     for row in rows:
@@ -576,28 +683,45 @@ def train_shape(args, info, shape: str) -> dict:
                      "speed": ours["tokens_per_s"] / best["tokens_per_s"],
                      "rss_vs_best": ours["peak_rss_gb"] / best["peak_rss_gb"],
                      **{f"rss_vs_{r['dtype']}": ours["peak_rss_gb"] / r["peak_rss_gb"] for r in peft_rows}}
+        if cuda():
+            ratios[m].update({f"speed_vs_{r['dtype']}": ours["tokens_per_s"] / r["tokens_per_s"] for r in peft_rows})
+            ratios[m].update({f"gpu_vs_{r['dtype']}": ours["peak_gpu_gb"] / r["peak_gpu_gb"] for r in peft_rows})
 
-    what = (f"sentiment batches of {DEFAULTS.batch_size}, loss on the label token" if shape == "sentiment"
-            else "batches of {} x {} tokens of xsum text, loss on every token".format(*text_shape(shape)))
+    if shape == "sentiment":
+        what = f"sentiment batches of {DEFAULTS.batch_size}, loss on the label token"
+    elif shape.startswith("cls-"):
+        what = "batches of {} random rows of {}/4 to {} tokens, left padded, loss on the last one".format(
+            *text_shape(shape), text_shape(shape)[1])
+    else:
+        what = "batches of {} x {} tokens of {}, loss on every token".format(
+            *text_shape(shape), "random tokens" if RANDOM else "xsum text")
     print(f"\ntraining step, {what}, "
           f"median of {args.steps} steps x {args.rounds} round(s) after {args.warmup} warm-up")
-    print(f"{'method':<13}{'config':<25}{'step 1 s':>9}{'step s':>8}{'tok/s':>9}{'RSS GB':>8}{'MFU':>7}"
+    gpu = cuda()
+    print(f"{'method':<13}{'config':<25}{'step 1 s':>9}{'step s':>8}{'tok/s':>9}{'RSS GB':>8}"
+          + (f"{'GPU GB':>8}" if gpu else "") + f"{'MFU':>7}"
           f"{'MFU own':>9}{'loss 0':>10}{'trainable':>11}")
     for r in rows:
         print(f"{METHODS[r['method']]:<13}{r['side'] + ' ' + r['dtype']:<25}"
               f"{r['first_step_s']:>9.1f}{r['step_s']:>8.3f}"
-              f"{r['tokens_per_s']:>9.0f}{r['peak_rss_gb']:>8.2f}{100 * r['mfu']:>6.1f}%"
+              f"{r['tokens_per_s']:>9.0f}{r['peak_rss_gb']:>8.2f}"
+              + (f"{r['peak_gpu_gb']:>8.2f}" if gpu else "") + f"{100 * r['mfu']:>6.1f}%"
               f"{100 * r['mfu_own_dtype']:>8.1f}%"
               f"{r['initial_loss']:>10.4f}{r['trainable']:>11,}")
     print("MFU: useful FLOPs (bench.train_flops) / step time / bf16 matmul peak; "
           "'own': of the config's dtype peak; "
-          "step 1: the first step alone (compilation included)")
+          "step 1: the first step alone (compilation included)"
+          + ("; GPU GB: torch.cuda.max_memory_allocated over the steps" if gpu else ""))
     for m, q in ratios.items():
         rss = ", ".join(f"{q[k]:.2f}x vs peft {k[7:]}" for k in q
                         if k.startswith("rss_vs_") and k != "rss_vs_best")
-        print(f"{METHODS[m]:<13}{q['minipt_best']} tok/s / peft {q['peft_best_dtype']} (its faster dtype): "
-              f"{q['speed']:.2f}x; "
-              f"RSS {rss}")
+        line = (f"{METHODS[m]:<13}{q['minipt_best']} tok/s / peft {q['peft_best_dtype']} (its faster dtype): "
+                f"{q['speed']:.2f}x; "
+                f"RSS {rss}")
+        if gpu:
+            line += "; tok/s " + ", ".join(f"{q[k]:.2f}x vs peft {k[9:]}" for k in q if k.startswith("speed_vs_"))
+            line += "; GPU memory " + ", ".join(f"{q[k]:.2f}x vs peft {k[7:]}" for k in q if k.startswith("gpu_vs_"))
+        print(line)
     return {"rows": rows, "ratios": ratios}
 
 
@@ -629,25 +753,22 @@ class SoftPromptGenerate:
 def generate_section(args, dtype_name: str) -> dict:
     """bench_generate's cases with the same 20-token soft prompt on both sides, both in one dtype."""
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
     name, *modes = dtype_name.split("+")
     dtype = getattr(torch, name)
-    base, tok = load_base(base_checkpoint(BASE), dtype=dtype)
+    base, tok = load_base(sources(BASE, RANDOM)[0], dtype=dtype, device=DEVICE)
     if "packed" in modes:
         pack_for_decoding(base)
     ours = attach(base, prompt_config("prompt_tuning"), tok).eval()
     if "compiled" in modes:
         compile_decoding(ours)
-    gguf = base_gguf(BASE)
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
-    theirs = get_peft_model(hf, peft_config("prompt_tuning")).eval()
+    theirs = get_peft_model(load_hf(dtype), peft_config("prompt_tuning")).eval()
     table = theirs.prompt_encoder["default"].embedding.weight
     init_diff = (table - ours.method.prompt).abs().max().item()   # both text-initialised: ~0
     with torch.no_grad():
         table.copy_(ours.method.prompt)                                # exactly the same prompt
 
     # does peft's own generate give minipt's tokens? (batch 1, 8 tokens)
-    probe_minipt, probe_peft = runners(ours, theirs, [tok.encode(PROMPT)], 8, tok.pad_id)
+    probe_minipt, probe_peft = runners(ours, theirs, [tok.encode(PROMPT)], 8, tok.pad_id, device=DEVICE)
     ours_probe, peft_probe = probe_minipt(), probe_peft()
     peft_native_ok = ours_probe == peft_probe
 
@@ -658,15 +779,16 @@ def generate_section(args, dtype_name: str) -> dict:
         if len(prompts) != b:
             raise SystemExit(f"generate: batch size {b}: only 1 and up to {len(BATCH_PROMPTS)} are set up")
         print(f"generate: batch {b}", file=sys.stderr, flush=True)
-        run_minipt, run_peft = runners(ours, peft_side, prompts, args.new_tokens, tok.pad_id)
+        run_minipt, run_peft = runners(ours, peft_side, prompts, args.new_tokens, tok.pad_id, device=DEVICE)
         name = f"batch {b}" + (" (left padded)" if b > 1 else "")
-        cases.append(bench_case(name, run_minipt, run_peft, b * args.new_tokens, args.gen_repeats))
+        cases.append(bench_case(name, run_minipt, run_peft, b * args.new_tokens, args.gen_repeats,
+                                device=DEVICE))
     if args.gen_lookup:
         print(f"generate: batch 1, prompt lookup {args.gen_lookup}", file=sys.stderr, flush=True)
         run_minipt, run_peft = runners(ours, peft_side, [tok.encode(PROMPT)], args.new_tokens, tok.pad_id,
-                                       lookup=args.gen_lookup)
+                                       lookup=args.gen_lookup, device=DEVICE)
         cases.append(bench_case(f"batch 1, lookup {args.gen_lookup}", run_minipt, run_peft, args.new_tokens,
-                                args.gen_repeats))
+                                args.gen_repeats, device=DEVICE))
     how = ("peft's generate" if args.peft_generate == "peft"
            else "transformers generate + peft's prompt as embeddings")
     print(f"\ngreedy generation with a {N_VIRTUAL}-token soft prompt, {args.new_tokens} new tokens per row, "
@@ -700,13 +822,17 @@ def scaling_section(args, peft_dtype: str) -> dict:
             ours, theirs = points["minipt"][(B, T)], points["peft"][(B, T)]
             row = {"batch": B, "length": T, "minipt_s": ours["seconds"], "peft_s": theirs["seconds"],
                    "speedup": theirs["seconds"] / ours["seconds"],
-                   "minipt_rss_gb": ours["peak_rss_gb"], "peft_rss_gb": theirs["peak_rss_gb"]}
+                   "minipt_rss_gb": ours["peak_rss_gb"], "peft_rss_gb": theirs["peak_rss_gb"],
+                   "minipt_gpu_gb": ours.get("peak_gpu_gb"), "peft_gpu_gb": theirs.get("peak_gpu_gb")}
             table.append(row)
             line = (f"{(T if name == 'length' else B):<22}{row['minipt_s']:>10.3f}{row['peft_s']:>10.3f}"
                     f"{row['speedup']:>7.2f}x")
             if name == "length":
                 line += (f"{row['minipt_rss_gb']:>11.2f}{row['peft_rss_gb']:>9.2f}"
                          f"{row['minipt_rss_gb'] / row['peft_rss_gb']:>6.2f}x")
+            if cuda():
+                line += (f"   GPU GB {row['minipt_gpu_gb']:.2f} vs {row['peft_gpu_gb']:.2f}: "
+                         f"{row['minipt_gpu_gb'] / row['peft_gpu_gb']:.2f}x")
             print(line)
         out["sweeps"][name] = table
     out["plot"] = str(args.plot) if plot_scaling(out, args, peft_dtype) else None
@@ -778,21 +904,27 @@ def accuracy_section(args) -> dict:
 
 
 def main(argv=None):
-    global BASE
+    global BASE, RANDOM, DEVICE
     args = parse_args(argv)
-    BASE = args.base
+    BASE, RANDOM, DEVICE = args.base, args.random_shape, args.device
     if args.worker:
         work = {"train": train_worker, "scaling": scaling_worker, "accuracy": accuracy_worker}[args.worker]
         print(json.dumps(work(args)), flush=True)
         return
+    if RANDOM:
+        sources(BASE, RANDOM)     # built once here, before the workers read it
     info = machine_info()
     print(f"{info['cpu']}, {info['threads']} torch threads; torch {info['torch']}, transformers "
           f"{info['transformers']}, peft {info['peft']}", flush=True)
+    if cuda() or RANDOM:
+        print(f"device {DEVICE}" + (f" ({info['gpu']})" if cuda() else "")
+              + (f"; random weights in {RANDOM}'s shape" if RANDOM else ""), flush=True)
     results = {"info": info, "args": {k: str(v) for k, v in vars(args).items()}}
     if "train" in args.sections:
         info["bf16_peak_flops"] = matmul_peak(torch.bfloat16)
         info["fp32_peak_flops"] = matmul_peak(torch.float32)
-        print(f"matmul peak (2048^3, best of 10): bf16 {info['bf16_peak_flops'] / 1e9:.0f} GFLOP/s, "
+        n = 8192 if cuda() else 2048
+        print(f"matmul peak ({n}^3, best of 10): bf16 {info['bf16_peak_flops'] / 1e9:.0f} GFLOP/s, "
               f"fp32 {info['fp32_peak_flops'] / 1e9:.0f} GFLOP/s", flush=True)
         results["train"] = train_section(args, info)
     if "generate" in args.sections:
