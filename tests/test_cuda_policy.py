@@ -3,7 +3,6 @@ without padding, so CUDA can run flash attention; a mask otherwise), no host syn
 decoding step, and dtype=auto's bf16 only where the GPU really has it. Runs on CPU by
 spying on the calls; MINIPT_DEVICE=cuda runs it on a GPU, where the kernel tests at the
 end also hold SDPA to its fused kernels."""
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +16,9 @@ from minipt.config import GPTConfig
 from minipt.gpt import GPT
 from minipt.layers import LayerPrefix
 
-DEVICE = torch.device(os.environ.get("MINIPT_DEVICE", "cpu"))
+from conftest import DEVICE as DEVICE_NAME
+
+DEVICE = torch.device(DEVICE_NAME)                                       # the suite's device switch
 
 
 def tiny(window=0, **kw):
@@ -219,7 +220,7 @@ cuda = pytest.mark.skipif(DEVICE.type != "cuda", reason="kernel choice is CUDA's
 @cuda
 def test_an_unpadded_bf16_batch_runs_on_flash_attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    model = tiny(window=4).to(torch.bfloat16).train()
+    model = tiny(window=16).to(torch.bfloat16).train()         # the local layer's window hides nothing
     ids, mask = ids_and_mask(T=12)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):                        # raises if flash cannot run it
         _, loss = model(ids, ids, attention_mask=mask)
@@ -243,3 +244,8 @@ def test_a_masked_gqa_batch_runs_on_a_fused_kernel(use_fast):
         _, loss = model(ids, ids.masked_fill(mask == 0, -100), attention_mask=mask, prefixes=prefixes)
         loss.backward()
     assert k.grad is not None
+    model.eval().setup_cache(3, 16)
+    with sdpa_kernel(kernels), torch.no_grad():                            # a padded decoding step, GQA
+        model(ids, attention_mask=mask, cache_pos=0, last_only=True)
+        model(ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1), cache_pos=12, last_only=True)
+    model.clear_cache()
