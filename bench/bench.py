@@ -63,6 +63,7 @@ classification shape `cls-BxT` (also available with real weights).
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import re
 import resource
@@ -96,7 +97,10 @@ from bench_generate import sources, sync  # noqa: E402
 SECTIONS = ("train", "generate", "scaling", "accuracy")
 METHODS = {"prompt_tuning": "soft prompt", "p_tuning_v2": "prefix (v2)", "lora": "LoRA"}
 TRAIN_CONFIGS = [("minipt", "bfloat16"), ("minipt-compiled", "bfloat16"), ("peft", "float32"),
-                 ("peft", "bfloat16")]
+                 ("peft", "bfloat16"), ("minipt-plain", "bfloat16")]
+# minipt-plain: minipt with its speed layer off (MINIPT_PLAIN=1), the plain code fast.py replaces;
+# asked for by name only, to see on a new device whether each of fast.py's paths still wins there
+OPT_IN = {"minipt-plain-bfloat16"}
 BASE = "smollm2"          # --base: which of weights.BASES both sides load
 RANDOM = None             # --random-shape: random weights of that shape instead (random_bases.SHAPES)
 DEVICE = "cpu"            # --device
@@ -126,8 +130,10 @@ def parse_args(argv=None):
                     help="train section: batch shapes, from sentiment, text-BxT (B rows of T tokens, "
                          "loss on every token) and cls-BxT (B random rows of T/4 to T tokens, left padded, "
                          "loss on the last one), comma-separated")
-    ap.add_argument("--configs", default=",".join(f"{side}-{dtype}" for side, dtype in TRAIN_CONFIGS),
-                    help="train section: which configurations run, comma-separated")
+    ap.add_argument("--configs", default=",".join(c for c in (f"{side}-{dtype}" for side, dtype in TRAIN_CONFIGS)
+                                                  if c not in OPT_IN),
+                    help="train section: which configurations run, comma-separated "
+                         "(minipt-plain-bfloat16 too: minipt with MINIPT_PLAIN=1)")
     # generate
     ap.add_argument("--gen-repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -163,7 +169,7 @@ def parse_args(argv=None):
     # one configuration in a subprocess (used by the sections above)
     ap.add_argument("--worker", choices=["train", "scaling", "accuracy"], default=None,
                     help=argparse.SUPPRESS)
-    ap.add_argument("--side", choices=["minipt", "minipt-compiled", "peft"], default=None,
+    ap.add_argument("--side", choices=["minipt", "minipt-compiled", "minipt-plain", "peft"], default=None,
                     help=argparse.SUPPRESS)
     ap.add_argument("--method", choices=list(METHODS), default="prompt_tuning", help=argparse.SUPPRESS)
     ap.add_argument("--shape", default="sentiment", help=argparse.SUPPRESS)
@@ -633,7 +639,8 @@ def run_worker(args, kind: str, side: str, method: str = "prompt_tuning", dtype:
         cmd += ["--random-shape", args.random_shape]
     if args.test_rows is not None:
         cmd += ["--test-rows", str(args.test_rows)]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    env = {**os.environ, "MINIPT_PLAIN": "1"} if side == "minipt-plain" else None
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"worker {kind} {side} {method} {dtype} failed (exit {done.returncode})")
@@ -678,11 +685,16 @@ def train_shape(args, info, shape: str) -> dict:
         ours = max((r for r in rows if r["method"] == m and r["side"].startswith("minipt")),
                    key=lambda r: r["tokens_per_s"])
         peft_rows = [r for r in rows if r["method"] == m and r["side"] == "peft"]
-        best = max(peft_rows, key=lambda r: r["tokens_per_s"])
-        ratios[m] = {"minipt_best": ours["side"], "peft_best_dtype": best["dtype"],
-                     "speed": ours["tokens_per_s"] / best["tokens_per_s"],
-                     "rss_vs_best": ours["peak_rss_gb"] / best["peak_rss_gb"],
-                     **{f"rss_vs_{r['dtype']}": ours["peak_rss_gb"] / r["peak_rss_gb"] for r in peft_rows}}
+        ratios[m] = {"minipt_best": ours["side"]}
+        if peft_rows:
+            best = max(peft_rows, key=lambda r: r["tokens_per_s"])
+            ratios[m].update({"peft_best_dtype": best["dtype"], "speed": ours["tokens_per_s"] / best["tokens_per_s"],
+                              "rss_vs_best": ours["peak_rss_gb"] / best["peak_rss_gb"],
+                              **{f"rss_vs_{r['dtype']}": ours["peak_rss_gb"] / r["peak_rss_gb"] for r in peft_rows}})
+        plain = [r for r in rows if r["method"] == m and r["side"] == "minipt-plain"]
+        fast_rows = [r for r in rows if r["method"] == m and r["side"] == "minipt"]
+        if plain and fast_rows:
+            ratios[m]["fast_vs_plain"] = fast_rows[0]["tokens_per_s"] / plain[0]["tokens_per_s"]
         if cuda():
             ratios[m].update({f"speed_vs_{r['dtype']}": ours["tokens_per_s"] / r["tokens_per_s"] for r in peft_rows})
             ratios[m].update({f"gpu_vs_{r['dtype']}": ours["peak_gpu_gb"] / r["peak_gpu_gb"] for r in peft_rows})
@@ -713,14 +725,15 @@ def train_shape(args, info, shape: str) -> dict:
           "step 1: the first step alone (compilation included)"
           + ("; GPU GB: torch.cuda.max_memory_allocated over the steps" if gpu else ""))
     for m, q in ratios.items():
-        rss = ", ".join(f"{q[k]:.2f}x vs peft {k[7:]}" for k in q
-                        if k.startswith("rss_vs_") and k != "rss_vs_best")
-        line = (f"{METHODS[m]:<13}{q['minipt_best']} tok/s / peft {q['peft_best_dtype']} (its faster dtype): "
-                f"{q['speed']:.2f}x; "
-                f"RSS {rss}")
-        if gpu:
+        line = f"{METHODS[m]:<13}{q['minipt_best']} tok/s"
+        if "speed" in q:
+            rss = ", ".join(f"{q[k]:.2f}x vs peft {k[7:]}" for k in q if k.startswith("rss_vs_") and k != "rss_vs_best")
+            line += f" / peft {q['peft_best_dtype']} (its faster dtype): {q['speed']:.2f}x; RSS {rss}"
+        if gpu and "speed" in q:
             line += "; tok/s " + ", ".join(f"{q[k]:.2f}x vs peft {k[9:]}" for k in q if k.startswith("speed_vs_"))
             line += "; GPU memory " + ", ".join(f"{q[k]:.2f}x vs peft {k[7:]}" for k in q if k.startswith("gpu_vs_"))
+        if "fast_vs_plain" in q:
+            line += f"; speed layer on / off (MINIPT_PLAIN=1): {q['fast_vs_plain']:.2f}x tok/s"
         print(line)
     return {"rows": rows, "ratios": ratios}
 

@@ -25,6 +25,8 @@
 #   bench-generate  bench/bench_generate.py: batch 1 and 8 against transformers' generate, Qwen2.5-0.5B shape
 #   bench        bench/bench.py train (text-8x512, cls-16x64; every method; minipt bf16 against
 #                peft bf16) and generate (with the soft prompt), SmolLM2-135M shape
+#   bench-plain  bench/bench.py train, minipt with its speed layer on and off (MINIPT_PLAIN=1),
+#                on the padded classification shape, where unpadding acts
 #
 # A failed stage does not stop the later ones; the exit status is the number that failed.
 set -uo pipefail
@@ -216,16 +218,23 @@ if [ "$DEVICE" = cpu ]; then     # a dry run: the smallest settings, SmolLM2's s
     GEN=(--random-shape smollm2-135m --repeats 1 --new-tokens 4 --batch-sizes 1)
     BENCH=(--shapes text-2x32,cls-4x16 --methods prompt_tuning --steps 1 --warmup 1 --gen-repeats 1 --new-tokens 4
            --gen-batch-sizes 1 --gen-dtypes float32)
+    PLAIN=(--shapes cls-4x16 --steps 1 --warmup 1)
 else
     SHAPES=(smollm2-135m qwen2.5-0.5b)
     GEN=(--random-shape qwen2.5-0.5b --repeats 3 --new-tokens 64 --batch-sizes 1,8)
     BENCH=(--shapes text-8x512,cls-16x64 --steps 5 --warmup 2 --gen-repeats 3 --new-tokens 64 --gen-dtypes bfloat16)
+    PLAIN=(--shapes cls-16x64 --steps 5 --warmup 2)
 fi
 stage bases 120 "$PY" bench/random_bases.py "${SHAPES[@]}"
 stage bench-generate 100 "$PY" bench/bench_generate.py --device "$DEVICE" --dtype bfloat16 --no-llama-cpp \
     "${GEN[@]}" --json "$OUT/bench_generate.json"
 stage bench 240 "$PY" bench/bench.py --device "$DEVICE" --random-shape smollm2-135m --only train,generate \
     --configs minipt-bfloat16,peft-bfloat16 --gen-lookup 0 "${BENCH[@]}" --json "$OUT/bench.json"
+# the speed layer (minipt/fast.py: unpadding, custom backward passes) on and off, to keep each
+# only where it wins on this device
+stage bench-plain 120 "$PY" bench/bench.py --device "$DEVICE" --random-shape smollm2-135m --only train \
+    --configs minipt-bfloat16,minipt-plain-bfloat16 --methods prompt_tuning,lora "${PLAIN[@]}" \
+    --json "$OUT/bench_plain.json"
 
 echo "total $((SECONDS - START)) s; $FAILED stage(s) failed; logs in $OUT" | tee -a "$SUMMARY"
 exit "$FAILED"
