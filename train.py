@@ -38,6 +38,7 @@ from minipt.prompts import PromptConfig, attach, init_from, method_class, save
 from minipt.prompts.adapter import adapted_layers
 from minipt.prompts.files import check_fingerprint, checkpoint_fingerprint, read_prompt
 from minipt.prompts.lora import find_targets
+from minipt.quantized import check_quant, weight_bytes
 from minipt.tasks import load_task
 from minipt.train_config import help_text, parse_train_config
 from minipt.training import (MetricsLog, all_sum, lr_at, make_optimizer, peak_rss_gb, plot_metrics,
@@ -70,6 +71,7 @@ def train(argv):
         # -- everything checked before the base loads: its config, tokenizer and weights file,
         #    the task's rows, the prompt file to start from --
         model_config, tok = check_checkpoint(cfg.base)
+        check_quant(cfg.base, cfg.base_quant, model_config)
         task = load_task(cfg.data, seed=cfg.seed)
         check_task(cfg, task, tok, model_config, world)
         resumed = read_checkpoint(out / "checkpoint.pt") if cfg.resume else None
@@ -82,9 +84,13 @@ def train(argv):
         trains_base = method_class(cfg.method).trains_base
         frozen = resolve_dtype(cfg.dtype, device)
         base, tok = load_base(cfg.base, dtype=torch.float32 if trains_base else getattr(torch, frozen),
-                              device=device)
+                              device=device, quant=cfg.base_quant)
         if cfg.dtype == "auto" and not trains_base:
             say(f"dtype=auto: {frozen} on this {device}")
+        if cfg.base_quant != "none":
+            held, fp32 = weight_bytes(base)
+            say(f"base_quant={cfg.base_quant}: the base's weights take {held / 2**20:.0f} MB "
+                f"({held / fp32:.2f}x their {fp32 / 2**20:.0f} MB in fp32)")
         is_t5 = base.config.model_type == "t5"
     template = cfg.template or task.template
     train_rows, test_rows = task.splits["train"], task.splits["test"]

@@ -301,7 +301,7 @@ def interpretation_result(size, base, work, top=5):
         name = make_run("sentiment", "prompt_tuning", 0, size, init=init).name
         meta, tensors = read_prompt(work / "runs" / name / "prompt.safetensors")
         config = PromptConfig.from_dict(meta["config"])
-        start = initial_prompt(config, embed, tok, config.num_virtual_tokens)
+        start = initial_prompt(config, model.embed, tok, config.num_virtual_tokens)
         _, start_ids = nearest_tokens(start, embed, 1)
         sims, ids = nearest_tokens(tensors["prompt"], embed, top)
         moved = (tensors["prompt"].float() - start).norm(dim=-1) / start.norm(dim=-1)

@@ -38,10 +38,19 @@ def build_model(config):
     raise TypeError(f"unknown config type {type(config).__name__}")
 
 
-def load_model(directory, dtype=None, device="cpu"):
-    """Model from a minipt checkpoint directory, in eval mode. dtype casts floating weights."""
+def load_model(directory, dtype=None, device="cpu", quant="none"):
+    """Model from a minipt checkpoint directory, in eval mode. dtype casts floating weights;
+    quant (minipt.quantized.KINDS): gguf or int8 keeps the linear layers and the token
+    embedding in codes, frozen."""
     directory = Path(directory)
     config = load_config(directory)
+    if quant != "none":
+        from . import quantized
+        with torch.device("meta"):
+            model = build_model(config)
+        model = quantized.load_quantized(directory, model, quant, dtype, device)
+        _return_freed_memory()
+        return model.eval()
     path = directory / "model.safetensors"
     try:
         state = read_tensors(path, dtype, device)       # cast tensor by tensor: no second whole copy
@@ -99,7 +108,7 @@ def check_checkpoint(directory):
     return config, load_tokenizer(directory)
 
 
-def load_base(directory, dtype=None, device="cpu"):
+def load_base(directory, dtype=None, device="cpu", quant="none"):
     """(model, tokenizer) from a minipt checkpoint directory."""
     from .tokenizer import load_tokenizer
-    return load_model(directory, dtype, device), load_tokenizer(directory)
+    return load_model(directory, dtype, device, quant), load_tokenizer(directory)

@@ -4,7 +4,8 @@ or a GGUF file of architecture llama, qwen2 or gemma3 -> a minipt checkpoint dir
     python -m minipt.convert SRC OUT
 
 OUT holds `config.json` (a minipt model config), `model.safetensors` and the tokenizer
-files. Weight names are translated by declarative key maps: minipt key -> source key, with
+files; from a GGUF file also `codes.safetensors`, its quantized tensors' own codes
+(minipt.quantized, for training through a base kept in them). Weight names are translated by declarative key maps: minipt key -> source key, with
 `{i}` standing for the layer index. Every source key must be mapped or explicitly dropped,
 every minipt key must be found with the expected shape, or the conversion stops with a
 one-line error naming the key, and nothing is left at OUT.
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from . import quantized
 from .cli import ArgumentParser
 from .config import GPTConfig, T5Config, save_config
 from .progress import Progress
@@ -484,16 +486,18 @@ def convert_gguf(src: Path, out: Path) -> None:
     n_head, n_embd = field("attention.head_count"), field("embedding_length")
     n_kv_head = field("attention.head_count_kv", n_head)
     permuted = GGUF_ARCHS[arch]["permuted_qk"]
-    sd = {}
+    sd, codes = {}, {}
     progress = Progress(f"dequantizing {src.name}", unit="tensors")
     for i, t in enumerate(reader.tensors, 1):
         progress(i, len(reader.tensors))
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
-        if permuted and t.name.endswith("attn_q.weight"):
-            w = _unpermute(w, n_head)
-        elif permuted and t.name.endswith("attn_k.weight"):
-            w = _unpermute(w, n_kv_head)
-        sd[t.name] = w
+        permute = None
+        if permuted and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = n_head if t.name.endswith("attn_q.weight") else n_kv_head
+            permute = lambda x, h=heads: _unpermute(x, h)
+        sd[t.name] = permute(w) if permute else w
+        if t.tensor_type.name in quantized.GGUF_UNPACK:   # its codes too, for train.py --base_quant=gguf
+            codes[t.name] = quantized.from_gguf_blocks(t.data, t.tensor_type.name, w.shape, permute)
     head_dim = field("attention.key_length", field("rope.dimension_count", n_embd // n_head))
     config = GPTConfig(
         vocab_size=(len(reader.fields["tokenizer.ggml.tokens"].data)
@@ -512,23 +516,34 @@ def convert_gguf(src: Path, out: Path) -> None:
             global_every=_global_every(field("attention.sliding_window_pattern", gemma["global_every"]), src),
             rope_local_base=float(field("rope.freq_base_swa", gemma["rope_local_base"])))
     weights = apply_key_map(sd, GGUF_KEYS, GGUF_DROPPED, expected_shapes(config), config.n_layer)
+    codes = {dst: codes[name] for dst, name in _key_names(GGUF_KEYS, config.n_layer).items()
+             if dst in weights and name in codes}
 
     def save_tokenizer(d):
         from .tokenizer import BPETokenizer, SentencePieceBPE
         (SentencePieceBPE if field_of(reader, "tokenizer.ggml.model") == "llama" else BPETokenizer
          ).from_gguf(src).save(d)
-    _write_checkpoint(out, config, weights, save_tokenizer)
+    _write_checkpoint(out, config, weights, save_tokenizer, codes)
+
+
+def _key_names(key_map: dict, n_layer: int) -> dict:
+    """{minipt key: source key} of a key map of plain names, every layer spelled out."""
+    return {dst: src for dst_t, src_t in key_map.items() for dst, src in
+            zip(_expand(dst_t, n_layer), _expand(src_t if isinstance(src_t, str) else src_t.key, n_layer))}
 
 
 # ---- output ---------------------------------------------------------------------------------
 
-def _write_checkpoint(out: Path, config, weights: dict, save_tokenizer) -> None:
-    """Write into a temporary sibling directory, then rename: OUT appears complete or not at all."""
+def _write_checkpoint(out: Path, config, weights: dict, save_tokenizer, codes=None) -> None:
+    """Write into a temporary sibling directory, then rename: OUT appears complete or not at all.
+    codes: {minipt key: QuantizedWeight} of a GGUF's quantized tensors, kept beside the weights."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_config(config, tmp)
         save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
+        if codes:
+            quantized.save_codes(tmp / quantized.CODES_FILE, codes)
         save_tokenizer(tmp)
         if out.exists():
             shutil.rmtree(out)

@@ -82,7 +82,7 @@ class GPT(nn.Module):
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
         """Allocate a static KV cache for incremental decoding of up to max_len positions."""
-        p = self.embed.weight
+        p = self.norm.weight                   # not the embedding's: a quantized one has no dense weight
         for layer in self.layers:
             layer.attn.cache = KVCache(batch_size, self.config.n_kv_head, max_len, self.config.head_dim,
                                        dtype or p.dtype, device or p.device)
@@ -160,9 +160,8 @@ class GPT(nn.Module):
         if loss_only and targets is not None:
             keep = targets != -100                                           # (B, T)
             x, targets = x[keep], targets[keep]                              # (N, C), (N,)
-            weight = self.lm_head.weight
-            if type(self.lm_head) is Linear and fast.training(x, weight):    # not wrapped, by LoRA say
-                return None, fast.LinearCrossEntropy.apply(x, weight, targets)
+            if type(self.lm_head) is Linear and fast.training(x, self.lm_head.weight):   # not wrapped, by LoRA say
+                return None, fast.LinearCrossEntropy.apply(x, self.lm_head.weight, targets)
             return None, F.cross_entropy(self.lm_head(x).float(), targets)
         if last_only:
             # contiguous: F.linear on a strided (B, 1, C) broadcasts the weight into a bmm,

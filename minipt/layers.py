@@ -6,6 +6,7 @@ plugs in (the first is the model's `inputs_embeds`): extra keys and values prepe
 an attention layer (prefix tuning, Li & Liang 2021; P-tuning v2, Liu et al. 2022), or
 attended through a separate softmax scaled by a tanh gate (LLaMA-Adapter, Zhang et al. 2023).
 """
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import fast
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where a module's tensors are: its first parameter's device, or its first buffer's
+    (a quantized layer holds its weight as buffers of codes, minipt.quantized)."""
+    return next(itertools.chain(module.parameters(), module.buffers())).device
 
 
 class RMSNorm(nn.Module):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .data import check_template
 from .prompts.base import REGISTRY, PromptConfig, method_class
+from .quantized import KINDS as QUANT_KINDS
 from .tasks import BUILTIN
 
 OPTIMIZERS = ("adamw", "adafactor")
@@ -46,6 +47,7 @@ class TrainConfig(PromptConfig):
     schedule: str = "linear"         # constant | linear | cosine (decay after warmup)
     grad_clip: float = 1.0           # max global grad norm; 0 disables
     dtype: str = "auto"              # frozen weights' (auto: bfloat16 where the hardware has it, else float32)
+    base_quant: str = "none"         # none | gguf (keep the GGUF's own 4/5/6/8-bit codes) | int8 (per channel)
     device: str = "cpu"              # cpu | cuda
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
     compile: bool = False            # torch.compile the blocks: faster steps after a 20-60 s first one
@@ -79,9 +81,13 @@ class TrainConfig(PromptConfig):
         if self.dtype == "float16":  # its gradients underflow without a loss scale (a GradScaler)
             raise ValueError("dtype='float16': fp16 training needs loss scaling, which minipt does not do; "
                              "use dtype=bfloat16 (same memory, no scaling needed) or float32")
-        for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("dtype", DTYPES)):
+        for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("dtype", DTYPES),
+                             ("base_quant", QUANT_KINDS)):
             if getattr(self, key) not in choices:
                 raise ValueError(f"{key}={getattr(self, key)!r} unknown; choose one of {', '.join(choices)}")
+        if self.base_quant != "none" and method_class(self.method).trains_base:
+            raise ValueError(f"base_quant={self.base_quant} with method={self.method}: a quantized base is "
+                             "frozen, and this method trains its weights (use lora, or base_quant=none)")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device={self.device!r} unknown; choose cpu or cuda (cuda:N)")
         if self.template:
@@ -106,7 +112,7 @@ HELP_GROUPS = {
     "data": ("data", "template", "max_len", "bucket_batches"),
     "optimisation": ("steps", "batch_size", "grad_accum", "lr", "optimizer", "weight_decay", "warmup_steps",
                      "schedule", "grad_clip"),
-    "run": ("base", "dtype", "device", "grad_checkpointing", "compile", "eval_interval", "eval_examples",
+    "run": ("base", "dtype", "base_quant", "device", "grad_checkpointing", "compile", "eval_interval", "eval_examples",
             "log_interval", "ckpt_interval", "seed", "out_dir", "resume", "overwrite"),
 }
 

@@ -13,11 +13,12 @@ def fetch_and_convert(asset: str, name: str) -> Path:
     """weights/NAME/, converted from the fetched ASSET once; later calls find it ready."""
     from minipt.convert import convert
     from minipt.fetch import fetch
+    from minipt.quantized import CODES_FILE
     out = HERE / name
-    if (out / "model.safetensors").exists():
+    if (out / "model.safetensors").exists() and (out / CODES_FILE).exists():
         print(f"{out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out} is ready")
         return out
-    convert(fetch(asset), out)
+    convert(fetch(asset), out, force=True)      # force: a conversion from before codes were kept
     print(f"converted to {out}")
     return out
 

@@ -6,6 +6,7 @@
     save(model, "task.safetensors", tokenizer)
     model = load("task.safetensors", base, tokenizer)
 """
+from ..layers import device_of
 from .base import METHODS, PromptConfig, PromptMethod, method_class
 from .files import base_fingerprint, check_base, check_fingerprint, read_prompt, save_prompt
 from .model import PromptedModel
@@ -18,7 +19,7 @@ def build_method(config: PromptConfig, base, tokenizer=None) -> PromptMethod:
 
 def attach(base, config: PromptConfig, tokenizer=None) -> PromptedModel:
     """Wrap a (frozen) base model with a freshly initialised prompt method."""
-    method = build_method(config, base, tokenizer).to(base.embed.weight.device)
+    method = build_method(config, base, tokenizer).to(device_of(base))
     return PromptedModel(base, method)
 
 

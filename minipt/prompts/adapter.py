@@ -67,6 +67,7 @@ class PromptAdapter(PromptMethod):
         # the adapted layers' attention, by reference: a plain list, so the base's frozen
         # projections are neither this module's parameters nor part of its saved state
         self.attention = [layer.attn for layer in layers[self.n_layers - self.n_adapted:]]
+        self.base_dtype = next(base.parameters()).dtype           # what the projections compute in
         if config.init in ("text", "vocab"):
             seen = text_activations(base, initial_token_ids(config, tokenizer, base.config.vocab_size,
                                                             self.P))
@@ -84,7 +85,7 @@ class PromptAdapter(PromptMethod):
         shape = (batch_size, self.n_kv_head, self.P, self.head_dim)      # the same prompt for every row
         adapted = []
         for attn, prompt, gate in zip(self.attention, self.prompts, self.gates):
-            x = prompt.to(attn.k_proj.weight.dtype)                                       # (P, C)
+            x = prompt.to(self.base_dtype)                                                # (P, C)
             k = attn.k_proj(x).view(self.P, self.n_kv_head, self.head_dim).transpose(0, 1)  # (nkv, P, hs)
             v = attn.v_proj(x).view(self.P, self.n_kv_head, self.head_dim).transpose(0, 1)
             adapted.append(LayerPrefix(k.expand(shape), v.expand(shape), gate=gate))

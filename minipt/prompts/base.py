@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ..layers import device_of
+
 # The registry: method name -> "module in this package:class"; every class takes
 # (config, base, tokenizer) and says what it is in its class attributes (see PromptMethod).
 # Adding a method is one new file and one line here.
@@ -261,7 +263,7 @@ def text_activations(base, ids: list) -> dict:
             def keep_v(_, args, out, site=site, i=i):
                 seen[site][i] += (out[0].float(),)
             hooks += [attn.k_proj.register_forward_hook(keep_k), attn.v_proj.register_forward_hook(keep_v)]
-    x = torch.tensor([ids], device=base.embed.weight.device)
+    x = torch.tensor([ids], device=device_of(base))
     try:
         if base.config.model_type == "t5":
             base(x, decoder_input_ids=x)

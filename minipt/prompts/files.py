@@ -19,24 +19,41 @@ FORMAT = "minipt-prompt/1"
 
 
 def base_fingerprint(base, tokenizer=None) -> dict:
-    return fingerprint(base.config, base.embed.weight, tokenizer)
+    # a quantized base carries its checkpoint's embedding hash, taken when it loaded
+    return fingerprint(base.config, getattr(base, "embedding_sha256", None) or base.embed.weight, tokenizer)
 
 
 def checkpoint_fingerprint(directory, tokenizer=None) -> dict:
     """The fingerprint of a checkpoint directory from its config and embedding alone, without
     building the model: prompt files are checked against a base before it loads."""
-    path = Path(directory) / "model.safetensors"
-    with safe_open(path, framework="pt") as f:
-        embedding = f.get_tensor("embed.weight")
-    return fingerprint(load_config(directory), embedding, tokenizer)
+    return fingerprint(load_config(directory), checkpoint_embedding_sha256(directory), tokenizer)
+
+
+def checkpoint_embedding_sha256(directory) -> str:
+    """embedding_sha256 of a checkpoint's embedding, read a block of rows at a time."""
+    with safe_open(Path(directory) / "model.safetensors", framework="pt") as f:
+        rows = f.get_slice("embed.weight")
+        n = rows.get_shape()[0]
+        return embedding_sha256(rows[i:i + ROWS_AT_ONCE] for i in range(0, n, ROWS_AT_ONCE))
+
+
+ROWS_AT_ONCE = 4096
+
+
+def embedding_sha256(blocks) -> str:
+    """The hash of an embedding matrix given as consecutive blocks of its rows (or whole),
+    rounded to bf16 so that fp32 and bf16 loads of one checkpoint agree."""
+    h = hashlib.sha256()
+    for block in [blocks] if isinstance(blocks, torch.Tensor) else blocks:
+        h.update(block.detach().to(torch.bfloat16).cpu().contiguous().view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def fingerprint(config, embedding, tokenizer=None) -> dict:
     """What makes a base model the same base: its config, a hash of its embedding matrix
-    (rounded to bf16, so fp32 and bf16 loads of one checkpoint agree) and of its vocabulary."""
-    emb = embedding.detach().to(torch.bfloat16).cpu().contiguous()
-    fp = {"model": dict(vars(config)),
-          "embedding_sha256": hashlib.sha256(emb.view(torch.int16).numpy().tobytes()).hexdigest()[:16]}
+    (`embedding`: the matrix, or its embedding_sha256) and of its vocabulary."""
+    digest = embedding if isinstance(embedding, str) else embedding_sha256(embedding)
+    fp = {"model": dict(vars(config)), "embedding_sha256": digest}
     if tokenizer is not None:
         vocab = getattr(tokenizer, "vocab", None)
         if vocab is None and hasattr(tokenizer, "sp"):

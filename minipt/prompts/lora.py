@@ -19,20 +19,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import fast
+from ..layers import device_of
+from ..quantized import QuantizedLinear
 from .base import PromptConfig, PromptMethod
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus its low-rank update."""
+    """A frozen linear layer (nn.Linear or quantized.QuantizedLinear) plus its low-rank update."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, generator=None):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, generator=None):
         super().__init__()
         self.base = base
         # peft's default init: A like nn.Linear's own weights (Kaiming-uniform, a=sqrt(5)), B zero.
         # fp32 even on a bf16 base; drawn on the CPU so a seed gives the same A on any device
         A = nn.init.kaiming_uniform_(torch.empty(r, base.in_features), a=math.sqrt(5), generator=generator)
-        self.lora_A = nn.Parameter(A.to(base.weight.device))                  # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))  # (out, r)
+        self.lora_A = nn.Parameter(A.to(device_of(base)))                  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device_of(base)))  # (out, r)
         self.scale = alpha / r
         self.dropout = nn.Dropout(dropout)
         self.merged = False
@@ -63,16 +65,19 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
+# the frozen layers LoRA wraps: dense, or kept in quantized codes (train.py --base_quant)
+LINEAR = (nn.Linear, QuantizedLinear)
+
+
 def find_targets(base: nn.Module, names) -> list:
-    """[(dotted path, nn.Linear)] for every linear layer whose attribute name is in `names`."""
+    """[(dotted path, layer)] for every linear layer whose attribute name is in `names`."""
     found = [(path, m) for path, m in base.named_modules()
-             if isinstance(m, nn.Linear) and path.rpartition(".")[2] in names]
+             if isinstance(m, LINEAR) and path.rpartition(".")[2] in names]
     missing = sorted(set(names) - {path.rpartition(".")[2] for path, _ in found})
     if missing:
         if any(isinstance(m, LoRALinear) for m in base.modules()):
             raise ValueError("LoRA: this base model already has LoRA layers; attach to a fresh copy")
-        available = sorted({p.rpartition(".")[2] for p, m in base.named_modules()
-                            if isinstance(m, nn.Linear)})
+        available = sorted({p.rpartition(".")[2] for p, m in base.named_modules() if isinstance(m, LINEAR)})
         raise ValueError(f"lora_targets: no linear layer named {', '.join(missing)}; "
                          f"this model has {', '.join(available)}")
     return found

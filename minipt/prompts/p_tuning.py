@@ -105,7 +105,7 @@ class PTuning(PromptMethod):
         super().__init__(config)
         self.n_input_tokens = P = config.num_virtual_tokens
         self.d_model = model_dims(base)["d_model"]
-        init = initial_prompt(config, base.embed.weight, tokenizer, P, embedding_scale(base))
+        init = initial_prompt(config, base.embed, tokenizer, P, embedding_scale(base))
         self.encoder = PromptEncoder(init, config.encoder_hidden, config.encoder_type, config.encoder_residual,
                                      torch.Generator().manual_seed(config.seed))
         self.register_buffer("collapsed", None, persistent=False)               # (P, C) once collapsed

@@ -46,7 +46,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..layers import LayerPrefix
+from ..layers import LayerPrefix, device_of
 from .base import T5_SITES, PromptConfig, PromptMethod, model_dims, text_activations
 from .soft_prompt import initial_token_ids
 
@@ -101,7 +101,7 @@ def activation_tables(base, ids: list, sites) -> dict:
     if base.config.model_type != "t5":
         base.setup_cache(1, P)
         try:
-            base(torch.tensor([ids], device=base.embed.weight.device), cache_pos=0, last_only=True)
+            base(torch.tensor([ids], device=device_of(base)), cache_pos=0, last_only=True)
             kv = torch.stack([torch.stack([b.attn.cache.k[0], b.attn.cache.v[0]]) for b in base.layers])
         finally:
             base.clear_cache()

@@ -52,29 +52,32 @@ def embedding_scale(base) -> float:
     return scale().item() if scale is not None else 1.0
 
 
-def initial_prompt(cfg: PromptConfig, embed: torch.Tensor, tokenizer, n: int,
+def initial_prompt(cfg: PromptConfig, embed: nn.Module, tokenizer, n: int,
                    scale: float = 1.0) -> torch.Tensor:
     """(n, C) starting vectors for a soft prompt, as the config's `init` says; token vectors
-    are rows of `embed` times `scale` (see embedding_scale), so that a prompt initialised
-    from a text is that text's input, exactly."""
-    C = embed.size(1)
-    embed = embed.detach().float().cpu()
-    if scale != 1.0 and cfg.init != "random":
-        embed = embed * scale
+    are rows of the base's token embedding `embed` times `scale` (see embedding_scale), so
+    that a prompt initialised from a text is that text's input, exactly."""
+    V, C = embed.num_embeddings, embed.embedding_dim
+
+    def rows(ids) -> torch.Tensor:                       # (len(ids), C) fp32 on the CPU
+        ids = torch.tensor(ids, dtype=torch.long, device="cpu")
+        # a quantized embedding dequantizes just these rows (minipt.quantized)
+        x = embed.rows(ids) if hasattr(embed, "rows") else embed.weight.detach()[ids.to(embed.weight.device)]
+        return x.float().cpu() * scale
+
     if cfg.init == "random":
         return torch.rand(n, C, generator=torch.Generator().manual_seed(cfg.seed)) - 0.5
     if cfg.init in ("vocab", "text"):
-        return embed[torch.tensor(initial_token_ids(cfg, tokenizer, embed.size(0), n), dtype=torch.long)]
+        return rows(initial_token_ids(cfg, tokenizer, V, n))
     if cfg.init == "labels":
         if tokenizer is None:
             raise ValueError("prompt init 'labels' needs the tokenizer")
         if not cfg.init_labels:
             raise ValueError("prompt init 'labels' needs init_labels")
         # a label of several tokens starts as the mean of their embeddings, then sampled vocabulary
-        labels = [embed[torch.tensor(_encode(tokenizer, lab))].mean(0) for lab in cfg.init_labels][:n]
+        labels = [rows(_encode(tokenizer, lab)).mean(0) for lab in cfg.init_labels][:n]
         rest = n - len(labels)
-        sampled = embed[torch.tensor(_sampled_ids(tokenizer, embed.size(0), max(rest, 0), cfg.seed),
-                                     dtype=torch.long)]
+        sampled = rows(_sampled_ids(tokenizer, V, max(rest, 0), cfg.seed))
         return torch.cat([torch.stack(labels), sampled])
     raise ValueError(f"prompt init {cfg.init!r} unknown; choose random, vocab, text or labels")
 
@@ -107,7 +110,7 @@ class SoftPrompt(PromptMethod):
         super().__init__(config)
         self.n_input_tokens = config.num_virtual_tokens
         self.d_model = model_dims(base)["d_model"]
-        self.prompt = nn.Parameter(initial_prompt(config, base.embed.weight, tokenizer,
+        self.prompt = nn.Parameter(initial_prompt(config, base.embed, tokenizer,
                                                   config.num_virtual_tokens, embedding_scale(base)))
 
     def input_prompt(self):
