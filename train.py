@@ -72,6 +72,7 @@ def train(argv):
         model_config, tok = check_checkpoint(cfg.base)
         task = load_task(cfg.data, seed=cfg.seed)
         check_task(cfg, task, tok, model_config, world)
+        check_shard(cfg, model_config, world)
         resumed = read_checkpoint(out / "checkpoint.pt") if cfg.resume else None
         if cfg.init_from:
             with bad_input_exits("init_from: "):
@@ -331,6 +332,19 @@ def check_task(cfg, task, tok, model_config, world: int) -> None:
             raise ValueError(f"max_len={cfg.max_len} + num_virtual_tokens={virtual} = "
                              f"{cfg.max_len + virtual} positions, more than the base model's context of "
                              f"{model_config.max_seq_len}; lower one of them")
+
+
+def check_shard(cfg, model_config, world: int) -> None:
+    """--shard=fsdp splits the frozen base over torchrun's ranks, block by block: it needs
+    several ranks and a decoder model's blocks."""
+    if cfg.shard != "fsdp":
+        return
+    if model_config.model_type != "gpt":
+        raise ValueError(f"shard=fsdp: sharded blocks are for decoder models; {cfg.base} is "
+                         f"{model_config.model_type} (use shard=none)")
+    if world < 2:
+        raise ValueError("shard=fsdp: this run is one process; launch it with "
+                         "torchrun --nproc_per_node=N (N >= 2) to shard the base over N ranks")
 
 
 def take_over_out_dir(out: Path, cfg) -> None:

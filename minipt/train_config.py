@@ -19,7 +19,8 @@ from .tasks import BUILTIN
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("auto", "bfloat16", "float32")
-NOT_EMPTY = ("method", "init", "base", "data", "out_dir", "optimizer", "schedule", "dtype", "device")
+SHARDS = ("none", "fsdp")
+NOT_EMPTY = ("method", "init", "base", "data", "out_dir", "optimizer", "schedule", "dtype", "device", "shard")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class TrainConfig(PromptConfig):
     grad_clip: float = 1.0           # max global grad norm; 0 disables
     dtype: str = "auto"              # frozen weights' (auto: bfloat16 where the hardware has it, else float32)
     device: str = "cpu"              # cpu | cuda
+    shard: str = "none"              # none | fsdp: under torchrun, each rank holds 1/N of the frozen base
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
     compile: bool = False            # torch.compile the blocks: faster steps after a 20-60 s first one
     eval_interval: int = 50          # validation every N steps (0: only at the end)
@@ -79,7 +81,8 @@ class TrainConfig(PromptConfig):
         if self.dtype == "float16":  # its gradients underflow without a loss scale (a GradScaler)
             raise ValueError("dtype='float16': fp16 training needs loss scaling, which minipt does not do; "
                              "use dtype=bfloat16 (same memory, no scaling needed) or float32")
-        for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("dtype", DTYPES)):
+        for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("dtype", DTYPES),
+                             ("shard", SHARDS)):
             if getattr(self, key) not in choices:
                 raise ValueError(f"{key}={getattr(self, key)!r} unknown; choose one of {', '.join(choices)}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
@@ -94,6 +97,15 @@ class TrainConfig(PromptConfig):
                 raise ValueError(f"init=text: give init_text (data={self.data!r} is no built-in task "
                                  "with an instruction)")
             self.init_text = BUILTIN[self.data][4]
+        if self.shard == "fsdp" and method_class(self.method).trains_base:
+            raise ValueError(f"shard=fsdp shards the frozen base, and method={self.method} trains all of it; "
+                             "use shard=none (data parallel, the whole model on every rank)")
+        if self.shard == "fsdp" and self.method == "adapter":
+            raise ValueError("shard=fsdp with method=adapter: the adapter runs its prompts through the blocks' "
+                             "k_proj/v_proj outside the blocks, where their weights are sharded; use shard=none")
+        if self.shard == "fsdp" and self.compile:
+            raise ValueError("shard=fsdp with compile=true: compiled blocks are not sharded blocks yet; "
+                             "choose one")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run in out_dir, "
                              "or replace it")
@@ -106,8 +118,8 @@ HELP_GROUPS = {
     "data": ("data", "template", "max_len", "bucket_batches"),
     "optimisation": ("steps", "batch_size", "grad_accum", "lr", "optimizer", "weight_decay", "warmup_steps",
                      "schedule", "grad_clip"),
-    "run": ("base", "dtype", "device", "grad_checkpointing", "compile", "eval_interval", "eval_examples",
-            "log_interval", "ckpt_interval", "seed", "out_dir", "resume", "overwrite"),
+    "run": ("base", "dtype", "device", "shard", "grad_checkpointing", "compile", "eval_interval",
+            "eval_examples", "log_interval", "ckpt_interval", "seed", "out_dir", "resume", "overwrite"),
 }
 
 
