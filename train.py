@@ -3,6 +3,7 @@
     python train.py                                    # 20-token soft prompt, sentiment, SmolLM2
     python train.py config/boolq_prefix.py --steps=300
     torchrun --nproc_per_node=2 train.py --batch_size=16
+    torchrun --nproc_per_node=2 train.py --shard=fsdp   # each rank holds half the frozen base
 
 The story: read the config, load the frozen base, measure it zero-shot, attach the method,
 train it (logging, validating and checkpointing as it goes), measure it again, and leave
@@ -36,9 +37,10 @@ from minipt.fileio import atomic_write
 from minipt.progress import Progress
 from minipt.prompts import PromptConfig, attach, init_from, method_class, save
 from minipt.prompts.adapter import adapted_layers
-from minipt.prompts.files import check_fingerprint, checkpoint_fingerprint, read_prompt
+from minipt.prompts.files import base_fingerprint, check_fingerprint, checkpoint_fingerprint, read_prompt
 from minipt.prompts.lora import find_targets
 from minipt.quantized import check_quant, weight_bytes
+from minipt.sharding import average_gradients, shard_frozen_base
 from minipt.tasks import load_task
 from minipt.train_config import help_text, parse_train_config
 from minipt.training import (MetricsLog, all_sum, lr_at, make_optimizer, peak_rss_gb, plot_metrics,
@@ -74,6 +76,7 @@ def train(argv):
         check_quant(cfg.base, cfg.base_quant, model_config)
         task = load_task(cfg.data, seed=cfg.seed)
         check_task(cfg, task, tok, model_config, world)
+        check_shard(cfg, model_config, world)
         resumed = read_checkpoint(out / "checkpoint.pt") if cfg.resume else None
         if cfg.init_from:
             with bad_input_exits("init_from: "):
@@ -96,9 +99,11 @@ def train(argv):
     train_rows, test_rows = task.splits["train"], task.splits["test"]
     valid_rows = task.splits["validation"][:cfg.eval_examples]
     metric = "accuracy" if task.labels else "rougeL"
+    sharded = cfg.shard == "fsdp"
+    evaluates = main_process or sharded  # a sharded model's forward is collective: every rank runs it
 
     def evaluate(model, rows, what):
-        progress = Progress(what)
+        progress = Progress(what) if main_process else None
         if task.labels:
             return rank_classify(model, tok, rows, template, task.labels, progress=progress)[0]
         return evaluate_generation(model, tok, rows, template, max_new_tokens=64, progress=progress)["rougeL"]
@@ -142,7 +147,12 @@ def train(argv):
         saved_config = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
         atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(saved_config))
         log = MetricsLog(out / "metrics.jsonl", keep_until_step=start if cfg.resume else None)
-    ddp = DistributedDataParallel(model) if world > 1 else model
+    fingerprint = None
+    if sharded:
+        fingerprint = base_fingerprint(model.base, tok)  # of the whole embedding, while one rank has it
+        held, whole = shard_frozen_base(model, device)
+        print(f"fsdp: rank {rank} holds {held:,} of {whole:,} frozen weight bytes", flush=True)
+    ddp = DistributedDataParallel(model) if world > 1 and not sharded else model
 
     # -- the loop --
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
@@ -165,13 +175,16 @@ def train(argv):
         done = step + 1
         try:
             for i, mb in enumerate(micro):
-                with ddp.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext():
+                with ddp.no_sync() if ddp is not model and i < len(micro) - 1 else nullcontext():
                     _, loss = ddp(mb["input_ids" if is_t5 else "idx"], mb["targets"],
                                   attention_mask=mb["attention_mask"], loss_only=True)
-                    # a sum over this rank's target tokens / the global count: DDP's gradient average
-                    # then equals the gradient of the mean loss over the whole global batch
+                    # a sum over this rank's target tokens / the global count: the ranks' gradient
+                    # average (DDP's, or average_gradients') then equals the gradient of the mean
+                    # loss over the whole global batch
                     (loss * n_mb[i] * world / n_targets).backward()
                 loss_sum += loss.detach().double() * n_mb[i]
+            if sharded:
+                average_gradients(params, world)
             seen_tokens += real_tokens
         except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain one
             if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
@@ -200,8 +213,9 @@ def train(argv):
                 f"ETA {eta:.0f} s")
             log.add(kind="train", step=done, loss=loss, lr=lr, tokens_per_s=tok_s)
         if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.steps):
-            if main_process:
+            if evaluates:
                 value = evaluate(model, valid_rows, f"validation at step {done}")
+            if main_process:
                 say(f"step {done:5d} | validation {metric} {value:.4f}")
                 log.add(kind="valid", step=done, **{metric: value})
             _barrier(world)
@@ -213,12 +227,14 @@ def train(argv):
     train_seconds = time.perf_counter() - t_start
 
     # -- the result --
-    if not main_process:
+    if not evaluates:
         return
     tuned = evaluate(model, test_rows, "test")
+    if not main_process:
+        return
     log.add(kind="test", step=cfg.steps, **{metric: tuned, "zero_shot": zero_shot},
             train_seconds=train_seconds, peak_rss_gb=peak_rss_gb())
-    prompt_path = save(model, out / "prompt.safetensors", tok)
+    prompt_path = save(model, out / "prompt.safetensors", tok, fingerprint)
     plotted = plot_metrics(log.rows, metric, out / "plot.png")
     width = 26
     print()
@@ -337,6 +353,19 @@ def check_task(cfg, task, tok, model_config, world: int) -> None:
             raise ValueError(f"max_len={cfg.max_len} + num_virtual_tokens={virtual} = "
                              f"{cfg.max_len + virtual} positions, more than the base model's context of "
                              f"{model_config.max_seq_len}; lower one of them")
+
+
+def check_shard(cfg, model_config, world: int) -> None:
+    """--shard=fsdp splits the frozen base over torchrun's ranks, block by block: it needs
+    several ranks and a decoder model's blocks."""
+    if cfg.shard != "fsdp":
+        return
+    if model_config.model_type != "gpt":
+        raise ValueError(f"shard=fsdp: sharded blocks are for decoder models; {cfg.base} is "
+                         f"{model_config.model_type} (use shard=none)")
+    if world < 2:
+        raise ValueError("shard=fsdp: this run is one process; launch it with "
+                         "torchrun --nproc_per_node=N (N >= 2) to shard the base over N ranks")
 
 
 def take_over_out_dir(out: Path, cfg) -> None:

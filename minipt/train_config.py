@@ -20,7 +20,8 @@ from .tasks import BUILTIN
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("auto", "bfloat16", "float32")
-NOT_EMPTY = ("method", "init", "base", "data", "out_dir", "optimizer", "schedule", "dtype", "device")
+SHARDS = ("none", "fsdp")
+NOT_EMPTY = ("method", "init", "base", "data", "out_dir", "optimizer", "schedule", "dtype", "device", "shard")
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainConfig(PromptConfig):
     dtype: str = "auto"              # frozen weights' (auto: bfloat16 where the hardware has it, else float32)
     base_quant: str = "none"         # none | gguf (keep the GGUF's own 4/5/6/8-bit codes) | int8 (per channel)
     device: str = "cpu"              # cpu | cuda
+    shard: str = "none"              # none | fsdp: under torchrun, each rank holds 1/N of the frozen base
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
     compile: bool = False            # torch.compile the blocks: faster steps after a 20-60 s first one
     eval_interval: int = 50          # validation every N steps (0: only at the end)
@@ -82,7 +84,7 @@ class TrainConfig(PromptConfig):
             raise ValueError("dtype='float16': fp16 training needs loss scaling, which minipt does not do; "
                              "use dtype=bfloat16 (same memory, no scaling needed) or float32")
         for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("dtype", DTYPES),
-                             ("base_quant", QUANT_KINDS)):
+                             ("base_quant", QUANT_KINDS), ("shard", SHARDS)):
             if getattr(self, key) not in choices:
                 raise ValueError(f"{key}={getattr(self, key)!r} unknown; choose one of {', '.join(choices)}")
         if self.base_quant != "none" and method_class(self.method).trains_base:
@@ -100,6 +102,15 @@ class TrainConfig(PromptConfig):
                 raise ValueError(f"init=text: give init_text (data={self.data!r} is no built-in task "
                                  "with an instruction)")
             self.init_text = BUILTIN[self.data][4]
+        if self.shard == "fsdp" and method_class(self.method).trains_base:
+            raise ValueError(f"shard=fsdp shards the frozen base, and method={self.method} trains all of it; "
+                             "use shard=none (data parallel, the whole model on every rank)")
+        if self.shard == "fsdp" and self.method == "adapter":
+            raise ValueError("shard=fsdp with method=adapter: the adapter runs its prompts through the blocks' "
+                             "k_proj/v_proj outside the blocks, where their weights are sharded; use shard=none")
+        if self.shard == "fsdp" and self.compile:
+            raise ValueError("shard=fsdp with compile=true: compiled blocks are not sharded blocks yet; "
+                             "choose one")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run in out_dir, "
                              "or replace it")
@@ -112,8 +123,8 @@ HELP_GROUPS = {
     "data": ("data", "template", "max_len", "bucket_batches"),
     "optimisation": ("steps", "batch_size", "grad_accum", "lr", "optimizer", "weight_decay", "warmup_steps",
                      "schedule", "grad_clip"),
-    "run": ("base", "dtype", "base_quant", "device", "grad_checkpointing", "compile", "eval_interval", "eval_examples",
-            "log_interval", "ckpt_interval", "seed", "out_dir", "resume", "overwrite"),
+    "run": ("base", "dtype", "base_quant", "device", "shard", "grad_checkpointing", "compile", "eval_interval",
+            "eval_examples", "log_interval", "ckpt_interval", "seed", "out_dir", "resume", "overwrite"),
 }
 
 

@@ -78,6 +78,7 @@ def shell_commands():
 RUN_ELSEWHERE = {
     "make run": "the Makefile's run target is train.py config/sentiment.py and generate.py, run below",
     "make test": "CI's command (.ci/run)",
+    "--shard=fsdp": "tests/test_fsdp.py, two sharded ranks against one process",
     ".venv/bin/torchrun": "tests/test_train.py::test_ddp_two_processes_equal_one",
     "minipt.convert SRC OUT": "placeholders; convert runs on a real HF directory below",
     ".venv/bin/lm_eval": "tests/test_lm_eval.py::test_the_readme_lm_eval_command, against a server",

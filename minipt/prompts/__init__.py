@@ -23,8 +23,8 @@ def attach(base, config: PromptConfig, tokenizer=None) -> PromptedModel:
     return PromptedModel(base, method)
 
 
-def save(model: PromptedModel, path, tokenizer=None):
-    return save_prompt(path, model, tokenizer)
+def save(model: PromptedModel, path, tokenizer=None, fingerprint=None):
+    return save_prompt(path, model, tokenizer, fingerprint)
 
 
 def load(path, base, tokenizer=None, fingerprint=None) -> PromptedModel:

@@ -63,12 +63,13 @@ def fingerprint(config, embedding, tokenizer=None) -> dict:
     return fp
 
 
-def save_prompt(path, model, tokenizer=None) -> Path:
-    """Write a PromptedModel's method to `path` atomically (temp file + rename)."""
+def save_prompt(path, model, tokenizer=None, fingerprint=None) -> Path:
+    """Write a PromptedModel's method to `path` atomically (temp file + rename). fingerprint:
+    the base's, when the caller keeps it (a sharded base's embedding is on no one rank whole)."""
     path = Path(path)
     method = model.method
-    meta = {"format": FORMAT, "config": method.config.to_dict(),
-            "trainable_parameters": model.num_trainable(), "base": base_fingerprint(model.base, tokenizer)}
+    meta = {"format": FORMAT, "config": method.config.to_dict(), "trainable_parameters": model.num_trainable(),
+            "base": fingerprint or base_fingerprint(model.base, tokenizer)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_for_saving().items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"minipt": json.dumps(meta)}))
     return path
