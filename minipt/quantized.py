@@ -71,24 +71,27 @@ class QuantizedWeight(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
 
-def _product(x, weight: QuantizedWeight):
-    """x @ W.T, W dequantized a block of rows at a time."""
-    return torch.cat([F.linear(x, weight.dense(rows, x.dtype)) for rows in weight.row_blocks()], dim=-1)
+def _product(x, weight: QuantizedWeight, bias=None):
+    """x @ W.T + bias, W dequantized a block of rows at a time (the bias inside the product,
+    as nn.Linear adds it: the same rounding)."""
+    return torch.cat([F.linear(x, weight.dense(rows, x.dtype), None if bias is None else bias[rows])
+                      for rows in weight.row_blocks()], dim=-1)
 
 
 class _FrozenLinear(torch.autograd.Function):
-    """y = x W^T whose backward dequantizes W again instead of keeping it: dx = dy W."""
+    """y = x W^T + b whose backward dequantizes W again instead of keeping it: dx = dy W.
+    Neither W nor b is trained."""
 
     @staticmethod
-    def forward(ctx, x, weight):
+    def forward(ctx, x, weight, bias):
         ctx.weight = weight
-        return _product(x, weight)
+        return _product(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         w = ctx.weight
         dx = sum(grad[..., rows] @ w.dense(rows, grad.dtype) for rows in w.row_blocks())
-        return dx, None
+        return dx, None, None
 
 
 class QuantizedLinear(nn.Module):
@@ -106,8 +109,7 @@ class QuantizedLinear(nn.Module):
         return self.qweight.dense(dtype=self.dtype)
 
     def forward(self, x):
-        y = _FrozenLinear.apply(x, self.qweight)
-        return y if self.bias is None else y + self.bias
+        return _FrozenLinear.apply(x, self.qweight, self.bias)
 
 
 class QuantizedEmbedding(nn.Module):
@@ -285,8 +287,7 @@ def load_quantized(directory, model, kind: str, dtype, device):
         if name == "embed":
             new = QuantizedEmbedding(weight, dtype, scaled=hasattr(old, "scale"))
         else:
-            bias = dense.pop(f"{name}.bias", None)
-            new = QuantizedLinear(weight, None if bias is None else nn.Parameter(bias), dtype)
+            new = QuantizedLinear(weight, old.bias, dtype)   # the bias (on meta) is loaded with the rest
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
     if model.config.tie_embeddings and "embed.weight" in kept:

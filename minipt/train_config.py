@@ -108,6 +108,9 @@ class TrainConfig(PromptConfig):
         if self.shard == "fsdp" and self.method == "adapter":
             raise ValueError("shard=fsdp with method=adapter: the adapter runs its prompts through the blocks' "
                              "k_proj/v_proj outside the blocks, where their weights are sharded; use shard=none")
+        if self.shard == "fsdp" and self.base_quant != "none":
+            raise ValueError(f"shard=fsdp with base_quant={self.base_quant}: FSDP shards parameters, and a "
+                             "quantized base keeps its codes as buffers, whole on every rank; choose one")
         if self.shard == "fsdp" and self.compile:
             raise ValueError("shard=fsdp with compile=true: compiled blocks are not sharded blocks yet; "
                              "choose one")
