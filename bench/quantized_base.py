@@ -115,8 +115,8 @@ def accuracy_rows(runs) -> list:
         for method in ("prompt_tuning", "lora"):
             cells = []
             for quant in QUANTS:
-                accs = [r["accuracy"] for r in runs if (r["kind"], r["base"], r["method"], r["quant"]) ==
-                        ("accuracy", base, method, quant)]
+                accs = [r["accuracy"] for r in runs if r["kind"] == "accuracy" and
+                        (r["base"], r["method"], r["quant"]) == (base, method, quant)]
                 cells.append(accs)
             if not any(cells):
                 continue
@@ -150,26 +150,18 @@ def weight_gb(record) -> float:
     return 4 * record["parameters"] / 2**30
 
 
-def fit_overhead(runs):
-    """peak RSS - weights = a + b * layers * d_model (activations and the runtime), least
-    squares over the cost runs; (a, b) or None with fewer than two bases."""
-    points = [(r["shape"][0] * r["shape"][1], r["peak_rss_gb"] - weight_gb(r)) for r in runs if r["kind"] == "cost"]
-    if len({x for x, _ in points}) < 2:
-        return None
-    mx, my = statistics.mean(x for x, _ in points), statistics.mean(y for _, y in points)
-    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
-    return my - b * mx, b
+def overheads(runs) -> dict:
+    """{(base, quant): peak RSS - weights, GB}: activations of these batches and the runtime."""
+    return {(r["base"], r["quant"]): r["peak_rss_gb"] - weight_gb(r) for r in runs if r["kind"] == "cost"}
 
 
-def projection_rows(runs, fit) -> list:
+def projection_rows(runs) -> tuple:
+    """The weights alone of Llama-shaped bases, in fp32 and at the measured codes' bytes a weight
+    (the widest file's), whole and per GPU under FSDP over 8."""
     coded = [r for r in runs if r["kind"] == "cost" and r["quant"] == "gguf"]
-    bytes_per_weight = max(weight_gb(r) * 2**30 / r["parameters"] for r in coded)   # the widest file's
-    a, b = fit
-    rows = []
-    for name, (layers, width, n) in PROJECTED.items():
-        over = a + b * layers * width
-        fp32, codes = 4 * n / 2**30 + over, bytes_per_weight * n / 2**30 + over
-        rows.append([name, f"{fp32:.1f}", f"{codes:.1f}", f"{bytes_per_weight * n / 2**30 / 8 + over:.1f}"])
+    bytes_per_weight = max(weight_gb(r) * 2**30 / r["parameters"] for r in coded)
+    rows = [[name, f"{4 * n / 2**30:.1f}", f"{bytes_per_weight * n / 2**30:.1f}",
+             f"{bytes_per_weight * n / 2**30 / 8:.1f}"] for name, (_, _, n) in PROJECTED.items()]
     return rows, bytes_per_weight
 
 
@@ -192,14 +184,15 @@ def report(runs) -> str:
                   "median training tokens/s after two steps.", "",
                   table(["base", "parameters", "peak GB fp32", "peak GB codes", "ratio", "tok/s fp32",
                          "tok/s codes", "ratio"], cost), ""]
-    fit = fit_overhead(runs)
-    if fit:
-        rows, bpw = projection_rows(runs, fit)
+    if any(r["kind"] == "cost" and r["quant"] == "gguf" for r in runs):
+        rows, bpw = projection_rows(runs)
+        over = overheads(runs)
         lines += ["## Memory projected to bigger bases", "",
-                  f"peak = weights + {fit[0]:.2f} GB + {fit[1] * 1e6:.2f} GB per million (layers x d_model), "
-                  "the last two fitted to the measured runs (activations of these batches and the runtime); "
-                  f"weights: 4 bytes a parameter in fp32, {bpw:.2f} in codes (the widest measured file).", "",
-                  table(["base", "fp32 GB", "codes GB", "codes, FSDP over 8 GPUs, GB per GPU"], rows), ""]
+                  f"Weights only: 4 bytes a parameter in fp32, {bpw:.2f} in codes (the widest measured file). "
+                  "Activations and the runtime come on top: "
+                  + ", ".join(f"{v:.2f} GB ({b}, {NAMES[q]})" for (b, q), v in sorted(over.items()))
+                  + " in the measured runs, growing with the batch and layers x d_model, not with the weights.",
+                  "", table(["base", "fp32 GB", "codes GB", "codes, FSDP over 8 GPUs, GB per GPU"], rows), ""]
     return "\n".join(lines)
 
 

@@ -229,13 +229,13 @@ def save_codes(path: Path, weights: dict) -> None:
 
 def read_codes(path: Path) -> dict:
     """{minipt key: QuantizedWeight} of a codes file."""
-    with safe_open(path, framework="pt") as f:
+    from .tensorfile import read_tensors
+    with safe_open(path, framework="pt") as f:                # the header only
         settings = json.loads((f.metadata() or {}).get("minipt_codes", "{}"))
-        names = set(f.keys())
-        get = lambda name: f.get_tensor(name) if name in names else None
-        return {key: QuantizedWeight(get(f"{key}.codes"), get(f"{key}.scale"), get(f"{key}.zero"),
-                                     s["offset"], s["bits"], s["shape"], s["kind"])
-                for key, s in settings.items()}
+    tensors = read_tensors(path)                              # read, not mapped: no second copy in memory
+    return {key: QuantizedWeight(tensors[f"{key}.codes"], tensors[f"{key}.scale"], tensors.get(f"{key}.zero"),
+                                 s["offset"], s["bits"], s["shape"], s["kind"])
+            for key, s in settings.items()}
 
 
 # ---- a base model with its frozen weights in codes -------------------------------------------

@@ -76,6 +76,22 @@ def read_tensors(path, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
     return out
 
 
+def read_row_blocks(path, name: str, rows: int):
+    """The 2-D tensor `name` of a safetensors file, `rows` rows at a time, read (not memory
+    mapped: the pages of a map count in the process's memory) so that one block is in memory."""
+    with open(path, "rb") as f:
+        header, start = read_header(f, path, os.path.getsize(path))
+        entry = header[name]
+        dtype, (n, width) = DTYPES[entry["dtype"]], entry["shape"]
+        row_bytes = width * dtype.itemsize
+        for first in range(0, n, rows):
+            count = min(rows, n - first)
+            buf = bytearray(count * row_bytes)
+            f.seek(start + entry["data_offsets"][0] + first * row_bytes)
+            f.readinto(buf)
+            yield torch.frombuffer(buf, dtype=dtype).view(count, width)
+
+
 def load_pickle(path, mapped: bool = False):
     """torch.load with weights_only=True (tensors, numbers, strings, lists, dicts): a pickle
     that would build any other object, and so could run code, is refused by name."""

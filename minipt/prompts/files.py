@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from ..config import load_config
 from ..fileio import atomic_write
+from ..tensorfile import read_row_blocks
 from .base import METHODS, method_class
 
 FORMAT = "minipt-prompt/1"
@@ -31,10 +32,7 @@ def checkpoint_fingerprint(directory, tokenizer=None) -> dict:
 
 def checkpoint_embedding_sha256(directory) -> str:
     """embedding_sha256 of a checkpoint's embedding, read a block of rows at a time."""
-    with safe_open(Path(directory) / "model.safetensors", framework="pt") as f:
-        rows = f.get_slice("embed.weight")
-        n = rows.get_shape()[0]
-        return embedding_sha256(rows[i:i + ROWS_AT_ONCE] for i in range(0, n, ROWS_AT_ONCE))
+    return embedding_sha256(read_row_blocks(Path(directory) / "model.safetensors", "embed.weight", ROWS_AT_ONCE))
 
 
 ROWS_AT_ONCE = 4096
