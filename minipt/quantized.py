@@ -272,7 +272,7 @@ def load_quantized(directory, model, kind: str, dtype, device):
     dense, kept = {}, {}
     with safe_open(directory / "model.safetensors", framework="pt") as f:
         for key in f.keys():
-            if key in codes:
+            if key in codes and key in targets:
                 kept[key] = codes[key]
             elif key in targets and kind == "int8":
                 t = f.get_tensor(key)
