@@ -5,7 +5,8 @@ or a GGUF file of architecture llama, qwen2 or gemma3 -> a minipt checkpoint dir
 
 OUT holds `config.json` (a minipt model config), `model.safetensors` and the tokenizer
 files; from a GGUF file also `codes.safetensors`, its quantized tensors' own codes
-(minipt.quantized, for training through a base kept in them). Weight names are translated by declarative key maps: minipt key -> source key, with
+(minipt.quantized, for training through a base kept in them). Weight names are translated
+by declarative key maps: minipt key -> source key, with
 `{i}` standing for the layer index. Every source key must be mapped or explicitly dropped,
 every minipt key must be found with the expected shape, or the conversion stops with a
 one-line error naming the key, and nothing is left at OUT.

@@ -17,6 +17,7 @@ from ..tensorfile import read_row_blocks
 from .base import METHODS, method_class
 
 FORMAT = "minipt-prompt/1"
+ROWS_AT_ONCE = 4096          # embedding rows hashed at a time
 
 
 def base_fingerprint(base, tokenizer=None) -> dict:
@@ -34,8 +35,6 @@ def checkpoint_embedding_sha256(directory) -> str:
     """embedding_sha256 of a checkpoint's embedding, read a block of rows at a time."""
     return embedding_sha256(read_row_blocks(Path(directory) / "model.safetensors", "embed.weight", ROWS_AT_ONCE))
 
-
-ROWS_AT_ONCE = 4096
 
 
 def embedding_sha256(blocks) -> str:
