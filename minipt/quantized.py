@@ -20,6 +20,7 @@ Codes of up to 4 bits are stored two to a byte: SmolLM2 holds 0.75 bytes a weigh
 the input's gradient; the weights get none, and no fp32 matrix outlives its product.
 """
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -47,19 +48,27 @@ class QuantizedWeight(nn.Module):
         self.register_buffer("scale", scale.float().contiguous(), persistent=False)      # (N, K/G)
         self.register_buffer("zero", None if zero is None else zero.float().contiguous(), persistent=False)
 
-    def dense(self, rows=slice(None), dtype=torch.float32):
-        """The weights of `rows` (a slice or a tensor of row ids) as a dense (n, K) matrix."""
+    def dense(self, rows=slice(None), dtype=torch.float32, scratch=False):
+        """The weights of `rows` (a slice or a tensor of row ids) as a dense (n, K) matrix.
+        scratch: written into this thread's reusable buffers (`_scratch`), valid only until
+        the next call: for a product that uses the block at once."""
         q = self.codes[rows]
+        n, K = q.size(0), self.shape[1]
+        new = _scratch if scratch else (lambda numel, dtype, device: torch.empty(numel, dtype=dtype, device=device))
         if self.bits <= 4:
-            q = torch.stack((q & 15, q >> 4), dim=-1).flatten(-2)      # (n, K)
-        n, K = q.shape
-        w = q.float()
+            both = new(n * K, torch.uint8, q.device).view(n, K // 2, 2)
+            torch.bitwise_and(q, 15, out=both[..., 0])
+            torch.bitwise_right_shift(q, 4, out=both[..., 1])
+            q = both.view(n, K)
+        w = new(n * K, torch.float32, q.device).view(n, K).copy_(q)
         if self.offset:
-            w = w - self.offset
-        w = w.view(n, K // self.group, self.group) * self.scale[rows][..., None]
+            w.sub_(self.offset)
+        w.view(n, K // self.group, self.group).mul_(self.scale[rows][..., None])
         if self.zero is not None:                                      # added apart: no fused multiply-add
-            w = w + self.zero[rows][..., None]
-        return w.view(n, K).to(dtype)
+            w.view(n, K // self.group, self.group).add_(self.zero[rows][..., None])
+        if dtype == torch.float32:
+            return w
+        return new(n * K, dtype, w.device).view(n, K).copy_(w)
 
     def row_blocks(self):
         """Slices of rows, CHUNK weights or fewer each, covering the matrix."""
@@ -71,11 +80,33 @@ class QuantizedWeight(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
 
+_buffers = threading.local()
+
+
+def _scratch(numel: int, dtype, device) -> torch.Tensor:
+    """A reused buffer of at least `numel` elements, one per thread, dtype and device. A
+    training step dequantizes every matrix two or three times; fresh blocks each time leave
+    the C heap fragmented, and the process's peak memory twice what it holds (Gemma 3 at a
+    batch of 16)."""
+    key = (dtype, torch.device(device))
+    held = getattr(_buffers, "held", None)
+    if held is None:
+        held = _buffers.held = {}
+    if key not in held or held[key].numel() < numel:
+        held[key] = torch.empty(max(numel, CHUNK), dtype=dtype, device=device)
+    return held[key][:numel]
+
+
 def _product(x, weight: QuantizedWeight, bias=None):
     """x @ W.T + bias, W dequantized a block of rows at a time (the bias inside the product,
     as nn.Linear adds it: the same rounding)."""
-    return torch.cat([F.linear(x, weight.dense(rows, x.dtype), None if bias is None else bias[rows])
-                      for rows in weight.row_blocks()], dim=-1)
+    blocks = weight.row_blocks()
+    if len(blocks) == 1:
+        return F.linear(x, weight.dense(dtype=x.dtype, scratch=True), bias)
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for rows in blocks:
+        out[..., rows] = F.linear(x, weight.dense(rows, x.dtype, scratch=True), None if bias is None else bias[rows])
+    return out
 
 
 class _FrozenLinear(torch.autograd.Function):
@@ -90,8 +121,14 @@ class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         w = ctx.weight
-        dx = sum(grad[..., rows] @ w.dense(rows, grad.dtype) for rows in w.row_blocks())
-        return dx, None, None
+        blocks = w.row_blocks()
+        if len(blocks) == 1:
+            return grad @ w.dense(dtype=grad.dtype, scratch=True), None, None
+        dy = grad.reshape(-1, w.shape[0])
+        dx = dy.new_zeros(dy.size(0), w.shape[1])
+        for rows in blocks:
+            dx.addmm_(dy[:, rows], w.dense(rows, dy.dtype, scratch=True))
+        return dx.view(*grad.shape[:-1], w.shape[1]), None, None
 
 
 class QuantizedLinear(nn.Module):
