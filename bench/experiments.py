@@ -170,8 +170,9 @@ def settings_file(settings: dict) -> str:
     return "".join(f"{k} = {v!r}\n" for k, v in settings.items())
 
 
-def train(run: Run, base: str, data: Path, work: Path, threads: int) -> dict:
-    """Run train.py for `run` (unless its result.json exists) and return its result."""
+def train(run: Run, base: str, data: Path, work: Path, threads: int, env=None) -> dict:
+    """Run train.py for `run` (unless its result.json exists) and return its result.
+    env: variables set for it beside OMP_NUM_THREADS."""
     out = work / "runs" / run.name
     done = out / "result.json"
     if done.exists():
@@ -185,7 +186,7 @@ def train(run: Run, base: str, data: Path, work: Path, threads: int) -> dict:
                                                     "out_dir": str(out), **again}))
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(out / "settings.py")], cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                          env={**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads)},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     (out / "train.log").write_text(proc.stdout)
     if proc.returncode != 0:

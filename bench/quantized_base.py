@@ -6,13 +6,15 @@ bigger bases from the same measurements.
     python bench/quantized_base.py                          # SmolLM2: soft prompt x3 seeds, LoRA x1
     python bench/quantized_base.py --bases gemma3,qwen2.5 --seeds 1
     python bench/quantized_base.py --only cost --bases smollm2,gemma3,qwen2.5
+    python bench/quantized_base.py --only cost --settings checkpointing
     python bench/quantized_base.py --report-only
 
 Both precisions of a run share every setting (bench/experiments.py's recipe at --steps, the
 first --test-rows test rows) but base_quant. Runs go to out/quantized/<base>/<quant>/ and are
 resumable; every finished one is added to bench/results/quantized/runs.json (kept in git), from
 which README.md (the tables) and quantized.png are remade. The cost runs are short train.py runs
-(--cost-steps steps of 16 rows, 16 test rows) on an otherwise idle machine, one at a time.
+(--cost-steps steps of 16 rows, 16 test rows) on an otherwise idle machine, one at a time, in
+each of COST_SETTINGS (plain; gradient checkpointing; checkpointing with a lean C heap).
 """
 import argparse
 import dataclasses
@@ -34,6 +36,11 @@ RESULTS = ROOT / "bench" / "results" / "quantized"
 QUANTS = ("none", "gguf")
 NAMES = {"none": "fp32", "gguf": "GGUF codes"}
 # Llama-shaped bases for the projection: (layers, d_model, parameters)
+# cost runs: train.py keys and environment beside the precision. A C heap that gives blocks of
+# 2 MB and over back to the system at once (glibc's mmap threshold, fixed) trades speed for memory
+COST_SETTINGS = {"plain": ({}, {}),
+                 "checkpointing": ({"grad_checkpointing": True}, {}),
+                 "checkpointing+lean-heap": ({"grad_checkpointing": True}, {"MALLOC_MMAP_THRESHOLD_": "2097152"})}
 PROJECTED = {"1.1B (TinyLlama)": (22, 2048, 1.1e9), "7B (Llama 2)": (32, 4096, 6.7e9),
              "13B (Llama 2)": (40, 5120, 13.0e9), "70B (Llama 2)": (80, 8192, 69.0e9)}
 
@@ -73,22 +80,23 @@ def accuracy_run(base, method, seed, quant, args) -> dict:
                 **made_where(), **result)
 
 
-def cost_run(base, quant, args) -> dict:
+def cost_run(base, quant, setting, args) -> dict:
     """Peak RSS and training tokens/s of a short run (steps after the second only)."""
     checkpoint = base_checkpoint(base)
+    keys, env = COST_SETTINGS[setting]
     sz = size(args.cost_steps, 16)
     run = make_run("sentiment", "prompt_tuning", 0, sz)
-    run.name = f"cost-{run.name}"
-    run.settings.update(base_quant=quant, dtype="float32", log_interval=1)
+    run.name = f"cost-{setting}"
+    run.settings.update(base_quant=quant, dtype="float32", log_interval=1, **keys)
     work = work_dir(base, quant)
     data = experiments.write_tasks(work / "cost", sz, None)["sentiment"]
-    result = experiments.train(run, str(checkpoint), data, work, threads=1)
+    result = experiments.train(run, str(checkpoint), data, work, threads=1, env=env)
     steps = [json.loads(line) for line in (work / "runs" / run.name / "metrics.jsonl").read_text().splitlines()]
     tok_s = [r["tokens_per_s"] for r in steps if r["kind"] == "train" and r["step"] > 2]
     with open(work / "runs" / run.name / "train.log") as f:
         held = next((line.strip() for line in f if line.startswith("base_quant=")), "")
-    return dict(kind="cost", base=base, quant=quant, run=run.name, steps=args.cost_steps, **made_where(),
-                tokens_per_s=statistics.median(tok_s), peak_rss_gb=result["peak_rss_gb"],
+    return dict(kind="cost", base=base, quant=quant, run=run.name, setting=setting, steps=args.cost_steps,
+                **made_where(), tokens_per_s=statistics.median(tok_s), peak_rss_gb=result["peak_rss_gb"],
                 weights_line=held, parameters=parameters(checkpoint), shape=shape(checkpoint))
 
 
@@ -130,12 +138,12 @@ def accuracy_rows(runs) -> list:
 
 def cost_rows(runs) -> list:
     rows = []
-    cost = {(r["base"], r["quant"]): r for r in runs if r["kind"] == "cost"}
-    for base in dict.fromkeys(b for b, _ in cost):
-        dense, coded = cost.get((base, "none")), cost.get((base, "gguf"))
+    cost = {(r["base"], r.get("setting"), r["quant"]): r for r in runs if r["kind"] == "cost"}
+    for base, setting in dict.fromkeys((b, s) for b, s, _ in cost):
+        dense, coded = cost.get((base, setting, "none")), cost.get((base, setting, "gguf"))
         if not (dense and coded):
             continue
-        rows.append([base, f"{dense['parameters'] / 1e6:.0f} M", f"{dense['peak_rss_gb']:.2f}",
+        rows.append([base, f"{dense['parameters'] / 1e6:.0f} M", setting, f"{dense['peak_rss_gb']:.2f}",
                      f"{coded['peak_rss_gb']:.2f}", f"{coded['peak_rss_gb'] / dense['peak_rss_gb']:.2f}x",
                      f"{dense['tokens_per_s']:.0f}", f"{coded['tokens_per_s']:.0f}",
                      f"{coded['tokens_per_s'] / dense['tokens_per_s']:.2f}x"])
@@ -152,7 +160,8 @@ def weight_gb(record) -> float:
 
 def overheads(runs) -> dict:
     """{(base, quant): peak RSS - weights, GB}: activations of these batches and the runtime."""
-    return {(r["base"], r["quant"]): r["peak_rss_gb"] - weight_gb(r) for r in runs if r["kind"] == "cost"}
+    return {(r["base"], r["quant"]): r["peak_rss_gb"] - weight_gb(r) for r in runs
+            if r["kind"] == "cost" and r.get("setting") == "plain"}
 
 
 def projection_rows(runs) -> tuple:
@@ -182,7 +191,7 @@ def report(runs) -> str:
         lines += ["## Cost: soft prompt, batches of 16", "",
                   "Peak RSS of the whole train.py process (zero-shot and test evaluation included) and the "
                   "median training tokens/s after two steps.", "",
-                  table(["base", "parameters", "peak GB fp32", "peak GB codes", "ratio", "tok/s fp32",
+                  table(["base", "parameters", "setting", "peak GB fp32", "peak GB codes", "ratio", "tok/s fp32",
                          "tok/s codes", "ratio"], cost), ""]
     if any(r["kind"] == "cost" and r["quant"] == "gguf" for r in runs):
         rows, bpw = projection_rows(runs)
@@ -207,10 +216,13 @@ def plot(runs, path: Path) -> bool:
     if not cost:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for quant in QUANTS:
-        pts = sorted((r["parameters"], r["peak_rss_gb"]) for r in cost if r["quant"] == quant)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=NAMES[quant])
+    for setting in COST_SETTINGS:
+        for quant in QUANTS:
+            pts = sorted((r["parameters"], r["peak_rss_gb"]) for r in cost
+                         if (r["quant"], r.get("setting")) == (quant, setting))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", linestyle="-" if quant == "gguf" else "--",
+                        label=f"{NAMES[quant]}, {setting}")
     ax.set_xscale("log")
     ax.set_xlabel("base parameters")
     ax.set_ylabel("peak training RSS (GB)")
@@ -230,11 +242,15 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=3, help="soft prompt seeds (LoRA: one)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--test-rows", type=int, default=400)
-    ap.add_argument("--cost-steps", type=int, default=8)
+    ap.add_argument("--cost-steps", type=int, default=5)
+    ap.add_argument("--settings", default=",".join(COST_SETTINGS), help="cost runs' settings, comma-separated")
     ap.add_argument("--jobs", type=int, default=2, help="accuracy runs at once (one thread each)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
-    parts, bases = args.only.split(","), args.bases.split(",")
+    parts, bases, settings = args.only.split(","), args.bases.split(","), args.settings.split(",")
+    unknown = [s for s in settings if s not in COST_SETTINGS]
+    if unknown:
+        ap.error(f"--settings: unknown {unknown[0]!r}; one of {', '.join(COST_SETTINGS)}")
     if not args.report_only:
         if "accuracy" in parts:
             todo = [(b, m, s, q) for b in bases for m in args.methods.split(",")
@@ -245,11 +261,12 @@ def main(argv=None):
                     print(f"{record['base']} {record['run']} {record['quant']}: {record['accuracy']:.4f}", flush=True)
         if "cost" in parts:
             for b in bases:
-                for q in QUANTS:
-                    record = cost_run(b, q, args)
-                    keep(record)
-                    print(f"cost {b} {q}: {record['peak_rss_gb']:.2f} GB, {record['tokens_per_s']:.0f} tok/s",
-                          flush=True)
+                for setting in settings:
+                    for q in QUANTS:
+                        record = cost_run(b, q, setting, args)
+                        keep(record)
+                        print(f"cost {b} {setting} {q}: {record['peak_rss_gb']:.2f} GB, "
+                              f"{record['tokens_per_s']:.0f} tok/s", flush=True)
     runs = load_runs()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "README.md").write_text(report(runs))
